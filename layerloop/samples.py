@@ -1,0 +1,213 @@
+"""The LayeredSample record and its WebDataset encoding.
+
+One schema serves every kind of layered example (see ARCHITECTURE.md, "The sample"):
+
+* ``quadruple``: F (foreground RGBA with effects), B (background), M (box mask), C (composite),
+  with the invariant ``C == round(a*F_rgb + (1-a)*B)`` per pixel;
+* ``pair``: a real composite C with background B from object removal and a surrogate foreground S;
+* ``candidate``: a generated sample waiting to be scored and filtered.
+
+Besides the serialised fields a sample carries working state between stages (the source photo, trimap,
+float alpha, raw undecoded inputs) in ``work``; it never reaches a shard. A sample that failed carries a
+``Failure`` and is passed through the remaining stages untouched, so that every key ends exactly once,
+either in a shard or in ``failures.parquet``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SCHEMA_VERSION = 1
+KINDS = ("quadruple", "pair", "candidate")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+# tar member name -> (LayeredSample attribute, PIL mode, channels)
+IMAGE_MEMBERS: dict[str, tuple[str, str, int]] = {
+    "composite.png": ("composite", "RGB", 3),
+    "background.png": ("background", "RGB", 3),
+    "foreground.png": ("foreground", "RGBA", 4),
+    "mask.png": ("mask", "L", 1),
+    "object_mask.png": ("object_mask", "L", 1),
+}
+REQUIRED_MEMBERS = ("composite.png", "background.png", "foreground.png", "mask.png")
+
+
+class SampleError(ValueError):
+    """A sample breaks the schema (wrong sizes, modes, key, invariant)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one sample did not make it into a shard. ``error_type`` is the exception class name, or a
+    reason category such as ``Rejected`` for samples dropped on purpose by a filter."""
+
+    key: str
+    stage: str
+    error_type: str
+    message: str
+
+    def as_row(self) -> dict[str, str]:
+        return {"key": self.key, "stage": self.stage, "error_type": self.error_type, "message": self.message}
+
+
+@dataclass
+class LayeredSample:
+    key: str
+    kind: str = "quadruple"
+    composite: np.ndarray | None = None  # H x W x 3 uint8
+    background: np.ndarray | None = None  # H x W x 3 uint8
+    foreground: np.ndarray | None = None  # H x W x 4 uint8, effects (shadows) in alpha
+    mask: np.ndarray | None = None  # H x W uint8, 255 inside the box / region
+    object_mask: np.ndarray | None = None  # H x W uint8, optional
+    caption: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    work: dict[str, Any] = field(default_factory=dict)  # stage-to-stage state, never serialised
+    failure: Failure | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def fail(self, stage: str, error: BaseException | str, error_type: str | None = None) -> LayeredSample:
+        """Mark the sample failed; later stages skip it and the sink records it."""
+        if isinstance(error, BaseException):
+            error_type = error_type or type(error).__name__
+            message = str(error) or repr(error)
+        else:
+            error_type = error_type or "Rejected"
+            message = error
+        self.failure = Failure(self.key, stage, error_type, message)
+        self.work.clear()
+        return self
+
+    def record_stage(self, stage: str, **params: Any) -> None:
+        """Record a stage's parameters and backend in the metadata (``meta['stages'][stage]``)."""
+        self.meta.setdefault("stages", {})[stage] = _jsonable(params)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) of the first image field present."""
+        for attr, _, _ in IMAGE_MEMBERS.values():
+            value = getattr(self, attr)
+            if value is not None:
+                return value.shape[0], value.shape[1]
+        return None
+
+    # ------------------------------------------------------------- validation
+    def validate(self, check_invariant: bool = True) -> None:
+        """Raise SampleError unless the sample is writable: key, kind, modes, sizes, invariant."""
+        if not KEY_PATTERN.match(self.key):
+            raise SampleError(f"{self.key!r}: key must match {KEY_PATTERN.pattern}")
+        if self.kind not in KINDS:
+            raise SampleError(f"{self.key}: kind {self.kind!r} is not one of {KINDS}")
+        shape = None
+        for member, (attr, _, channels) in IMAGE_MEMBERS.items():
+            value = getattr(self, attr)
+            if value is None:
+                if member in REQUIRED_MEMBERS:
+                    raise SampleError(f"{self.key}: {attr} is missing")
+                continue
+            if not isinstance(value, np.ndarray) or value.dtype != np.uint8:
+                raise SampleError(f"{self.key}: {attr} must be a uint8 array, got {getattr(value, 'dtype', type(value))}")
+            want_ndim = 2 if channels == 1 else 3
+            if value.ndim != want_ndim or (channels > 1 and value.shape[2] != channels):
+                raise SampleError(f"{self.key}: {attr} has shape {value.shape}, expected {channels} channel(s)")
+            if shape is None:
+                shape = value.shape[:2]
+            elif value.shape[:2] != shape:
+                raise SampleError(f"{self.key}: {attr} is {value.shape[:2]}, other layers are {shape}")
+        if check_invariant and self.kind == "quadruple":
+            err = composite_error(self.composite, self.foreground, self.background)
+            if err > 1:
+                raise SampleError(f"{self.key}: composite differs from a*F + (1-a)*B by {err}/255")
+
+    # --------------------------------------------------------------- encoding
+    def metadata(self) -> dict[str, Any]:
+        """The ``json`` member: schema version, kind, sizes and everything stages recorded."""
+        height, width = self.size or (0, 0)
+        meta = {"schema_version": SCHEMA_VERSION, "kind": self.kind, "key": self.key,
+                "width": width, "height": height}
+        meta.update(_jsonable(self.meta))
+        return meta
+
+    def to_wds(self) -> dict[str, Any]:
+        """Encode as a webdataset record: ``__key__`` plus one bytes value per tar member."""
+        self.validate()
+        record: dict[str, Any] = {"__key__": self.key}
+        for member, (attr, mode, _) in IMAGE_MEMBERS.items():
+            value = getattr(self, attr)
+            if value is not None:
+                record[member] = encode_png(value, mode)
+        record["txt"] = self.caption.encode("utf-8")
+        record["json"] = json.dumps(self.metadata(), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return record
+
+    @classmethod
+    def from_wds(cls, record: dict[str, Any]) -> LayeredSample:
+        """Decode a webdataset record (raw bytes per member, as ``webdataset.WebDataset`` yields them
+        without a decoder; already decoded str/dict values are accepted too)."""
+        key = record["__key__"]
+        meta = record.get("json", b"{}")
+        if isinstance(meta, (bytes, bytearray)):
+            meta = json.loads(meta.decode("utf-8"))
+        meta = dict(meta)
+        caption = record.get("txt", b"")
+        if isinstance(caption, (bytes, bytearray)):
+            caption = caption.decode("utf-8")
+        kind = meta.pop("kind", "quadruple")
+        for derived in ("schema_version", "key", "width", "height"):
+            meta.pop(derived, None)
+        sample = cls(key=key, kind=kind, caption=caption, meta=meta)
+        for member, (attr, mode, _) in IMAGE_MEMBERS.items():
+            if member in record:
+                setattr(sample, attr, decode_png(record[member], mode))
+        return sample
+
+
+# ---------------------------------------------------------------------- helpers
+def encode_png(array: np.ndarray, mode: str) -> bytes:
+    """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes | np.ndarray | Image.Image, mode: str) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return data
+    image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
+    return np.asarray(image.convert(mode))
+
+
+def composite(foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """``round(a*F_rgb + (1-a)*B)`` on 8-bit layers, the one compositing rule of the project."""
+    alpha = foreground[..., 3:4].astype(np.float64) / 255.0
+    mixed = alpha * foreground[..., :3].astype(np.float64) + (1.0 - alpha) * background.astype(np.float64)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def composite_error(comp: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> int:
+    """Largest per-pixel difference (in 1/255 steps) between C and ``a*F + (1-a)*B``."""
+    expected = composite(foreground, background)
+    return int(np.abs(expected.astype(np.int16) - comp.astype(np.int16)).max(initial=0))
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples so that metadata survives json.dumps."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

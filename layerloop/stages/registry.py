@@ -1,0 +1,57 @@
+"""Stage registry: configs name stages (``stage: matting``); this maps names to classes."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from layerloop.stages.base import Stage
+
+STAGES: dict[str, type[Stage]] = {}
+
+# Modules that define stages; imported on first lookup so that configs can name any of them.
+STAGE_MODULES = (
+    "layerloop.stages.load",
+    "layerloop.stages.trimap",
+    "layerloop.stages.matting",
+    "layerloop.stages.shadows",
+    "layerloop.stages.backgrounds",
+    "layerloop.stages.recompose",
+    "layerloop.stages.box_mask",
+    "layerloop.stages.captions",
+)
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    if cls.name in STAGES and STAGES[cls.name] is not cls:
+        raise ValueError(f"two stages are named {cls.name!r}: {STAGES[cls.name].__name__} and {cls.__name__}")
+    STAGES[cls.name] = cls
+    return cls
+
+
+def _import_all() -> None:
+    for module in STAGE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # a real missing dependency, not an optional stage module
+                raise
+
+
+def stage_class(name: str) -> type[Stage]:
+    if name not in STAGES:
+        _import_all()
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known stages: {', '.join(sorted(STAGES))}")
+    return STAGES[name]
+
+
+def build_stage(spec: dict[str, Any], seed: int = 0) -> Stage:
+    """Build a stage from its config entry: ``{"stage": NAME, **params}``."""
+    spec = dict(spec)
+    try:
+        name = spec.pop("stage")
+    except KeyError:
+        raise ValueError(f"stage entry {spec} has no 'stage' name") from None
+    cls = stage_class(name)
+    return cls(cls.Params(**spec), seed=seed)
