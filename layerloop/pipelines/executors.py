@@ -1,0 +1,170 @@
+"""Executors run a pipeline's shard tasks: ``local`` in this process, ``ray`` on Ray Data.
+
+Both yield one ``ShardSummary`` per committed shard, in completion order, and never hold more than the
+summaries in the driver: samples travel from the source to the shard writer inside workers.
+
+The Ray executor streams shard groups through Ray Data, one row per shard group:
+
+    from_items(groups) -> [read + consecutive stateless CPU stages]  (tasks)
+                       -> [a stage with setup() or GPUs]               (actor pool, model loaded once per actor)
+                       -> ...                                          (alternating as the config orders them)
+                       -> [write shard, return its summary]            (tasks)
+
+Stateless stages are fused into one task per shard so the per-row overhead is paid once; stages that
+load models or declare GPUs get their own actor pool (``num_gpus`` from the stage's resources, pool size
+from its ``concurrency`` parameter). Rows carry the pickled samples of one group. Task retries and actor
+restarts (``ray.max_task_retries`` / ``ray.actor_restarts``) cover dead workers and nodes; a shard written
+twice by a retried task is written under a temporary name and committed by rename, so it is never
+duplicated.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any, Iterator
+
+from layerloop.config import RayConfig
+from layerloop.datasets.shards import ShardSummary
+from layerloop.pipelines.pipeline import Pipeline, ShardTask
+from layerloop.stages.base import Stage
+
+
+class LocalExecutor:
+    name = "local"
+
+    def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:
+        stages = pipeline.build_stages()
+        for task in tasks:
+            yield pipeline.run_group(task, stages)
+
+
+# --------------------------------------------------------------------------- Ray
+def _dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _rows(batch: dict) -> list[tuple[int, Any]]:
+    return [(int(i), pickle.loads(p)) for i, p in zip(batch["shard"], batch["payload"])]
+
+
+def _batch(rows: list[tuple[int, Any]]) -> dict:
+    import numpy as np
+
+    return {"shard": np.array([i for i, _ in rows], dtype=np.int64),
+            "payload": np.array([_dumps(p) for _, p in rows], dtype=object)}
+
+
+def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool) -> dict:
+    """Task UDF: read a shard group's items (first op only) and apply a run of stateless stages."""
+    stages = pipeline.build_stages()
+    chosen = [stages[i] for i in stage_indices]
+    out = []
+    for index, payload in _rows(batch):
+        samples = pipeline.read(payload) if read else payload
+        out.append((index, Pipeline.process(samples, chosen)))
+    return _batch(out)
+
+
+def _write_shard(batch: dict, pipeline: Pipeline) -> dict:
+    """Task UDF: commit each shard group and return only its summary to the driver."""
+    return _batch([(index, pipeline.write(index, samples)) for index, samples in _rows(batch)])
+
+
+class _StageActor:
+    """Actor UDF: one stage with its model, set up once per actor."""
+
+    def __init__(self, pipeline: Pipeline, stage_index: int, read: bool):
+        self.pipeline = pipeline
+        self.stage: Stage = pipeline.build_stages()[stage_index]
+        self.stage.ensure_setup()
+        self.read = read
+
+    def __call__(self, batch: dict) -> dict:
+        out = []
+        for index, payload in _rows(batch):
+            samples = self.pipeline.read(payload) if self.read else payload
+            out.append((index, Pipeline.process(samples, [self.stage])))
+        return _batch(out)
+
+
+def stage_groups(stages: list[Stage]) -> list[tuple[str, list[int]]]:
+    """Split the stage list into runs: ("tasks", [i, j, ...]) of stateless CPU stages and
+    ("actor", [k]) for each stage that needs setup or GPUs."""
+    groups: list[tuple[str, list[int]]] = []
+    for i, stage in enumerate(stages):
+        if stage.needs_actor:
+            groups.append(("actor", [i]))
+        elif groups and groups[-1][0] == "tasks":
+            groups[-1][1].append(i)
+        else:
+            groups.append(("tasks", [i]))
+    return groups
+
+
+class RayExecutor:
+    name = "ray"
+
+    def __init__(self, config: RayConfig | None = None):
+        self.config = config or RayConfig()
+
+    def init_ray(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = self.config.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+        if address:
+            kwargs["address"] = address
+        else:
+            kwargs["include_dashboard"] = False
+            if self.config.num_cpus:
+                kwargs["num_cpus"] = self.config.num_cpus
+        ray.init(**kwargs)
+
+    def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:
+        if not tasks:
+            return
+        import ray
+        import ray.data
+
+        self.init_ray()
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI shows one bar over shards instead
+        context.max_errored_blocks = 0
+        stages = pipeline.build_stages()
+        task_args = {"max_retries": self.config.max_task_retries, "batch_size": 1, "batch_format": "numpy",
+                     "concurrency": self._task_concurrency(len(tasks))}
+        actor_args = {"max_restarts": self.config.actor_restarts, "max_task_retries": self.config.max_task_retries,
+                      "batch_size": 1, "batch_format": "numpy"}
+
+        dataset = ray.data.from_items(
+            [{"shard": task.index, "payload": _dumps(task.items)} for task in tasks],
+            override_num_blocks=len(tasks),
+        )
+        groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
+        for position, (kind, indices) in enumerate(groups):
+            read = position == 0
+            cpus = max((stages[i].resources.cpus for i in indices), default=1.0)
+            if kind == "tasks":
+                dataset = dataset.map_batches(
+                    _read_and_process, fn_kwargs={"pipeline": pipeline, "stage_indices": indices, "read": read},
+                    num_cpus=cpus, **task_args)
+            else:
+                stage = stages[indices[0]]
+                dataset = dataset.map_batches(
+                    _StageActor, fn_constructor_kwargs={"pipeline": pipeline, "stage_index": indices[0],
+                                                        "read": read},
+                    num_cpus=cpus, num_gpus=stage.resources.gpus or None, memory=stage.resources.memory,
+                    concurrency=stage.params.concurrency or 1, **actor_args)
+        dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=0.5, **task_args)
+        for row in dataset.iter_rows():
+            yield pickle.loads(row["payload"])
+
+    @staticmethod
+    def _task_concurrency(num_tasks: int) -> int:
+        import ray
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        return max(1, min(num_tasks, cpus))

@@ -1,0 +1,104 @@
+"""A pipeline: one source, an ordered list of configured stages, one shard sink.
+
+It only composes. ``plan()`` partitions the source's items into shard groups up front (deterministic:
+consecutive groups of ``samples_per_shard`` in the source's order), and ``run_group()`` takes one group
+from source to committed shard: read, every stage in order, write. Both executors call ``run_group`` (or
+its three parts), so they produce the same bytes.
+
+To follow one sample: ``datasets/sources.py`` (read) -> the stage files named in the config, in order
+(``stages/load.py``, ``stages/trimap.py``, ...) -> ``datasets/shards.py`` (write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from layerloop.config import BuildConfig
+from layerloop.datasets.base import Source, SourceItem
+from layerloop.datasets.shards import ShardSummary, ShardWriter
+from layerloop.samples import Failure, LayeredSample
+from layerloop.stages.base import Stage, run_stage
+from layerloop.stages.registry import build_stage
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int
+    items: tuple[SourceItem, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    tasks: tuple[ShardTask, ...]
+    listing_failures: tuple[Failure, ...]
+    keys_digest: str  # identifies the partition: resuming with another source listing is refused
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(t.items) for t in self.tasks)
+
+
+class Pipeline:
+    def __init__(self, source: Source, stage_specs: list[dict[str, Any]], writer: ShardWriter,
+                 seed: int = 0, samples_per_shard: int = 16):
+        self.source = source
+        self.stage_specs = [dict(spec) for spec in stage_specs]
+        self.writer = writer
+        self.seed = seed
+        self.samples_per_shard = samples_per_shard
+        self.build_stages()  # validate every stage's parameters before any work starts
+
+    @classmethod
+    def from_config(cls, config: BuildConfig, out_dir: str | Path) -> Pipeline:
+        from layerloop.datasets.sources import build_source
+
+        source = dict(config.source)
+        if source.get("type") == "demo" and not source.get("path"):
+            # the demo source renders its scenes into the run directory unless told otherwise
+            source["path"] = str(Path(out_dir) / "demo-data")
+        return cls(
+            source=build_source(source),
+            stage_specs=config.stages,
+            writer=ShardWriter(out_dir, config.shards.name),
+            seed=config.seed,
+            samples_per_shard=config.shards.samples_per_shard,
+        )
+
+    # ----------------------------------------------------------------- plan
+    def plan(self) -> Plan:
+        items = self.source.items()
+        size = self.samples_per_shard
+        tasks = tuple(ShardTask(i // size, tuple(items[i : i + size])) for i in range(0, len(items), size))
+        digest = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()[:16]
+        return Plan(tasks, tuple(self.source.listing_failures()), digest)
+
+    # ------------------------------------------------------------ the parts
+    def build_stages(self) -> list[Stage]:
+        return [build_stage(spec, seed=self.seed) for spec in self.stage_specs]
+
+    def read(self, items: tuple[SourceItem, ...] | list[SourceItem]) -> list[LayeredSample]:
+        samples = []
+        for item in items:
+            try:
+                samples.append(self.source.read(item))
+            except Exception as error:  # a missing row or unreadable container member
+                samples.append(LayeredSample(key=item.key, meta={"source": item.source,
+                                                                 "source_id": item.source_id}).fail("read", error))
+        return samples
+
+    @staticmethod
+    def process(samples: list[LayeredSample], stages: list[Stage]) -> list[LayeredSample]:
+        for stage in stages:
+            samples = run_stage(stage, samples)
+        return samples
+
+    def write(self, index: int, samples: list[LayeredSample]) -> ShardSummary:
+        return self.writer.write(index, samples)
+
+    def run_group(self, task: ShardTask, stages: list[Stage]) -> ShardSummary:
+        if self.writer.is_committed(task.index):
+            return self.writer.write(task.index, [])  # returns the committed summary, writes nothing
+        return self.write(task.index, self.process(self.read(task.items), stages))

@@ -1,0 +1,86 @@
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from layerloop.samples import LayeredSample, SampleError, composite, composite_error
+
+
+def make_quadruple(key="demo_0001", size=(24, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    h, w = size
+    fg = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+    bg = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), np.uint8)
+    mask[4:12, 5:20] = 255
+    return LayeredSample(key=key, composite=composite(fg, bg), background=bg, foreground=fg, mask=mask,
+                         object_mask=mask.copy(), caption="a red ball", meta={"source": "t", "bbox": [5, 4, 20, 12]})
+
+
+def test_roundtrip_through_wds_record():
+    sample = make_quadruple()
+    record = sample.to_wds()
+    assert set(record) == {"__key__", "composite.png", "background.png", "foreground.png", "mask.png",
+                           "object_mask.png", "txt", "json"}
+    assert Image.open(io.BytesIO(record["foreground.png"])).mode == "RGBA"
+    assert Image.open(io.BytesIO(record["mask.png"])).mode == "L"
+    back = LayeredSample.from_wds(record)
+    for attr in ("composite", "background", "foreground", "mask", "object_mask"):
+        np.testing.assert_array_equal(getattr(back, attr), getattr(sample, attr))
+    assert back.caption == "a red ball"
+    assert back.meta == {"source": "t", "bbox": [5, 4, 20, 12]}
+    meta = json.loads(record["json"])
+    assert meta["schema_version"] == 1 and meta["kind"] == "quadruple"
+    assert (meta["width"], meta["height"]) == (32, 24)
+
+
+def test_encoding_is_deterministic():
+    assert make_quadruple().to_wds() == make_quadruple().to_wds()
+
+
+def test_invariant_is_enforced():
+    sample = make_quadruple()
+    sample.composite = sample.composite.copy()
+    sample.composite[0, 0] = (sample.composite[0, 0].astype(int) + 5) % 256
+    with pytest.raises(SampleError, match="differs"):
+        sample.validate()
+    sample.kind = "candidate"  # candidates are not bound by the invariant
+    sample.validate()
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: setattr(s, "key", "bad key!"), "key must match"),
+    (lambda s: setattr(s, "kind", "other"), "kind"),
+    (lambda s: setattr(s, "mask", np.zeros((5, 5), np.uint8)), "other layers"),
+    (lambda s: setattr(s, "foreground", s.foreground[..., :3]), "channel"),
+    (lambda s: setattr(s, "background", s.background.astype(np.float32)), "uint8"),
+    (lambda s: setattr(s, "composite", None), "missing"),
+])
+def test_validation_names_the_problem(mutate, message):
+    sample = make_quadruple()
+    mutate(sample)
+    with pytest.raises(SampleError, match=message):
+        sample.validate()
+
+
+def test_composite_error_counts_steps():
+    fg = np.zeros((2, 2, 4), np.uint8)
+    fg[..., 3] = 128
+    fg[..., :3] = 200
+    bg = np.full((2, 2, 3), 100, np.uint8)
+    c = composite(fg, bg)
+    assert c[0, 0, 0] == round(128 / 255 * 200 + (1 - 128 / 255) * 100)
+    assert composite_error(c, fg, bg) == 0
+    assert composite_error(c + 1, fg, bg) == 1
+
+
+def test_fail_records_reason_and_clears_work():
+    sample = make_quadruple()
+    sample.work["alpha"] = np.ones((2, 2))
+    sample.fail("matting", ValueError("trimap has no unknown region"))
+    assert not sample.ok
+    assert sample.failure.as_row() == {"key": "demo_0001", "stage": "matting", "error_type": "ValueError",
+                                       "message": "trimap has no unknown region"}
+    assert sample.work == {}
