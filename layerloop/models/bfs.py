@@ -1,0 +1,625 @@
+"""BFS generator: a frozen FLUX.1-Fill-dev transformer run as two branches (composite C, foreground F)
+that exchange information through trainable cross-branch attention in every block.
+
+What lives here: the generator wrapper (`BFSGenerator`), its loading (`from_pretrained`, `tiny`,
+`load_generator`), LoRA checkpoints (`save_lora` / `load_lora`), the training losses as pure functions,
+the stage-2 branch sampler, and a short Euler sampler (`generate`). The trainer, data loader and
+stages are elsewhere; the pieces this file builds on are in `bfs_modules.py`.
+
+Latent conventions: spatial latents are (B, C, h, w) and normalised as Flux expects
+(`encode_latents`); the transformer sees packed tokens (B, h/2 * w/2, 4C) (`pack_latents`).
+C and B use the RGB VAE, F uses the RGBA VAE (`make_rgba_vae`), which share one latent space at init.
+
+Flow matching follows the Flux convention: `z_t = (1 - t) z0 + t z1` with z0 the data and z1 noise,
+velocity target `z1 - z0`, and the transformer's `timestep` argument is t itself in [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxAttention
+from safetensors.torch import load_file, save_file
+
+from layerloop.models import hub
+from layerloop.models.bfs_modules import (
+    TEXT_TOKENS_KWARG,
+    InformationSharingProcessor,
+    LatentCompositor,
+    decode_latents,
+    encode_latents,
+    fill_condition,
+    latent_image_ids,
+    make_rgba_vae,
+    pack_latents,
+    pack_mask,
+    text_ids,
+    unpack_latents,
+    vae_scale_factor,
+)
+
+__all__ = [
+    "BFSConfig",
+    "BFSGenerator",
+    "BFSModels",
+    "BFSGeneration",
+    "InformationSharingProcessor",
+    "LatentCompositor",
+    "DEFAULT_MODEL_ID",
+    "LORA_WEIGHTS_NAME",
+    "LORA_CONFIG_NAME",
+    "make_rgba_vae",
+    "from_pretrained",
+    "tiny",
+    "load_generator",
+    "lora_checkpoint_hash",
+    "generate",
+    "flux_sigmas",
+    "read_lora_config",
+    "tiny_transformer",
+    "tiny_vae",
+    "noisy_latents",
+    "flow_matching_target",
+    "denoised_estimate",
+    "flow_matching_loss",
+    "composition_loss",
+    "compositor_loss",
+    "stage1_loss",
+    "stage2_loss",
+    "stage2_branch",
+    "pack_latents",
+    "unpack_latents",
+    "pack_mask",
+    "fill_condition",
+    "latent_image_ids",
+    "text_ids",
+    "encode_latents",
+    "decode_latents",
+    "vae_scale_factor",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "black-forest-labs/FLUX.1-Fill-dev"
+LORA_WEIGHTS_NAME = "bfs_lora.safetensors"
+LORA_CONFIG_NAME = "bfs_lora.json"
+LORA_FORMAT = "layerloop-bfs-lora"
+LORA_FORMAT_VERSION = 1
+# Base-model ids of this form name a `tiny(seed)` backbone, so a LoRA trained on the demo's tiny model
+# can be reloaded for inference without any download.
+TINY_PREFIX = "tiny:"
+
+
+@dataclass(frozen=True)
+class BFSConfig:
+    """Shape of the trainable part. Everything except `base_model_id`/`base_revision` must match
+    between a checkpoint and the generator it is loaded into."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    # Hidden width of g. At FLUX size g maps 2 x 3072 -> mlp_hidden -> 2 x 3072 in each of the 57
+    # blocks: 128 keeps g (~90 M parameters) of the same order as the LoRAs rather than dominating.
+    mlp_hidden: int = 128
+    use_rope: bool = True
+    share_single_blocks: bool = True
+    base_model_id: str = DEFAULT_MODEL_ID
+    base_revision: str | None = None
+
+    STRUCTURAL = ("rank", "alpha", "mlp_hidden", "use_rope", "share_single_blocks")
+
+
+class BFSGenerator(nn.Module):
+    """Frozen Flux-Fill transformer with an `InformationSharingProcessor` in every block's attention.
+
+    `forward` runs C and F as one batch `[C, F]` through the shared backbone; the trainable
+    parameters are the processors' LoRA sets and g (`trainable_parameters()`).
+    """
+
+    def __init__(
+        self, transformer: FluxTransformer2DModel, config: BFSConfig | None = None, trainable_dtype=torch.float32
+    ):
+        super().__init__()
+        self.config = config or BFSConfig()
+        transformer.requires_grad_(False)
+        self.transformer = transformer
+        param = next(transformer.parameters())
+        # Block paths in a fixed order: the LoRA state-dict keys are built from them.
+        self._processors: dict[str, InformationSharingProcessor] = {}
+        groups = ["transformer_blocks"] + (["single_transformer_blocks"] if self.config.share_single_blocks else [])
+        for group in groups:
+            for index, block in enumerate(getattr(transformer, group)):
+                attn: FluxAttention = block.attn
+                processor = InformationSharingProcessor(
+                    attn,
+                    rank=self.config.rank,
+                    alpha=self.config.alpha,
+                    mlp_hidden=self.config.mlp_hidden,
+                    use_rope=self.config.use_rope,
+                    dtype=trainable_dtype,
+                ).to(param.device)
+                # set_processor registers the nn.Module processor as `attn.processor`, so the
+                # transformer's .to()/state_dict carry it; `_processors` is only an index.
+                attn.set_processor(processor)
+                self._processors[f"{group}.{index}"] = processor
+
+    # -- trainable state ---------------------------------------------------------------------------
+
+    @property
+    def processors(self) -> dict[str, InformationSharingProcessor]:
+        return dict(self._processors)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for proc in self._processors.values() for p in proc.parameters()]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA + g weights keyed `<block path>.<c2f|f2c|g>....`, e.g. `transformer_blocks.0.c2f.q.down.weight`."""
+        return {
+            f"{path}.{name}": tensor.detach().clone()
+            for path, proc in self._processors.items()
+            for name, tensor in proc.state_dict().items()
+        }
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load `lora_state_dict()` output; every key must be present and nothing extra (strict)."""
+        expected = set(self.lora_state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"LoRA state dict does not fit this generator: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]})"
+            )
+        for path, proc in self._processors.items():
+            prefix = f"{path}."
+            proc.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+
+    def save_lora(self, path: str | os.PathLike) -> Path:
+        """Write `<path>/bfs_lora.safetensors` (LoRA + g) and `<path>/bfs_lora.json` (config); returns the dir."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in self.lora_state_dict().items()}
+        # Write under temporary names and rename, so a crash never leaves a half-written checkpoint
+        # that load_lora would accept.
+        tmp_weights = out / (LORA_WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp_weights), metadata={"format": LORA_FORMAT})
+        meta = {
+            "format": LORA_FORMAT,
+            "format_version": LORA_FORMAT_VERSION,
+            **dataclasses.asdict(self.config),
+            "num_tensors": len(tensors),
+        }
+        tmp_config = out / (LORA_CONFIG_NAME + ".tmp")
+        tmp_config.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp_weights, out / LORA_WEIGHTS_NAME)
+        os.replace(tmp_config, out / LORA_CONFIG_NAME)
+        return out
+
+    def load_lora(self, path: str | os.PathLike) -> None:
+        """Load a `save_lora` directory; refuses a checkpoint whose structural config differs."""
+        saved = read_lora_config(path)
+        mismatched = {
+            f: (saved.get(f), getattr(self.config, f))
+            for f in BFSConfig.STRUCTURAL
+            if saved.get(f) != getattr(self.config, f)
+        }
+        if mismatched:
+            raise ValueError(f"LoRA checkpoint {path} does not match this generator (saved, current): {mismatched}")
+        if saved.get("base_model_id") != self.config.base_model_id:
+            logger.warning(
+                "LoRA checkpoint %s was trained on %s, loading into a generator built on %s",
+                path, saved.get("base_model_id"), self.config.base_model_id,
+            )
+        param = next(self.transformer.parameters())
+        state = load_file(str(Path(path) / LORA_WEIGHTS_NAME), device=str(param.device))
+        self.load_lora_state_dict(state)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents_c: torch.Tensor,
+        latents_f: torch.Tensor,
+        cond: torch.Tensor,
+        timestep: torch.Tensor | float,
+        text_embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | float | None,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Velocities (v_c, v_f), each (B, N, out_channels), for packed noisy latents (B, N, 4C).
+
+        cond: (B, N, cond_channels) from `fill_condition`, shared by both branches. text_embeds
+        (B, L, joint_attention_dim) T5 states and pooled (B, pooled_projection_dim) CLIP, shared.
+        timestep: t in [0, 1], scalar or (B,), the same for both branches. guidance: the distilled
+        guidance scale (FLUX.1-Fill-dev embeds it), scalar or (B,); None only for models without it.
+        img_ids (N, 3) and txt_ids (L, 3): RoPE positions (`latent_image_ids`, `text_ids`).
+        """
+        b = latents_c.shape[0]
+        if latents_f.shape != latents_c.shape:
+            raise ValueError(f"branch latents differ in shape: C {tuple(latents_c.shape)}, F {tuple(latents_f.shape)}")
+        expected = self.transformer.config.in_channels
+        if latents_c.shape[-1] + cond.shape[-1] != expected:
+            raise ValueError(
+                f"latents ({latents_c.shape[-1]}) + condition ({cond.shape[-1]}) channels must equal the "
+                f"transformer's in_channels ({expected})"
+            )
+        dtype = next(self.transformer.parameters()).dtype
+        device = latents_c.device
+
+        def per_sample(value) -> torch.Tensor:
+            t = torch.as_tensor(value, device=device, dtype=torch.float32)
+            return (t.expand(b) if t.ndim == 0 else t).to(dtype)
+
+        def both(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x], dim=0)
+
+        if guidance is None and self.transformer.config.guidance_embeds:
+            raise ValueError("this transformer embeds a guidance scale (Flux dev); pass guidance, e.g. 30.0 for Fill")
+        hidden = torch.cat(
+            [torch.cat([latents_c, cond], dim=-1), torch.cat([latents_f, cond], dim=-1)], dim=0
+        ).to(dtype)
+        out = self.transformer(
+            hidden_states=hidden,
+            encoder_hidden_states=both(text_embeds.to(dtype)),
+            pooled_projections=both(pooled.to(dtype)),
+            timestep=both(per_sample(timestep)),
+            guidance=None if guidance is None else both(per_sample(guidance)),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            joint_attention_kwargs={TEXT_TOKENS_KWARG: text_embeds.shape[1]},
+            return_dict=False,
+        )[0]
+        v_c, v_f = out.chunk(2, dim=0)
+        return v_c, v_f
+
+
+# --------------------------------------------------------------------------------------------------
+# Model bundle, loading, tiny configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BFSModels:
+    """Everything the BFS trainer and `generate` need. `compositor` is freshly initialised by the
+    constructors: Phi is trained in its own stage and loaded from its checkpoint by the caller."""
+
+    generator: BFSGenerator
+    vae: AutoencoderKL
+    rgba_vae: AutoencoderKL
+    compositor: LatentCompositor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
+
+
+def _check_fill_channels(transformer: FluxTransformer2DModel, vae: AutoencoderKL) -> None:
+    # Fill's in_channels = packed latents (4C) + packed background latents (4C) + packed mask (4 s^2).
+    c, s = vae.config.latent_channels, vae_scale_factor(vae)
+    expected = 8 * c + 4 * s * s
+    if transformer.config.in_channels != expected:
+        raise ValueError(
+            f"transformer in_channels {transformer.config.in_channels} is not a Flux-Fill layout for this VAE "
+            f"(expected {expected} = 4*{c} latents + 4*{c} background + 4*{s}^2 mask)"
+        )
+
+
+def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
+    """A random Flux-Fill-shaped transformer small enough for CPU tests (matches `tiny_vae`)."""
+    latent_channels, scale = 4, 2
+    # fork_rng: seed the weights without resetting the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=8 * latent_channels + 4 * scale * scale,  # 16 latents + 16 background + 16 mask
+            out_channels=4 * latent_channels,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,  # FLUX.1-Fill-dev is guidance-distilled; keep that code path in tests
+            axes_dims_rope=(4, 6, 6),
+        )
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A random 2-level AutoencoderKL (scale factor 2, 4 latent channels) with Flux-like normalisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+            # Non-trivial values so the (z - shift) * scale normalisation is exercised, as with FLUX's VAE.
+            scaling_factor=0.5,
+            shift_factor=0.1,
+        )
+
+
+def tiny(seed: int = 0, config: BFSConfig | None = None) -> BFSModels:
+    """Tiny random BFS models for tests and the demo profile; same seed, same weights."""
+    config = config or BFSConfig(rank=4, alpha=4.0, mlp_hidden=16, base_model_id=f"{TINY_PREFIX}{seed}")
+    transformer = tiny_transformer(seed)
+    vae = tiny_vae(seed)
+    _check_fill_channels(transformer, vae)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = BFSGenerator(transformer, config)
+        compositor = LatentCompositor(vae.config.latent_channels, hidden_channels=16)
+    return BFSModels(generator=generator, vae=vae, rgba_vae=make_rgba_vae(vae), compositor=compositor)
+
+
+# Only the two components BFS uses: the repository also holds the text encoders and a 23 GB
+# single-file checkpoint that a generator worker never reads.
+_COMPONENT_PATTERNS = ["model_index.json", "transformer/*", "vae/*"]
+
+
+def _load_component(cls, id_or_path: str, subfolder: str, revision, dtype, local_files_only: bool):
+    """Resolve the model folder with the shared resolver (local path, HF cache, one locked download per
+    node; offline and missing raises `hub.ModelNotAvailable` naming the model and `layerloop models pull`),
+    then load one component from it."""
+    root = hub.resolve(
+        id_or_path, revision=revision, allow_download=not local_files_only, allow_patterns=_COMPONENT_PATTERNS
+    )
+    return cls.from_pretrained(str(root), subfolder=subfolder, torch_dtype=dtype)
+
+
+def from_pretrained(
+    id_or_path: str = DEFAULT_MODEL_ID,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    config: BFSConfig | None = None,
+    local_files_only: bool = False,
+) -> BFSModels:
+    """Real FLUX.1-Fill-dev transformer (subfolder "transformer", frozen) and VAE (subfolder "vae"),
+    the RGBA VAE derived from it and a fresh Phi. The trainable LoRA/g weights stay fp32."""
+    config = config or BFSConfig(base_model_id=id_or_path, base_revision=revision)
+    transformer = _load_component(FluxTransformer2DModel, id_or_path, "transformer", revision, dtype, local_files_only)
+    vae = _load_component(AutoencoderKL, id_or_path, "vae", revision, dtype, local_files_only)
+    _check_fill_channels(transformer, vae)
+    transformer.to(device)
+    vae.to(device).requires_grad_(False)
+    generator = BFSGenerator(transformer, config)
+    compositor = LatentCompositor(vae.config.latent_channels).to(device)
+    return BFSModels(generator=generator, vae=vae, rgba_vae=make_rgba_vae(vae), compositor=compositor)
+
+
+def read_lora_config(path: str | os.PathLike) -> dict:
+    config_path = Path(path) / LORA_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} is not a BFS LoRA checkpoint: {LORA_CONFIG_NAME} is missing")
+    saved = json.loads(config_path.read_text())
+    if saved.get("format") != LORA_FORMAT or saved.get("format_version") != LORA_FORMAT_VERSION:
+        raise ValueError(f"{config_path}: unsupported format {saved.get('format')} v{saved.get('format_version')}")
+    return saved
+
+
+def load_generator(
+    path: str | os.PathLike,
+    transformer: FluxTransformer2DModel | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    local_files_only: bool = False,
+) -> BFSGenerator:
+    """Inference entry point: a generator built from a saved LoRA's own config, on `transformer` or,
+    if none is given, on the base model the checkpoint names (a `tiny:SEED` base is rebuilt locally)."""
+    saved = read_lora_config(path)
+    config = BFSConfig(**{f.name: saved[f.name] for f in dataclasses.fields(BFSConfig) if f.name in saved})
+    if transformer is None:
+        base = config.base_model_id
+        if base.startswith(TINY_PREFIX):
+            transformer = tiny_transformer(int(base[len(TINY_PREFIX):]))
+        else:
+            transformer = _load_component(
+                FluxTransformer2DModel, base, "transformer", config.base_revision, dtype, local_files_only
+            )
+        transformer.to(device)
+    generator = BFSGenerator(transformer, config)
+    generator.load_lora(path)
+    return generator
+
+
+def lora_checkpoint_hash(path: str | os.PathLike) -> str:
+    """sha256 of the saved LoRA + g weights: the generator checkpoint id recorded in candidate metadata."""
+    digest = hashlib.sha256()
+    with open(Path(path) / LORA_WEIGHTS_NAME, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses (pure functions; the trainer owns sampling t, noise and the optimiser)
+# --------------------------------------------------------------------------------------------------
+
+
+def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, device=like.device, dtype=like.dtype)
+    return t.reshape(-1, *([1] * (like.ndim - 1))) if t.ndim else t
+
+
+def noisy_latents(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """z_t = (1 - t) z0 + t z1: z0 data, z1 noise, t per sample (B,) or scalar."""
+    t = _per_sample(t, z0)
+    return (1 - t) * z0 + t * z1
+
+
+def flow_matching_target(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    return z1 - z0
+
+
+def denoised_estimate(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One-step estimate of the data: z0_hat = z_t - t v (exact when v is the true velocity)."""
+    return z_t - _per_sample(t, z_t) * v
+
+
+def flow_matching_loss(v: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(v.float(), flow_matching_target(z0, z1).float())
+
+
+def composition_loss(
+    compositor: nn.Module, z_f_hat: torch.Tensor, z_b: torch.Tensor, z_c_hat: torch.Tensor
+) -> torch.Tensor:
+    """L_comp = L1(Phi(z_F_hat, z_B), z_C_hat) on spatial latents; gradients reach both branches
+    through the two estimates (Phi itself is expected frozen by the caller once trained)."""
+    return F.l1_loss(compositor(z_f_hat, z_b).float(), z_c_hat.float())
+
+
+def compositor_loss(compositor: nn.Module, z_f: torch.Tensor, z_b: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
+    """Training loss of Phi itself, on encoded quadruples: L1(Phi(z_F, z_B), z_C)."""
+    return F.l1_loss(compositor(z_f, z_b).float(), z_c.float())
+
+
+def stage1_loss(
+    compositor: nn.Module,
+    *,
+    v_c: torch.Tensor,
+    v_f: torch.Tensor,
+    z0_c: torch.Tensor,
+    z0_f: torch.Tensor,
+    z1_c: torch.Tensor,
+    z1_f: torch.Tensor,
+    z_b: torch.Tensor,
+    t: torch.Tensor,
+    comp_weight: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """Stage 1 on quadruples: FM(C) + FM(F) + comp_weight * L_comp. All latents spatial (B, C, h, w);
+    the velocities are the generator's outputs unpacked. The branches' inputs must have been
+    `noisy_latents(z0, z1, t)` with these very tensors."""
+    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
+    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
+    fm_c = flow_matching_loss(v_c, z0_c, z1_c)
+    fm_f = flow_matching_loss(v_f, z0_f, z1_f)
+    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
+    return {"loss": fm_c + fm_f + comp_weight * comp, "fm_c": fm_c, "fm_f": fm_f, "comp": comp}
+
+
+def stage2_loss(
+    branch: str,
+    compositor: nn.Module,
+    *,
+    v_c: torch.Tensor,
+    v_f: torch.Tensor,
+    z0_c: torch.Tensor,
+    z0_f: torch.Tensor,
+    z1_c: torch.Tensor,
+    z1_f: torch.Tensor,
+    z_b: torch.Tensor,
+    t: torch.Tensor,
+    comp_weight: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """Stage 2, one of two objectives chosen per step by `stage2_branch`:
+    - "real" (kind=pair samples): L_real = FM on the composite branch only; z0_f is the surrogate
+      foreground S the F branch was fed (no ground-truth F exists), used only to form z_F_hat.
+    - "reg" (quadruples): L_reg = FM on the foreground branch only.
+    Both add comp_weight * L_comp."""
+    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
+    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
+    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
+    if branch == "real":
+        fm = flow_matching_loss(v_c, z0_c, z1_c)
+    elif branch == "reg":
+        fm = flow_matching_loss(v_f, z0_f, z1_f)
+    else:
+        raise ValueError(f"stage-2 branch must be 'real' or 'reg', got {branch!r}")
+    return {"loss": fm + comp_weight * comp, "fm": fm, "comp": comp}
+
+
+def stage2_branch(step: int, seed: int, p_real: float = 0.8) -> str:
+    """"real" with probability p_real, else "reg"; a pure function of (seed, step), so a resumed run
+    or any Ray worker draws the same branch for the same step without sharing RNG state."""
+    if step < 0 or seed < 0:
+        raise ValueError("step and seed must be non-negative")
+    u = np.random.default_rng([seed, step]).random()
+    return "real" if u < p_real else "reg"
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BFSGeneration:
+    latents_c: torch.Tensor  # (B, C, h, w) normalised composite latents
+    latents_f: torch.Tensor  # (B, C, h, w) normalised foreground latents (RGBA VAE space)
+    image_c: torch.Tensor | None = None  # (B, 3, H, W) in [-1, 1], if an RGB VAE was given
+    image_f: torch.Tensor | None = None  # (B, 4, H, W) in [-1, 1], RGBA, if an RGBA VAE was given
+
+
+def flux_sigmas(num_steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
+    """num_steps + 1 noise levels from 1 to 0: FluxFillPipeline's linspace(1, 1/n, n), resolution-shifted
+    as FlowMatchEulerDiscreteScheduler does for Flux (mu from the token count), then a final 0."""
+    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    if shift:
+        # calculate_shift with Flux's scheduler defaults (256 -> 0.5, 4096 -> 1.15 tokens -> mu).
+        m = (1.15 - 0.5) / (4096 - 256)
+        mu = image_seq_len * m + (0.5 - m * 256)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+    return torch.tensor(np.append(sigmas, 0.0), dtype=torch.float32)
+
+
+@torch.no_grad()
+def generate(
+    generator: BFSGenerator,
+    background_latents: torch.Tensor,
+    mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    *,
+    num_steps: int = 28,
+    guidance: float | None = 30.0,
+    seed: int = 0,
+    shift: bool = True,
+    vae: AutoencoderKL | None = None,
+    rgba_vae: AutoencoderKL | None = None,
+) -> BFSGeneration:
+    """Euler flow-matching sampler for both branches from noise.
+
+    background_latents: (B, C, h, w) normalised RGB-VAE latents of B; mask: (B, 1, H, W) pixel box
+    mask (1 inside); text embeddings as in `BFSGenerator.forward`. Guidance 30 is FluxFillPipeline's
+    default. Noise comes from a CPU generator seeded with `seed`, so results do not depend on device.
+    """
+    b, c, h, w = background_latents.shape
+    device = background_latents.device
+    dtype = next(generator.transformer.parameters()).dtype
+    cond = fill_condition(background_latents, mask).to(dtype)
+    img_ids = latent_image_ids(h, w, device=device)
+    txt_ids = text_ids(text_embeds.shape[1], device=device)
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    z_c = pack_latents(torch.randn(b, c, h, w, generator=rng)).to(device=device, dtype=torch.float32)
+    z_f = pack_latents(torch.randn(b, c, h, w, generator=rng)).to(device=device, dtype=torch.float32)
+    sigmas = flux_sigmas(num_steps, z_c.shape[1], shift=shift)
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        v_c, v_f = generator(z_c.to(dtype), z_f.to(dtype), cond, sigma, text_embeds, pooled, guidance, img_ids, txt_ids)
+        # Integrate in fp32: dz/dt = v, stepping t from 1 (noise) down to 0 (data).
+        z_c = z_c + (sigma_next - sigma) * v_c.float()
+        z_f = z_f + (sigma_next - sigma) * v_f.float()
+    result = BFSGeneration(latents_c=unpack_latents(z_c, h, w), latents_f=unpack_latents(z_f, h, w))
+    if vae is not None:
+        result.image_c = decode_latents(vae, result.latents_c).float()
+    if rgba_vae is not None:
+        result.image_f = decode_latents(rgba_vae, result.latents_f).float()
+    return result
