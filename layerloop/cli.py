@@ -94,7 +94,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from layerloop.pipelines.runs import RunLockedError, RunMismatchError
 
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    # key=value overrides may come before or after options: collect the ones argparse leaves over
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "command", None) != "build" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except (RunLockedError, RunMismatchError, FileNotFoundError, KeyError, ValueError) as error:
