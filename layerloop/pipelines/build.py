@@ -107,9 +107,9 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
             seconds=time.perf_counter() - started,
             failures_by_reason=reasons,
         )
+        run.finish(samples_ok=result.ok, samples_failed=result.failed, seconds=round(result.seconds, 2))
         if report if report is not None else config.report.enabled:
             from layerloop.report import write_report
 
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
-        run.finish(samples_ok=result.ok, samples_failed=result.failed, seconds=round(result.seconds, 2))
     return result
