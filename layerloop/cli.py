@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
+    except BrokenPipeError:  # `layerloop inspect DIR | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
     except (RunLockedError, RunMismatchError, FileNotFoundError, KeyError, ValueError) as error:
         if isinstance(error, ValidationError):
             print(f"layerloop: invalid config:\n{error}", file=sys.stderr)
