@@ -194,6 +194,16 @@ def composite(foreground: np.ndarray, background: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
+def quantise_foreground(fg_rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """float RGB (H x W x 3) and alpha (H x W) in [0, 1] -> RGBA uint8, RGB zeroed where alpha is 0."""
+    if not (np.isfinite(fg_rgb).all() and np.isfinite(alpha).all()):
+        raise ValueError("fg_rgb or alpha contains NaN or infinity")
+    rgb = np.rint(np.clip(fg_rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+    a = np.rint(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
+    rgb[a == 0] = 0
+    return np.concatenate([rgb, a[..., None]], axis=-1)
+
+
 def composite_error(comp: np.ndarray, foreground: np.ndarray, background: np.ndarray) -> int:
     """Largest per-pixel difference (in 1/255 steps) between C and ``a*F + (1-a)*B``."""
     expected = composite(foreground, background)

@@ -20,14 +20,10 @@ Backends
 
 Model backends (ObjectClear, a diffusers inpainting pipeline) plug in like in the matting stage: a
 ``BackgroundBackend(load=...)`` whose ``load(params, device)`` is called once in ``setup()`` and returns
-the fill function, ``batched=True`` for one call per batch (``fill(images, masks) -> backgrounds``). For
-example::
-
-    def _load_objectclear(params, device):
-        from layerloop.models.objectclear import ObjectClear
-        return ObjectClear.from_pretrained(params.model, device=device).remove
-
-    BACKENDS["objectclear"] = BackgroundBackend(load=_load_objectclear, batched=True)
+the fill function, ``batched=True`` for one call per batch (``fill(images, masks, seeds) -> backgrounds``,
+one seed per image drawn from that sample's rng, so a result never depends on its batch mates).
+``objectclear`` (ObjectClear, removes the object and its shadows/reflections) and ``diffusers-inpaint``
+(any diffusers inpainting pipeline, default RORem) are wired this way through ``models/inpaint.py``.
 
 A fill function receives the uint8 RGB image and the uint8 0/255 hole mask (already dilated) and returns
 the uint8 RGB background; ``gt`` reads the sample instead and is handled by the stage.
@@ -54,11 +50,20 @@ BatchFillFn = Callable[[list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
 INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
 
 
+MODEL_DEFAULTS = {"objectclear": "jixin0101/ObjectClear", "diffusers-inpaint": "LetsThink/RORem"}
+
+
 class BackgroundParams(StageParams):
-    backend: Literal["gt", "opencv", "auto"] = "auto"
+    backend: Literal["gt", "opencv", "auto", "objectclear", "diffusers-inpaint"] = "auto"
     dilate: float = Field(0.03, ge=0.0, le=0.5)  # hole grows by this fraction of the shorter side
     method: Literal["telea", "ns"] = "telea"  # OpenCV inpainting algorithm
     radius: int = Field(5, ge=1)  # neighbourhood OpenCV inpainting looks at, px
+    # model backends only: hub id, local folder, or tiny[:seed]; None = the backend's default model
+    model: str | None = None
+    revision: str | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None  # None: fp16 on GPU, fp32 on CPU
+    resolution: int = Field(512, ge=64)  # model backends work at this size and paste back
+    num_inference_steps: int = Field(20, ge=1)
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,38 @@ def _opencv(params: BackgroundParams) -> FillFn:
     return fill
 
 
+def model_ref(params: BackgroundParams):
+    from layerloop.models.refs import ModelRef
+
+    return ModelRef(stage=f"background/{params.backend}", model=params.model or MODEL_DEFAULTS[params.backend],
+                    revision=params.revision)
+
+
+def _load_remover(params: BackgroundParams, device: str) -> BatchFillFn:
+    """An object-removal model (``models/inpaint.py``) loaded once per worker. The fill function gets one
+    seed per image (from the sample's own rng), so results do not depend on batch composition."""
+    from layerloop.models.inpaint import DiffusersInpainter, ObjectClearRemover
+    from layerloop.models.refs import load_wrapper
+
+    wrapper = ObjectClearRemover if params.backend == "objectclear" else DiffusersInpainter
+    settings = {"resolution": params.resolution, "num_inference_steps": params.num_inference_steps}
+    ref = model_ref(params)
+    if ref.is_tiny and wrapper is ObjectClearRemover:
+        raise ValueError("objectclear has no tiny instance; use backend: diffusers-inpaint with model: tiny")
+    remover = wrapper.tiny(seed=ref.tiny_seed, device=device) if ref.is_tiny else \
+        load_wrapper(wrapper, ref, device, params.dtype, **settings)
+
+    def fill(images: list[np.ndarray], holes: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
+        return remover.remove(images, holes, seed=seeds)
+
+    return fill
+
+
 BACKENDS: dict[str, BackgroundBackend] = {
     "gt": BackgroundBackend(),
     "opencv": BackgroundBackend(fill=_opencv),
+    "objectclear": BackgroundBackend(load=_load_remover, batched=True),  # object + its effects removed
+    "diffusers-inpaint": BackgroundBackend(load=_load_remover, batched=True),  # RORem or any inpainter
 }
 
 
@@ -137,7 +171,8 @@ class BackgroundStage(Stage):
 
         if self.image_backend.batched and to_fill:
             # One call per batch; if it raises, run_stage retries one by one and isolates the culprit.
-            outputs = self._fill([image for _, image, _ in to_fill], [hole for _, _, hole in to_fill])
+            seeds = [int(self.rng(sample).integers(2**31)) for sample, _, _ in to_fill]
+            outputs = self._fill([image for _, image, _ in to_fill], [hole for _, _, hole in to_fill], seeds)
             if len(outputs) != len(to_fill):
                 raise RuntimeError(f"background backend returned {len(outputs)} images for {len(to_fill)}")
             for (sample, image, _), background in zip(to_fill, outputs):
@@ -151,6 +186,18 @@ class BackgroundStage(Stage):
         return samples
 
     # ---------------------------------------------------------------- helpers
+    def models(self) -> list:
+        return [model_ref(self.params)] if self.params.backend in MODEL_DEFAULTS else []
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.params.backend in MODEL_DEFAULTS:
+            described["model"] = model_ref(self.params).model
+        else:  # model fields mean nothing to gt / opencv
+            for field in ("model", "revision", "dtype", "resolution", "num_inference_steps"):
+                described.pop(field, None)
+        return described
+
     def _use_gt(self, sample: LayeredSample) -> bool:
         if self.params.backend == "gt":
             return True

@@ -97,6 +97,10 @@ class Stage:
     def rng(self, sample: LayeredSample) -> np.random.Generator:
         return sample_rng(self.seed, sample.key, self.name)
 
+    def models(self) -> list[Any]:
+        """``ModelRef``s of the weights this stage loads (``layerloop models list|pull``, pre-flight)."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Parameters recorded in each sample's metadata (excluding scheduling knobs)."""
         return self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency"}, mode="json")

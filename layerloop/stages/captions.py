@@ -22,7 +22,8 @@ import string
 import unicodedata
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator
+import numpy as np
+from pydantic import Field, field_validator
 
 from layerloop.samples import LayeredSample
 from layerloop.stages.base import Stage, StageParams
@@ -38,7 +39,14 @@ def normalise_caption(text: str) -> str:
 
 
 class CaptionParams(StageParams):
-    backend: Literal["metadata", "template"] = "metadata"
+    backend: Literal["metadata", "template", "blip2"] = "metadata"
+    # blip2 only: hub id, local folder or tiny[:seed]; what it looks at; optional prompt
+    model: str = "Salesforce/blip2-opt-2.7b"
+    revision: str | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None  # None: fp16 on GPU, fp32 on CPU
+    view: Literal["crop", "layer"] = "crop"  # crop of C in its box, or F over a neutral grey
+    prompt: str | None = None
+    max_new_tokens: int = Field(30, ge=1)
     # Fields: {object} (category with an article, or `fallback_object`), {category} (bare category, or
     # "object"), and any top-level text/number in the sample's metadata ({source}, ...).
     template: str = "a photo of {object}"
@@ -138,6 +146,45 @@ class MetadataCaptions(CaptionBackend):
         return out
 
 
+def blip2_ref(params: CaptionParams):
+    from layerloop.models.refs import ModelRef
+
+    return ModelRef(stage="caption/blip2", model=params.model, revision=params.revision)
+
+
+@register_caption_backend
+class Blip2Captions(CaptionBackend):
+    """BLIP-2 (``models/blip2.py``) captions the object, not the scene: the composite cropped to the box
+    (with a little context) or the foreground layer over neutral grey. Runs after recompose and box-mask."""
+
+    name = "blip2"
+    needs_actor = True
+    device = "cpu"  # set by the stage from its resources before setup()
+
+    def setup(self) -> None:
+        from layerloop.models.blip2 import Blip2Captioner
+        from layerloop.models.refs import load_wrapper
+
+        dtype = self.params.dtype or ("float16" if self.device == "cuda" else "float32")
+        self.model = load_wrapper(Blip2Captioner, blip2_ref(self.params), self.device, dtype)
+
+    def _view(self, sample: LayeredSample) -> np.ndarray:
+        from layerloop.models.blip2 import layer_on_neutral, object_crop
+
+        if self.params.view == "layer":
+            if sample.foreground is None:
+                raise ValueError("blip2 view 'layer' needs the foreground; run recompose first")
+            return layer_on_neutral(sample.foreground)
+        if sample.composite is None or "bbox" not in sample.meta:
+            raise ValueError("blip2 view 'crop' needs the composite and meta['bbox']; run recompose and box-mask first")
+        return object_crop(sample.composite, sample.meta["bbox"])
+
+    def caption_batch(self, samples: list[LayeredSample]) -> list[tuple[str, str]]:
+        views = [self._view(sample) for sample in samples]
+        texts = self.model.caption(views, prompt=self.params.prompt, max_new_tokens=self.params.max_new_tokens)
+        return [(text, self.name) for text in texts]
+
+
 @register_stage
 class CaptionStage(Stage):
     name = "caption"
@@ -153,7 +200,18 @@ class CaptionStage(Stage):
         return self.backend.needs_actor or self.resources.gpus > 0
 
     def setup(self) -> None:
+        self.backend.device = self.device
         self.backend.setup()
+
+    def models(self) -> list:
+        return [blip2_ref(self.params)] if self.params.backend == "blip2" else []
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.params.backend != "blip2":  # model fields mean nothing to metadata / template
+            for field in ("model", "revision", "dtype", "view", "prompt", "max_new_tokens"):
+                described.pop(field, None)
+        return described
 
     def process_batch(self, samples: list[LayeredSample]) -> list[LayeredSample]:
         try:

@@ -118,15 +118,43 @@ class MattingBackend:
             raise ValueError("a matting backend needs exactly one of solve= or load=")
 
 
+def _load_vitmatte(params: "MattingParams", device: str) -> BatchAlphaSolver:
+    """ViTMatte (``models/vitmatte.py``), loaded once per worker; takes the same float crops as the
+    classical solvers and hands the model 8-bit images and 0/128/255 trimaps."""
+    from layerloop.models.refs import load_wrapper
+    from layerloop.models.vitmatte import VitMatte
+
+    model = load_wrapper(VitMatte, vitmatte_ref(params), device, params.dtype)
+
+    def solve(images: list[np.ndarray], trimaps: list[np.ndarray]) -> list[np.ndarray]:
+        images8 = [np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8) for image in images]
+        trimaps8 = [np.clip(np.rint(trimap * 255.0), 0, 255).astype(np.uint8) for trimap in trimaps]
+        return model.predict(images8, trimaps8, batch_size=params.model_batch_size)
+
+    return solve
+
+
+def vitmatte_ref(params: "MattingParams"):
+    from layerloop.models.refs import ModelRef
+
+    return ModelRef(stage="matting/vitmatte", model=params.model, revision=params.revision)
+
+
 BACKENDS: dict[str, MattingBackend] = {
     "closed-form": MattingBackend(solve=_closed_form),  # Levin et al. 2008: the reference quality
     "knn": MattingBackend(solve=_knn),  # Chen et al. 2013: non-local neighbours, reach across wide bands
     "lkm": MattingBackend(solve=_lkm),  # He et al. 2010: large windows, matrix-free (low memory)
+    "vitmatte": MattingBackend(load=_load_vitmatte, batched=True),  # Yao et al. 2024, transformers
 }
 
 
 class MattingParams(StageParams):
-    backend: Literal["closed-form", "knn", "lkm"] = "closed-form"
+    backend: Literal["closed-form", "knn", "lkm", "vitmatte"] = "closed-form"
+    # model backends only: hub id, local folder, or tiny[:seed] for the random tiny instance
+    model: str = "hustvl/vitmatte-small-composition-1k"
+    revision: str | None = None
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # autocast dtype on GPU
+    model_batch_size: int = Field(4, ge=1)
     crop: bool = True  # solve on the bounding box of the non-background trimap only
     crop_margin: float = Field(0.05, ge=0.0)  # background context around the box, fraction of shorter side
     max_side: int | None = Field(512, ge=16)  # downscale crops with a longer side; None: full resolution
@@ -276,6 +304,16 @@ class MattingStage(Stage):
     def setup(self) -> None:
         if self.backend.load is not None:
             self._solver = self.backend.load(self.params, self.device)
+
+    def models(self) -> list:
+        return [vitmatte_ref(self.params)] if self.params.backend == "vitmatte" else []
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        if self.backend.load is None:  # model fields mean nothing to a classical backend
+            for field in ("model", "revision", "dtype", "model_batch_size"):
+                described.pop(field, None)
+        return described
 
     def process_batch(self, samples: list[LayeredSample]) -> list[LayeredSample]:
         self.ensure_setup()

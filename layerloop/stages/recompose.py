@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from layerloop.samples import LayeredSample, composite
+from layerloop.samples import LayeredSample, composite, quantise_foreground
 from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
-
-
-def quantise_foreground(fg_rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """float RGB (H x W x 3) and alpha (H x W) in [0, 1] -> RGBA uint8, RGB zeroed where alpha is 0."""
-    if not (np.isfinite(fg_rgb).all() and np.isfinite(alpha).all()):
-        raise ValueError("fg_rgb or alpha contains NaN or infinity")
-    rgb = np.rint(np.clip(fg_rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
-    a = np.rint(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
-    rgb[a == 0] = 0
-    return np.concatenate([rgb, a[..., None]], axis=-1)
 
 
 @register_stage

@@ -19,6 +19,8 @@ STAGE_MODULES = (
     "layerloop.stages.recompose",
     "layerloop.stages.box_mask",
     "layerloop.stages.captions",
+    "layerloop.stages.pairs",
+    "layerloop.stages.score",
 )
 
 

@@ -122,7 +122,8 @@ def test_a_batched_model_backend_plugs_in(monkeypatch):
     def load(params, device):
         calls["load"] += 1
 
-        def remove(images, holes):
+        def remove(images, holes, seeds):
+            assert len(seeds) == len(images)  # one seed per sample, from the sample's own rng
             calls["batches"].append(len(images))
             return [np.where(hole[..., None] > 0, 7, image).astype(np.uint8) for image, hole in zip(images, holes)]
 

@@ -73,7 +73,7 @@ def test_unknown_template_field_fails_only_that_sample():
 
 def test_bad_params_are_rejected():
     for bad in ({"template": "   "}, {"template": "a {object"}, {"template": "{0}"}, {"backend": "blip9"},
-                {"prompt": "x"}):
+                {"prompt_text": "x"}):
         with pytest.raises(ValidationError):
             CaptionStage(**bad)
 
