@@ -2,6 +2,7 @@
 
     layerloop demo-data OUT --n N --seed S        render demo scenes in the RORem layout
     layerloop build CONFIG [--out DIR] [--executor local|ray] [--address ADDR] [key=value ...]
+    layerloop models list|pull CONFIG [--cache-dir DIR]  which weights a config needs / fetch them
     layerloop inspect DIR [--samples N] [--key KEY]
     layerloop report DIR                           (re)write DIR/report/
 
@@ -37,6 +38,25 @@ def _cmd_build(args: argparse.Namespace) -> int:
     result = build(config, out=args.out, executor=args.executor, progress=not args.no_progress)
     print(result.summary())
     return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from layerloop.config import load_config
+    from layerloop.pipelines.preflight import model_status, pull_models
+
+    config = load_config(args.config, args.overrides)
+    statuses = pull_models(config, args.cache_dir) if args.action == "pull" else model_status(config, args.cache_dir)
+    if not statuses:
+        print(f"{args.config}: no model weights needed (classical or tiny models only)")
+        return 0
+    for status in statuses:
+        where = str(status.path) if status.path else f"MISSING ({status.problem})"
+        print(f"{status.ref.stage:<24} {status.ref.label():<55} {where}")
+    missing = [s for s in statuses if s.path is None]
+    if missing and args.action == "list":
+        print(f"\n{len(missing)} missing: fetch with `layerloop models pull {args.config}`"
+              + (f" --cache-dir {args.cache_dir}" if args.cache_dir else ""))
+    return 1 if missing else 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -78,6 +98,13 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=_cmd_build)
 
+    models = commands.add_parser("models", help="list or pull the model weights a config needs")
+    models.add_argument("action", choices=("list", "pull"))
+    models.add_argument("config")
+    models.add_argument("overrides", nargs="*", help="key=value overrides")
+    models.add_argument("--cache-dir", help="Hugging Face cache to use (default: HF_HOME / HF_HUB_CACHE)")
+    models.set_defaults(func=_cmd_models)
+
     inspect = commands.add_parser("inspect", help="summarise a run directory")
     inspect.add_argument("dir")
     inspect.add_argument("--samples", type=int, default=3)
@@ -92,13 +119,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from layerloop.pipelines.preflight import ModelsMissing
     from layerloop.pipelines.runs import RunLockedError, RunMismatchError
 
     parser = make_parser()
     # key=value overrides may come before or after options: collect the ones argparse leaves over
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) != "build" or any("=" not in e or e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("build", "models") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:
@@ -106,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `layerloop inspect DIR | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    except (RunLockedError, RunMismatchError, FileNotFoundError, KeyError, ValueError) as error:
+    except (ModelsMissing, RunLockedError, RunMismatchError, FileNotFoundError, KeyError, ValueError) as error:
         if isinstance(error, ValidationError):
             print(f"layerloop: invalid config:\n{error}", file=sys.stderr)
         else:

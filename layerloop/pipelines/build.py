@@ -62,7 +62,10 @@ def run_dir_for(config: BuildConfig, out: str | Path | None) -> Path:
 
 def build(config: BuildConfig, out: str | Path | None = None, executor: str | None = None,
           progress: bool = True, report: bool | None = None) -> BuildResult:
+    from layerloop.pipelines.preflight import check_models
+
     run_dir = run_dir_for(config, out)
+    check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
     started = time.perf_counter()
     with RunDirectory(run_dir) as run:
         remove_stale_temporaries(run_dir)
