@@ -369,6 +369,8 @@ class MattingStage(Stage):
         sample.work["alpha"] = alpha
         sample.work["fg_rgb"] = fg_rgb
         extra: dict[str, Any] = {"solved": solved}
+        if self.backend.load is not None:
+            extra["device"] = self.device  # where the model ran (a GPU stage falls back to the CPU)
         if job is not None:
             extra["crop_box"] = list(job.box)
             extra["solve_scale"] = round(job.scale, 6)
