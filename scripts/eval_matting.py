@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from layerloop.models.hub import ModelNotAvailable
 from layerloop.samples import LayeredSample
 from layerloop.stages import run_stage
 from layerloop.stages.matting import BACKENDS, MattingStage
@@ -71,7 +72,7 @@ def errors(predicted: np.ndarray, truth: np.ndarray, trimap: np.ndarray) -> dict
             "Grad": float(grad[unknown].sum() / 1000.0)}
 
 
-def evaluate(data: Path, backends: list[str]) -> list[dict[str, object]]:
+def evaluate(data: Path, backends: list[str], model: str | None = None) -> list[dict[str, object]]:
     rows = []
     names = sorted(p.name[: -len("_alpha.png")] for p in data.glob("*_alpha.png"))
     for name in names:
@@ -81,12 +82,22 @@ def evaluate(data: Path, backends: list[str]) -> list[dict[str, object]]:
         for backend in backends:
             for label, settings in SETTINGS:
                 sample = LayeredSample(key=name, work={"image": image, "trimap": trimap})
-                stage = MattingStage(backend=backend, **settings)
+                extra = {"model": model} if model and backend == "vitmatte" else {}
+                stage = MattingStage(backend=backend, **settings, **extra)
+                row: dict[str, object] = {"image": f"{name} ({image.shape[1]}x{image.shape[0]})",
+                                          "backend": backend, "setting": label}
+                try:
+                    stage.ensure_setup()  # model backends load weights here
+                except ModelNotAvailable as missing:
+                    row["error"] = f"weights not available here ({missing.model_id}): {missing.reason.split('(')[0]}"
+                    row["time_s"] = 0.0
+                    rows.append(row)
+                    print(f"{name:>8} {backend:>12} {label:<24} skipped: weights missing", file=sys.stderr)
+                    continue
                 start = time.perf_counter()
                 [out] = run_stage(stage, [sample])
-                seconds = time.perf_counter() - start
-                row: dict[str, object] = {"image": f"{name} ({image.shape[1]}x{image.shape[0]})",
-                                          "backend": backend, "setting": label, "time_s": seconds}
+                row["time_s"] = time.perf_counter() - start
+                seconds = row["time_s"]
                 if out.ok:
                     row.update(errors(out.work["alpha"], truth, trimap))
                     row["scale"] = out.meta["stages"]["matting"].get("solve_scale", 1.0)
@@ -115,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"folder of test photos (default {DEFAULT_DATA})")
     parser.add_argument("--backends", nargs="+", default=sorted(BACKENDS), choices=sorted(BACKENDS))
+    parser.add_argument("--model", help="ViTMatte weights: hub id or local folder (default: the stage's)")
     parser.add_argument("--out", type=Path, help="also write the markdown table to this file")
     args = parser.parse_args(argv)
 
@@ -122,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval_matting: no matting data in {args.data} (expected NAME.png, NAME_alpha.png, "
               f"NAME_trimap.png); nothing to evaluate, skipping.", file=sys.stderr)
         return 0
-    table = markdown(evaluate(args.data, args.backends))
+    table = markdown(evaluate(args.data, args.backends, args.model))
     print(table, end="")
     if args.out:
         args.out.write_text(table)
