@@ -21,6 +21,8 @@ STAGE_MODULES = (
     "layerloop.stages.captions",
     "layerloop.stages.pairs",
     "layerloop.stages.score",
+    "layerloop.stages.alpha_sanity",
+    "layerloop.stages.dedupe",
 )
 
 
