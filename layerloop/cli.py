@@ -2,6 +2,8 @@
 
     layerloop demo-data OUT --n N --seed S        render demo scenes in the RORem layout
     layerloop build CONFIG [--out DIR] [--executor local|ray] [--address ADDR] [key=value ...]
+    layerloop train CONFIG [--out DIR] [key=value ...]   train a LoRA from shards (resumes)
+    layerloop generate CONFIG [--out DIR] [key=value ...]  candidates from a trained LoRA (a build)
     layerloop models list|pull CONFIG [--cache-dir DIR]  which weights a config needs / fetch them
     layerloop inspect DIR [--samples N] [--key KEY]
     layerloop report DIR                           (re)write DIR/report/
@@ -59,6 +61,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 1 if missing else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from layerloop.training import train_from_config
+
+    summary = train_from_config(args.config, list(args.overrides), args.out)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from layerloop.report import inspect_run, trace_sample
 
@@ -98,6 +108,22 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=_cmd_build)
 
+    train = commands.add_parser("train", help="train a LoRA (BFS generator, ...) from shards, resumably")
+    train.add_argument("config", help="training config (train_bfs_demo, train_bfs, or a YAML path)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.accepted.weight=2")
+    train.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, final/)")
+    train.set_defaults(func=_cmd_train)
+
+    generate = commands.add_parser(
+        "generate", help="generate candidates with a trained LoRA (a build whose config has a generate stage)")
+    generate.add_argument("config", help="generation config (e.g. generate_bfs_demo)")
+    generate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.generate-bfs.checkpoint=DIR")
+    generate.add_argument("--out", help="run directory for the candidate shards")
+    generate.add_argument("--executor", choices=("local", "ray"))
+    generate.add_argument("--address", help="Ray cluster address")
+    generate.add_argument("--no-progress", action="store_true")
+    generate.set_defaults(func=_cmd_build)
+
     models = commands.add_parser("models", help="list or pull the model weights a config needs")
     models.add_argument("action", choices=("list", "pull"))
     models.add_argument("config")
@@ -126,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options: collect the ones argparse leaves over
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) not in ("build", "models") or any("=" not in e or e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("build", "generate", "models", "train") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:

@@ -23,6 +23,7 @@ STAGE_MODULES = (
     "layerloop.stages.score",
     "layerloop.stages.alpha_sanity",
     "layerloop.stages.dedupe",
+    "layerloop.stages.generate",
 )
 
 

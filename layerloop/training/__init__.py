@@ -1,0 +1,78 @@
+"""Training: LoRA generators and their helper models, from WebDataset shards, locally or on Ray Train.
+
+``train_from_config`` is what ``layerloop train CONFIG [key=value ...] [--out DIR]`` runs:
+
+* ``config.py``: ``TrainConfig`` (family, stage, steps, optimiser, data sources with weights, executor);
+* ``loop.py``: the generic loop (``TrainTask`` protocol, checkpoints, exact resume, ``final/`` export);
+* ``checkpoint.py``: atomic ``checkpoints/step-NNNNNN/`` directories;
+* ``ray_train.py``: the same loop under ``ray.train.torch.TorchTrainer``;
+* ``bfs_task.py``: the BFS stages (phi, rgba-vae, stage1, stage2); the in-context family (issue 5) adds
+  its own task module.
+
+An output directory holds ``train.json`` (config and fingerprint), ``metrics.jsonl``,
+``checkpoints/``, ``final/`` (weights + ``checkpoint_hash.txt``) and ``summary.json``. Re-running the
+same command on it resumes from the newest checkpoint; a different config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from layerloop.training.config import TrainConfig, load_train_config
+
+__all__ = ["TrainConfig", "load_train_config", "train_from_config", "run_training"]
+
+logger = logging.getLogger(__name__)
+
+
+def _write_train_json(cfg: TrainConfig, out_dir: Path) -> None:
+    from layerloop.pipelines.runs import library_versions
+
+    path = out_dir / "train.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("fingerprint") != cfg.fingerprint():
+            raise ValueError(f"{out_dir} holds a training run of a different config (fingerprint "
+                             f"{previous.get('fingerprint')}, this one {cfg.fingerprint()}). Use another --out "
+                             f"directory, or delete {out_dir} to start over.")
+    info = {"config": cfg.model_dump(mode="json"), "fingerprint": cfg.fingerprint(), "versions": library_versions()}
+    tmp = path.with_name("train.json.tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def run_training(cfg: TrainConfig, out: str | Path | None = None, stop_at: int | None = None) -> dict[str, Any]:
+    """Train a validated config into its output directory (locked for the duration); returns a summary."""
+    import torch
+
+    from layerloop.pipelines.runs import RunDirectory
+    from layerloop.training.loop import build_task, make_streams, train
+
+    out_dir = cfg.out_dir(out)
+    if cfg.executor == "local" and cfg.num_workers > 1:
+        raise ValueError(f"num_workers={cfg.num_workers} needs executor=ray; the local executor runs one process")
+    with RunDirectory(out_dir):
+        _write_train_json(cfg, out_dir)
+        if cfg.executor == "ray":
+            from layerloop.training.ray_train import train_with_ray
+
+            return train_with_ray(cfg, out_dir, stop_at=stop_at)
+        device = torch.device("cpu")
+        if cfg.use_gpu:
+            if torch.cuda.is_available():
+                device = torch.device("cuda")
+            else:
+                logger.warning("use_gpu is set but CUDA is not available: training on CPU")
+        task = build_task(cfg)
+        return train(task, make_streams(task, cfg), cfg, out_dir, device=device, stop_at=stop_at)
+
+
+def train_from_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None,
+                      out: str | None = None) -> dict[str, Any]:
+    """``layerloop train``: load ``config`` (YAML path, packaged name such as ``train_bfs_demo``, or a
+    dict), apply ``key=value`` overrides, train into ``out`` (else the config's ``out``, else
+    ``runs/<name>``). Returns the summary (also written to ``<out>/summary.json``)."""
+    return run_training(load_train_config(config, overrides), out)

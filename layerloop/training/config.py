@@ -1,0 +1,123 @@
+"""Typed training configs: ``layerloop train CONFIG [key=value ...]``.
+
+One ``TrainConfig`` serves every model family; what only one family understands lives in ``task`` and is
+validated by that family's task (``BFSTask.Params``, ...), the way stage parameters are validated by their
+stage. Overrides use the same dotted syntax as builds (``steps=200``, ``task.phi_checkpoint=runs/phi/final``,
+``data.accepted.weight=2``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import yaml
+
+from layerloop.config import load_yaml, resolve_config_path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSourceConfig(_Strict):
+    """Shards of one source: a run directory or tar urls, with a relative sampling weight (accepted
+    samples of later rounds are typically weighted 2)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    run_dir: str | None = None
+    urls: str | list[str] | None = None
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSourceConfig:
+        if (self.run_dir is None) == (self.urls is None):
+            raise ValueError(f"data source {self.name!r}: give exactly one of run_dir or urls")
+        return self
+
+
+class RayTrainConfig(_Strict):
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray
+    max_failures: int = 0  # worker-group restarts; each restart resumes from the latest checkpoint
+    cpus_per_worker: float = 1.0
+
+
+class TrainConfig(_Strict):
+    name: str = "train"
+    family: Literal["bfs", "incontext"]
+    stage: str = "stage1"  # family-specific: bfs has phi | rgba-vae | stage1 | stage2
+    model: str = "tiny"  # hub id, local folder, or tiny / tiny:SEED (random tiny model)
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # of the frozen backbone
+    steps: int = Field(ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up, then constant
+    batch_size: int = Field(1, ge=1)  # per worker and micro-batch
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    data: list[DataSourceConfig] = Field(min_length=1)
+    shuffle_buffer: int = Field(64, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1)  # checkpoints kept (the newest)
+    log_every: int = Field(1, ge=1)
+    seed: int = Field(0, ge=0)
+    executor: Literal["local", "ray"] = "local"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    ray: RayTrainConfig = RayTrainConfig()
+    task: dict[str, Any] = Field(default_factory=dict)
+    out: str | None = None
+
+    # Settings that do not change what a step computes: a resumed run may change them.
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "keep", "log_every", "out", "ray", "executor")
+
+    def fingerprint(self) -> str:
+        relevant = self.model_dump(mode="json", exclude=set(self.RESUMABLE_CHANGES))
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def out_dir(self, out: str | Path | None = None) -> Path:
+        return Path(out or self.out or Path("runs") / self.name)
+
+
+def load_train_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """A config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus overrides."""
+    if isinstance(config, dict):
+        data = json.loads(json.dumps(config))  # a deep copy that overrides may edit
+    else:
+        data = load_yaml(resolve_config_path(config))
+    for override in overrides or []:
+        apply_train_override(data, override)
+    return TrainConfig.model_validate(data)
+
+
+def apply_train_override(data: dict[str, Any], override: str) -> None:
+    """``key.sub=value`` with YAML scalars, as for builds; list entries (``data``) are addressed by their
+    ``name`` or by index: ``data.accepted.weight=2``, ``data.0.run_dir=runs/x``."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            matches = [e for e in node if isinstance(e, dict) and e.get("name") == part]
+            if not matches and part.isdigit() and int(part) < len(node):
+                matches = [node[int(part)]]
+            if not matches or last:
+                names = [e.get("name") for e in node if isinstance(e, dict)]
+                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
+                                 f"(entries: {names}); set a field of one entry")
+            node = matches[0]
+        elif last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
