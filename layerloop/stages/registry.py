@@ -24,6 +24,7 @@ STAGE_MODULES = (
     "layerloop.stages.alpha_sanity",
     "layerloop.stages.dedupe",
     "layerloop.stages.generate",
+    "layerloop.stages.decompose",
 )
 
 

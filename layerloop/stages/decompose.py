@@ -1,0 +1,112 @@
+"""The ``decompose-incontext`` stage: composite + region mask -> predicted layer and clean object.
+
+Reads the composite (``work["image"]`` from ``load``, else ``sample.composite``) and the binary region
+mask (``sample.mask``, e.g. a logo shard's region or ``box-mask``'s box, else ``object_mask`` from
+``load``); runs the in-context LoRA's decomposition (``InContextLoRA.decompose``, a short Euler sampler
+over the canvas); writes ``foreground`` (the predicted layer, RGBA), ``background`` (the predicted clean
+object), ``composite`` (the input), ``mask`` (the region, 0/255), ``kind = "candidate"`` and
+``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, recomposition_error}. A typical
+pipeline::
+
+    source: {type: webdataset, urls: <held logo shards>}   -> load -> decompose-incontext
+
+``checkpoint`` is the ``final/`` directory (or a ``checkpoints/step-N/weights``) of an ``incontext``
+training run; ``setup`` loads it once per actor (``training/incontext_task.load_model``), on CUDA when the
+stage declares GPUs and CUDA exists, else on CPU. Panels are decomposed at their own size, which must be
+a multiple of 2 x the VAE scale (4 for the tiny model, 16 for FLUX): set ``load``'s ``multiple_of``.
+
+Each sample's noise comes from its own seed (``self.rng(sample)``: run seed, key, stage name), so its
+output does not depend on its batch mates. ``recomposition_error`` is the mean |C - (a F + (1 - a) B)| of
+the prediction, in 1/255 steps: how well the predicted layers explain the input, a first filter signal.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from layerloop.samples import LayeredSample
+from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.registry import register_stage
+
+
+class DecomposeParams(StageParams):
+    checkpoint: str  # final/ of an incontext training run
+    steps: int = Field(28, ge=1)  # Euler steps over the canvas
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (the tiny model is always float32)
+
+
+@register_stage
+class DecomposeInContext(Stage):
+    name = "decompose-incontext"
+    Params = DecomposeParams
+    resources = Resources(cpus=1, gpus=0)
+    batch_size = 4
+
+    def models(self) -> list:
+        from layerloop.models import incontext as ic
+        from layerloop.models.refs import ModelRef
+        from layerloop.training.incontext_task import read_task_info
+
+        config_file = Path(self.params.checkpoint) / ic.LORA_CONFIG_FILE
+        if not config_file.is_file():
+            return []  # setup() reports the missing checkpoint with its path
+        saved = json.loads(config_file.read_text())["config"]
+        model = read_task_info(self.params.checkpoint).get("model") or saved["base_model"]
+        if str(saved["base_model"]).startswith("tiny-") or Path(model).is_dir():
+            return []
+        return [ModelRef(stage=self.name, model=model, revision=saved.get("base_revision"),
+                         allow_patterns=("model_index.json",) + tuple(f"{s}/*" for s in ic.FILL_SUBFOLDERS))]
+
+    def setup(self) -> None:
+        from layerloop.models import incontext as ic
+        from layerloop.training.incontext_task import DTYPES, load_model
+
+        checkpoint = Path(self.params.checkpoint)
+        device = torch.device(self.device)
+        if self.params.dtype == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            dtype = DTYPES[self.params.dtype]
+        self._model = load_model(checkpoint, device=device, dtype=dtype)
+        hash_file = checkpoint / "checkpoint_hash.txt"
+        self._hash = hash_file.read_text().strip() if hash_file.is_file() else ic.checkpoint_hash(checkpoint)
+        self._step = 2 * self._model.vae_scale
+
+    def describe(self) -> dict:
+        return self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency", "dtype"}, mode="json")
+
+    def process_sample(self, sample: LayeredSample) -> LayeredSample:
+        image = sample.work.get("image")
+        if image is None:
+            image = sample.composite
+        region = sample.mask if sample.mask is not None else sample.object_mask
+        if image is None or region is None:
+            return sample.fail(self.name, "needs a composite (load's image or the sample's composite) and a region "
+                               "mask (the sample's mask or load's object_mask)", "MissingInput")
+        if image.shape[:2] != region.shape[:2]:
+            return sample.fail(self.name, f"composite is {image.shape[:2]}, region mask {region.shape[:2]}", "BadSize")
+        height, width = image.shape[:2]
+        if height % self._step or width % self._step:
+            return sample.fail(self.name, f"size {width}x{height} is not a multiple of {self._step}; set load's "
+                               f"multiple_of to {self._step}", "BadSize")
+        region = np.where(np.asarray(region) > 0, 255, 0).astype(np.uint8)
+        if not region.any():
+            return sample.fail(self.name, "the region mask is empty: nothing to decompose", "EmptyMask")
+        seed = int(self.rng(sample).integers(2**63 - 1))
+        result = self._model.decompose(image, region, caption=sample.caption, steps=self.params.steps, seed=seed)
+        sample.composite = np.ascontiguousarray(image)
+        sample.foreground, sample.background = result.layer, result.background
+        sample.mask = region
+        sample.kind = "candidate"
+        sample.meta["generator"] = {
+            "family": "incontext", "checkpoint": str(Path(self.params.checkpoint).resolve()),
+            "checkpoint_hash": self._hash, "steps": self.params.steps, "seed": seed,
+            "recomposition_error": round(float(result.recomposition_error), 4),
+        }
+        sample.record_stage(self.name, backend="incontext", **self.describe())
+        return sample

@@ -1,0 +1,228 @@
+"""In-context decompose/compose training task (issue 5) on the generic loop (`training/loop.py`).
+
+| family      | data                               | trains        | loss                                                  |
+|-------------|------------------------------------|---------------|-------------------------------------------------------|
+| `incontext` | quadruples (logo shards, and the   | the one LoRA  | FM(decompose) + FM(compose)                           |
+|             | foundation's F/B quadruples)       |               | + `cycle_weight` * (cycle d->c + cycle c->d)           |
+
+The model is `models/incontext.py`'s `InContextLoRA`: FLUX.1-Fill-dev (or `tiny` / `tiny:SEED`, a random
+tiny instance for tests and the demo) with one peft LoRA; the VAE, the text encoder and the transformer's
+own weights stay frozen. `task.cycle_weight: 0` drops the cycle term (and its forward passes).
+
+Every data source of the config feeds the one stream `quadruple` (weighted by the sources' `weight`):
+logo quadruples teach layer/object decomposition, the foundation's quadruples foreground/background
+decomposition; `task.kinds` adds accepted `candidate`s of a self-improvement round.
+
+Pixels: each sample is cropped to the largest square around its region mask (`bfs_task.square_crop`),
+resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real) and, for quadruples, its
+composite is recomputed from the resized F and B, so C = a F + (1 - a) B holds exactly at training size.
+
+What `save_weights` writes, and what `stages/decompose.py` loads with `load_model`: the LoRA
+(`lora.safetensors` + `lora.json`, which names the base model and the LoRA shape) and `incontext_task.json`
+(resolution, text tokens, the base model and revision).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from layerloop.models import incontext as ic
+from layerloop.samples import KINDS, LayeredSample, composite
+from layerloop.training.bfs_task import is_tiny, square_crop, tiny_seed
+from layerloop.training.config import TrainConfig
+from layerloop.training.loop import register_task
+
+TASK_FILE = "incontext_task.json"
+TASK_FORMAT = "layerloop-incontext-train"
+STREAM = "quadruple"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class InContextParams(BaseModel):
+    """The ``task:`` section of an in-context training config."""
+
+    model_config = ConfigDict(extra="forbid")
+    resolution: int = Field(512, ge=4)  # square panel size in pixels (the canvas is 4 panels wide)
+    rank: int | None = Field(None, ge=1)  # LoRA rank; None: 32 (real, the issue's default) / 4 (tiny)
+    alpha: float | None = Field(None, gt=0)  # LoRA alpha; None: = rank
+    cycle_weight: float = Field(1.0, ge=0)  # 0 switches the cycle term off
+    guidance: float = 30.0  # distilled guidance of FLUX.1-Fill-dev (its pipeline default)
+    timestep_mean: float = 0.0  # logit-normal t, as SD3 / FLUX training
+    timestep_std: float = Field(1.0, gt=0)
+    text_tokens: int | None = Field(None, ge=1)  # T5 sequence length; None: 512 (FLUX.1-Fill-dev). Tiny: 64
+    init_lora: str | None = None  # start from a saved LoRA (a previous run's final/)
+    kinds: list[str] = Field(default_factory=lambda: ["quadruple"])  # sample kinds trained on
+    gradient_checkpointing: bool = False
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        unknown = sorted(set(kinds) - set(KINDS))
+        if not kinds or unknown:
+            raise ValueError(f"kinds must be a non-empty subset of {list(KINDS)}, got {kinds}")
+        if "pair" in kinds:
+            raise ValueError("pairs have no ground-truth layer and object; the in-context task cannot train on them")
+        return kinds
+
+
+# --------------------------------------------------------------------------- pixels
+def _resize(array: np.ndarray, mode: str, size: int, resample=Image.BILINEAR) -> np.ndarray:
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array), mode=mode).resize((size, size), resample))
+
+
+def prepare_sample(sample: LayeredSample, resolution: int) -> LayeredSample:
+    """The sample as a ``resolution`` square around its region: what one canvas of the batch holds.
+    Pillow resizes RGBA with premultiplied alpha, so no colour bleeds in from transparent pixels."""
+    missing = [f for f in ("composite", "background", "foreground", "mask") if getattr(sample, f) is None]
+    if missing:
+        raise ValueError(f"{sample.key} ({sample.kind}) lacks {missing}; in-context training needs F, B, M and C")
+    if sample.size == (resolution, resolution):
+        return sample
+    top, left, side = square_crop(sample)
+    crop = lambda a: a[top:top + side, left:left + side]  # noqa: E731
+    foreground = _resize(crop(sample.foreground), "RGBA", resolution)
+    background = _resize(crop(sample.background), "RGB", resolution)
+    mask = np.where(_resize(crop(sample.mask), "L", resolution, Image.NEAREST) > 0, 255, 0).astype(np.uint8)
+    if sample.kind == "quadruple":
+        image = composite(foreground, background)  # keep the invariant exact at training size
+    else:
+        image = _resize(crop(sample.composite), "RGB", resolution)
+    return LayeredSample(key=sample.key, kind=sample.kind, composite=image, background=background,
+                         foreground=foreground, mask=mask, caption=sample.caption)
+
+
+# --------------------------------------------------------------------------- models
+def build_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | str,
+                config: dict[str, Any], text_tokens: int | None = None, lora_seed: int = 0) -> ic.InContextLoRA:
+    """A fresh ``InContextLoRA``: the tiny random instance for ``tiny`` / ``tiny:SEED`` (fp32 always), else
+    FLUX.1-Fill-dev from ``model`` (hub id or folder) in ``dtype``. The LoRA's random init comes from
+    ``lora_seed`` without touching the caller's global RNG."""
+    config = dict(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(lora_seed)
+        if is_tiny(model) or str(config.get("base_model", "")).startswith("tiny-"):
+            seed = tiny_seed(model) if is_tiny(model) else int(str(config["base_model"]).split("-", 1)[1])
+            config.pop("base_revision", None)
+            rank, alpha = config.pop("rank", 4), config.pop("alpha", 4.0)
+            net = ic.InContextLoRA.tiny(seed=seed, rank=rank, alpha=alpha, **config).to(device)
+        else:
+            config.pop("base_model", None)
+            config.pop("base_revision", None)
+            net = ic.InContextLoRA.from_pretrained(model, revision, dtype=dtype, device=str(device), **config)
+            if text_tokens is not None and hasattr(net.text_encoder, "max_sequence_length"):
+                net.text_encoder.max_sequence_length = text_tokens
+    return net
+
+
+def read_task_info(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / TASK_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> ic.InContextLoRA:
+    """The model of a saved in-context run (``final/`` or ``checkpoints/step-N/weights``): the base it names
+    in ``lora.json`` with the LoRA loaded. Raises FileNotFoundError naming the folder when it is not one."""
+    checkpoint = Path(checkpoint)
+    config_file = checkpoint / ic.LORA_CONFIG_FILE
+    if not config_file.is_file() or not (checkpoint / ic.LORA_FILE).is_file():
+        raise FileNotFoundError(f"{checkpoint} is not an in-context LoRA checkpoint (no {ic.LORA_FILE} + "
+                                f"{ic.LORA_CONFIG_FILE}); pass the final/ directory of an `incontext` training run")
+    saved = ic.InContextConfig.from_json(json.loads(config_file.read_text())["config"]).to_json()
+    saved["target_modules"] = tuple(saved["target_modules"])
+    info = read_task_info(checkpoint)
+    model = info.get("model") or saved["base_model"]
+    if str(saved["base_model"]).startswith("tiny-"):
+        model = "tiny:" + str(saved["base_model"]).split("-", 1)[1]
+    net = build_model(model, saved.get("base_revision"), dtype, device, saved, info.get("text_tokens"))
+    net.load_lora(checkpoint)
+    return net.eval()
+
+
+# --------------------------------------------------------------------------- the task
+@register_task("incontext")
+class InContextTask:
+    Params = InContextParams
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.family != "incontext":
+            raise ValueError(f"InContextTask needs family 'incontext', got {cfg.family!r}")
+        self.cfg = cfg
+        self.params = InContextParams(**cfg.task)
+        tiny = is_tiny(cfg.model)
+        step = 4 if tiny else 16  # 2 x 2 token packing x VAE scale (2 tiny, 8 FLUX)
+        if self.params.resolution % step:
+            raise ValueError(f"task.resolution {self.params.resolution} must be a multiple of {step} "
+                             f"(VAE scale x 2x2 token packing)")
+        self.dtype = DTYPES[cfg.dtype]
+        rank = self.params.rank or (4 if tiny else 32)
+        self.lora_config: dict[str, Any] = {
+            "rank": rank, "alpha": self.params.alpha if self.params.alpha is not None else float(rank),
+            "cycle_weight": self.params.cycle_weight, "guidance_scale": self.params.guidance,
+            "timestep_mean": self.params.timestep_mean, "timestep_std": self.params.timestep_std,
+        }
+        self.device = torch.device("cpu")
+        self.model: ic.InContextLoRA | None = None
+
+    # ------------------------------------------------------------------ data
+    def streams(self) -> dict[str, tuple[str, ...] | None]:
+        return {STREAM: tuple(self.params.kinds)}
+
+    def stream_for_step(self, step: int) -> str:
+        return STREAM
+
+    # ------------------------------------------------------------------ models
+    def setup(self, device: torch.device) -> None:
+        if self.model is not None:
+            return
+        self.device = torch.device(device)
+        self.model = build_model(self.cfg.model, self.cfg.revision, self.dtype, self.device, self.lora_config,
+                                 self.params.text_tokens, lora_seed=self.cfg.seed)
+        if self.params.gradient_checkpointing:
+            self.model.transformer.enable_gradient_checkpointing()
+        if self.params.init_lora:
+            self.model.load_lora(self.params.init_lora)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.model.lora_parameters()
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Every module whose non-LoRA parameters must not change (for tests)."""
+        return {"transformer": self.model.transformer, "vae": self.model.vae, "text_encoder": self.model.text_encoder}
+
+    # ------------------------------------------------------------------ loss
+    def canvas_batch(self, batch: list[LayeredSample]) -> ic.CanvasBatch:
+        return ic.CanvasBatch.from_samples([prepare_sample(s, self.params.resolution) for s in batch])
+
+    def loss(self, batch: list[LayeredSample], step: int,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, Any]]:
+        latents = self.model.encode(self.canvas_batch(batch))
+        terms = self.model.training_loss(latents, generator)
+        logs: dict[str, Any] = {k: v.detach() for k, v in terms.items() if k != "loss"}
+        logs["kind"] = ",".join(sorted({s.kind for s in batch}))
+        return terms["loss"], logs
+
+    # ------------------------------------------------------------------ weights
+    def save_weights(self, path: Path) -> None:
+        path = Path(path)
+        self.model.save_lora(path)
+        init = self.params.init_lora
+        info = {"format": TASK_FORMAT, "model": self.cfg.model, "revision": self.cfg.revision,
+                "resolution": self.params.resolution, "text_tokens": self.params.text_tokens,
+                "cycle_weight": self.params.cycle_weight, "guidance": self.params.guidance,
+                "init_lora": str(Path(init).resolve()) if init else None}
+        (path / TASK_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+    def load_weights(self, path: Path) -> None:
+        self.model.load_lora(path)
+
+    def weights_hash(self, path: Path) -> str:
+        return ic.checkpoint_hash(path)
