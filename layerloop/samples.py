@@ -184,7 +184,9 @@ def decode_png(data: bytes | np.ndarray | Image.Image, mode: str) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return data
     image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    return np.asarray(image.convert(mode))
+    if image.mode != mode:  # convert() copies even when the mode already matches
+        image = image.convert(mode)
+    return np.asarray(image)
 
 
 def composite(foreground: np.ndarray, background: np.ndarray) -> np.ndarray:

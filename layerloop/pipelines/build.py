@@ -92,6 +92,7 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
                 bar.update(1)
                 bar.set_postfix(ok=sum(s.ok for s in summaries.values()),
                                 failed=sum(s.failed for s in summaries.values()))
+        remove_stale_temporaries(run_dir)  # a worker that died mid-write leaves its temporary files
         missing = [t.index for t in plan.tasks if t.index not in summaries]
         if missing:
             raise RuntimeError(f"the executor returned no result for shards {missing}; re-run to resume")

@@ -8,7 +8,8 @@ The Ray executor streams shard groups through Ray Data, one row per shard group:
     from_items(groups) -> [read + consecutive stateless CPU stages]  (tasks)
                        -> [a stage with setup() or GPUs]               (actor pool, model loaded once per actor)
                        -> ...                                          (alternating as the config orders them)
-                       -> [write shard, return its summary]            (tasks)
+                       -> [write shard, return its summary]            (fused into the last task op,
+                                                                        or a task after an actor pool)
 
 Stateless stages are fused into one task per shard so the per-row overhead is paid once; stages that
 load models or declare GPUs get their own actor pool (``num_gpus`` from the stage's resources, pool size
@@ -55,14 +56,17 @@ def _batch(rows: list[tuple[int, Any]]) -> dict:
             "payload": np.array([_dumps(p) for _, p in rows], dtype=object)}
 
 
-def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool) -> dict:
-    """Task UDF: read a shard group's items (first op only) and apply a run of stateless stages."""
+def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool,
+                      write: bool = False) -> dict:
+    """Task UDF: read a shard group's items (first op only), apply a run of stateless stages, and, when
+    this is the last op, commit the shard and pass on only its summary (no extra hop for the samples)."""
     stages = pipeline.build_stages()
     chosen = [stages[i] for i in stage_indices]
     out = []
     for index, payload in _rows(batch):
         samples = pipeline.read(payload) if read else payload
-        out.append((index, Pipeline.process(samples, chosen)))
+        processed = Pipeline.process(samples, chosen)
+        out.append((index, pipeline.write(index, processed) if write else processed))
     return _batch(out)
 
 
@@ -144,12 +148,15 @@ class RayExecutor:
             override_num_blocks=len(tasks),
         )
         groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
+        write_in_last = groups[-1][0] == "tasks"  # fuse the write into the last task op when there is one
         for position, (kind, indices) in enumerate(groups):
             read = position == 0
             cpus = max((stages[i].resources.cpus for i in indices), default=1.0)
             if kind == "tasks":
+                write = write_in_last and position == len(groups) - 1
                 dataset = dataset.map_batches(
-                    _read_and_process, fn_kwargs={"pipeline": pipeline, "stage_indices": indices, "read": read},
+                    _read_and_process, fn_kwargs={"pipeline": pipeline, "stage_indices": indices, "read": read,
+                                                  "write": write},
                     num_cpus=cpus, **task_args)
             else:
                 stage = stages[indices[0]]
@@ -158,7 +165,9 @@ class RayExecutor:
                                                         "read": read},
                     num_cpus=cpus, num_gpus=stage.resources.gpus or None, memory=stage.resources.memory,
                     concurrency=stage.params.concurrency or 1, **actor_args)
-        dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=0.5, **task_args)
+        if not write_in_last:  # the last op is an actor pool: commit in a small task after it
+            dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=0.5,
+                                          **task_args)
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
 

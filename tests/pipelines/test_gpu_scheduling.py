@@ -5,8 +5,10 @@ local Ray of the other tests."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -41,8 +43,11 @@ cluster.shutdown()
 
 @pytest.mark.ray
 def test_gpu_stage_runs_on_the_gpu_node_with_cpu_fallback(tmp_path):
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], capture_output=True, text=True,
-                          timeout=400)
+    # A private, short RAY_TMPDIR: the cluster must not publish its address machine-wide, where an
+    # address-less ray.init() elsewhere would join it (and socket paths must stay short).
+    with tempfile.TemporaryDirectory(prefix="llgpu", dir="/tmp") as ray_tmp:
+        done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], capture_output=True,
+                              text=True, timeout=400, env={**os.environ, "RAY_TMPDIR": ray_tmp})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"script failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
