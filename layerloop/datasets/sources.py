@@ -380,14 +380,21 @@ class WebDatasetSource(_CachedSource):
     seeks straight to the member's bytes; compressed or remote shards are re-streamed with webdataset,
     keeping one open cursor per source instance, so reading a shard's items in order is one forward pass
     and memory holds one sample at a time. Items keep the shards' order (shard by shard, then the order
-    inside each tar), which is what makes that single pass possible."""
+    inside each tar), which is what makes that single pass possible.
+
+    ``variants`` > 1 lists every tar sample that many times, as ``<key>-v0``, ``<key>-v1`` ... with
+    ``meta["input_key"]`` (the plain key) and ``meta["variant"]``: several candidates per held input in a
+    generation build, each with its own noise (stage seeds derive from the key)."""
 
     def __init__(self, urls: str | list[str], name: str = "wds",
                  image_member: str = "composite.png|jpg|jpeg|png|webp|image.png|image.jpg",
                  mask_member: str = "object_mask.png|mask.png|mask.jpg|mask|seg.png",
-                 background_member: str | None = "background.png|gt.png|gt.jpg"):
+                 background_member: str | None = "background.png|gt.png|gt.jpg", variants: int = 1):
+        if variants < 1:
+            raise ValueError(f"variants must be >= 1, got {variants}")
         self.urls = urls
         self.name = name
+        self.variants = variants
         self.image_member = image_member
         self.mask_member = mask_member
         self.background_member = background_member
@@ -452,7 +459,12 @@ class WebDatasetSource(_CachedSource):
                     continue
                 refs = {"url": url, "shard": shard, "position": position, "tar_key": key, "seekable": seekable,
                         "members": {role: [m, *members[m]] for role, m in chosen.items()}}
-                items.append(SourceItem(item_key, self.name, key, refs, caption))
+                if self.variants == 1:
+                    items.append(SourceItem(item_key, self.name, key, refs, caption))
+                    continue
+                for variant in range(self.variants):
+                    items.append(SourceItem(f"{item_key}-v{variant}", self.name, key, refs, caption,
+                                            {"input_key": item_key, "variant": variant}))
         return items, failures
 
     def _read_seek(self, item: SourceItem) -> dict[str, bytes]:
@@ -470,8 +482,10 @@ class WebDatasetSource(_CachedSource):
 
         url, position = item.refs["url"], item.refs["position"]
         cursor = self.__dict__.get("_cache_cursor")
+        if cursor is not None and cursor[0] == url and cursor[1] == position and cursor[3] is not None:
+            return dict(cursor[3])  # another variant of the sample just read
         if cursor is None or cursor[0] != url or cursor[1] >= position:
-            cursor = [url, -1, iter(tarfile_samples([{"url": url}]))]
+            cursor = [url, -1, iter(tarfile_samples([{"url": url}])), None]
         self._cache_cursor = cursor
         for record in cursor[2]:
             cursor[1] += 1
@@ -479,7 +493,8 @@ class WebDatasetSource(_CachedSource):
                 if record["__key__"] != item.refs["tar_key"]:
                     raise RuntimeError(f"{url} changed since it was listed: expected key "
                                        f"{item.refs['tar_key']!r} at position {position}, found {record['__key__']!r}")
-                return {role: record[m] for role, (m, _, _) in item.refs["members"].items()}
+                cursor[3] = {role: record[m] for role, (m, _, _) in item.refs["members"].items()}
+                return dict(cursor[3])
         self._cache_cursor = None
         raise RuntimeError(f"{url} ended before sample {item.refs['tar_key']!r}: the shard changed since listing")
 
@@ -584,6 +599,7 @@ class WebDatasetConfig(_SourceConfig):
     image_member: str = "composite.png|jpg|jpeg|png|webp|image.png|image.jpg"
     mask_member: str = "object_mask.png|mask.png|mask.jpg|mask|seg.png"
     background_member: str | None = "background.png|gt.png|gt.jpg"
+    variants: Annotated[int, Field(ge=1)] = 1  # items per tar sample (<key>-v0, -v1 ...): candidates per input
 
 
 class DemoConfig(_SourceConfig):

@@ -233,6 +233,23 @@ def test_webdataset_generic_shards_seek_and_stream(tmp_path):
         assert np.array_equal(to_rgb(decode_image(sample.work["raw_image"], key="image")), rgb)
 
 
+def test_webdataset_variants_list_each_sample_several_times(tmp_path):
+    write_generic_shard(tmp_path / "a-000.tar", ["s1", "s2"])
+    gz = tmp_path / "b-000.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "a-000.tar").read_bytes()))
+    for url, name in ((str(tmp_path / "a-000.tar"), "held"), (str(gz), "gz")):
+        source = build_source({"type": "webdataset", "urls": url, "name": name, "variants": 3})
+        items = check_listing(source)
+        assert [i.key for i in items] == [f"{name}_s{n}-v{v}" for n in (1, 2) for v in range(3)]
+        assert [i.meta for i in items[:3]] == [{"input_key": f"{name}_s1", "variant": v} for v in range(3)]
+        first = [source.read(item).work["raw_image"] for item in items]
+        assert first[0] == first[1] == first[2] and first[3] == first[5]  # streamed: variants reuse the record
+        sample = source.read(items[4])
+        assert sample.meta["input_key"] == f"{name}_s2" and sample.meta["source_id"] == "s2"
+    with pytest.raises(ValueError, match="variants"):
+        build_source({"type": "webdataset", "urls": str(tmp_path / "a-000.tar"), "variants": 0})
+
+
 def test_webdataset_reads_a_layerloop_shard(tmp_path):
     import webdataset as wds
 
