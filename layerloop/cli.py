@@ -4,6 +4,7 @@
     layerloop build CONFIG [--out DIR] [--executor local|ray] [--address ADDR] [key=value ...]
     layerloop train CONFIG [--out DIR] [key=value ...]   train a LoRA from shards (resumes)
     layerloop generate CONFIG [--out DIR] [key=value ...]  candidates from a trained LoRA (a build)
+    layerloop self-improve CONFIG --rounds N [--out DIR] [--executor local|ray] [key=value ...]
     layerloop models list|pull CONFIG [--cache-dir DIR]  which weights a config needs / fetch them
     layerloop inspect DIR [--samples N] [--key KEY]
     layerloop report DIR                           (re)write DIR/report/
@@ -69,10 +70,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_self_improve(args: argparse.Namespace) -> int:
+    from layerloop.selfimprove.loop import self_improve
+
+    result = self_improve(args.config, rounds=args.rounds, out=args.out, overrides=list(args.overrides),
+                          executor=args.executor)
+    for r in result["rounds"]:
+        rate = f"{100 * r['acceptance_rate']:.1f}%" if r["acceptance_rate"] is not None else "n/a"
+        print(f"round {r['round']}: {r['candidates']} candidates, {r['ok']} ok, {r['accepted']} accepted ({rate}), "
+              f"checkpoint {r['checkpoint_hash'][:12]}")
+    print(f"{result['out']}: {len(result['rounds'])} round(s) in {result['seconds']:.1f} s; report {result['report']}")
+    return 0
+
+
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from layerloop.report import inspect_run, trace_sample
+    from layerloop.selfimprove.lineage import describe_loop, is_selfimprove_dir, trace
 
-    if args.key:
+    if is_selfimprove_dir(args.dir):
+        if args.key:
+            print(json.dumps(trace(args.dir, args.key), indent=2, sort_keys=True, default=str))
+        else:
+            print(describe_loop(args.dir))
+    elif args.key:
         print(json.dumps(trace_sample(args.dir, args.key), indent=2, sort_keys=True, default=str))
     else:
         print(inspect_run(args.dir, samples=args.samples))
@@ -81,7 +101,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from layerloop.report import write_report
+    from layerloop.selfimprove.lineage import is_selfimprove_dir
 
+    if is_selfimprove_dir(args.dir):
+        from layerloop.selfimprove.report import write_round_report, write_summary_report
+
+        rounds = sorted(p for p in (Path(args.dir) / "rounds").glob("round-*") if (p / "scores.parquet").exists())
+        for round_path in rounds:
+            write_round_report(round_path, rows=args.rows)
+        write_summary_report(args.dir, rounds)
+        print(f"wrote {Path(args.dir) / 'report'} and the reports of {len(rounds)} round(s)")
+        return 0
     stats = write_report(args.dir, rows=args.rows)
     print(f"wrote {Path(args.dir) / 'report'}: {stats.get('samples_ok', 0)} samples ok")
     return 0
@@ -124,6 +154,16 @@ def make_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true")
     generate.set_defaults(func=_cmd_build)
 
+    improve = commands.add_parser(
+        "self-improve", help="rounds of train -> generate -> score -> filter -> feed back (resumable)")
+    improve.add_argument("config", help="self-improvement config (selfimprove_bfs_demo, or a YAML path)")
+    improve.add_argument("overrides", nargs="*", help="key=value overrides, e.g. accepted_weight=3")
+    improve.add_argument("--rounds", type=int, help="number of rounds (default: the config's); more rounds "
+                         "extend a finished loop")
+    improve.add_argument("--out", help="output directory (default: runs/<config name>)")
+    improve.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
+    improve.set_defaults(func=_cmd_self_improve)
+
     models = commands.add_parser("models", help="list or pull the model weights a config needs")
     models.add_argument("action", choices=("list", "pull"))
     models.add_argument("config")
@@ -152,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options: collect the ones argparse leaves over
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) not in ("build", "generate", "models", "train") or any("=" not in e or e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("build", "generate", "models", "train", "self-improve") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:

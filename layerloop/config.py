@@ -40,8 +40,11 @@ class ShardsConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
     num_cpus: int | None = None  # for the local Ray only
-    max_task_retries: int = 3  # retries of a shard task after a worker or node dies
-    actor_restarts: int = 3
+    # Retries of a shard task / restarts of a stage actor after a worker or node dies. None: Ray Data's
+    # defaults (tasks retried, actors restarted without limit). A number is passed as a map_batches
+    # remote argument, which Ray deprecates for 2.64: set them only to cap retries.
+    max_task_retries: int | None = None
+    actor_restarts: int | None = None
 
 
 class ReportConfig(_Strict):

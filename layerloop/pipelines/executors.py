@@ -21,6 +21,7 @@ duplicated.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from typing import Any, Iterator
@@ -29,6 +30,8 @@ from layerloop.config import RayConfig
 from layerloop.datasets.shards import ShardSummary
 from layerloop.pipelines.pipeline import Pipeline, ShardTask
 from layerloop.stages.base import Stage
+
+logger = logging.getLogger(__name__)
 
 
 class LocalExecutor:
@@ -138,16 +141,21 @@ class RayExecutor:
         context.enable_progress_bars = False  # the CLI shows one bar over shards instead
         context.max_errored_blocks = 0
         stages = pipeline.build_stages()
-        task_args = {"max_retries": self.config.max_task_retries, "batch_size": 1, "batch_format": "numpy",
-                     "concurrency": self._task_concurrency(len(tasks))}
-        actor_args = {"max_restarts": self.config.actor_restarts, "max_task_retries": self.config.max_task_retries,
-                      "batch_size": 1, "batch_format": "numpy"}
+        task_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy",
+                                     "compute": ray.data.TaskPoolStrategy(size=self._task_concurrency(len(tasks)))}
+        actor_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}
+        if self.config.max_task_retries is not None:
+            task_args["max_retries"] = self.config.max_task_retries
+            actor_args["max_task_retries"] = self.config.max_task_retries
+        if self.config.actor_restarts is not None:
+            actor_args["max_restarts"] = self.config.actor_restarts
+        groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
+        actor_cpu_scale = self._actor_cpu_scale(stages, groups)
 
         dataset = ray.data.from_items(
             [{"shard": task.index, "payload": _dumps(task.items)} for task in tasks],
             override_num_blocks=len(tasks),
         )
-        groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
         write_in_last = groups[-1][0] == "tasks"  # fuse the write into the last task op when there is one
         for position, (kind, indices) in enumerate(groups):
             read = position == 0
@@ -163,13 +171,31 @@ class RayExecutor:
                 dataset = dataset.map_batches(
                     _StageActor, fn_constructor_kwargs={"pipeline": pipeline, "stage_index": indices[0],
                                                         "read": read},
-                    num_cpus=cpus, num_gpus=stage.resources.gpus or None, memory=stage.resources.memory,
-                    concurrency=stage.params.concurrency or 1, **actor_args)
+                    num_cpus=cpus * actor_cpu_scale, num_gpus=stage.resources.gpus or None,
+                    memory=stage.resources.memory,
+                    compute=ray.data.ActorPoolStrategy(size=stage.params.concurrency or 1), **actor_args)
         if not write_in_last:  # the last op is an actor pool: commit in a small task after it
             dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=0.5,
                                           **task_args)
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
+
+    @staticmethod
+    def _actor_cpu_scale(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float:
+        """Every actor pool holds its actors' CPUs for the whole run. When the pools together ask for more
+        than the cluster has (e.g. generate + score + dedupe on 2 CPUs), Ray Data would wait forever for
+        the last pool; their CPU requests are scaled down so that they fit with room for one task."""
+        import ray
+
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        wanted = sum(stages[i[0]].resources.cpus * (stages[i[0]].params.concurrency or 1)
+                     for kind, i in groups if kind == "actor")
+        budget = max(cpus - 1.0, cpus / 2)
+        if wanted <= budget:
+            return 1.0
+        logger.warning("the stage actor pools ask for %.1f CPUs, the cluster has %.0f: scaling their CPU "
+                       "requests by %.2f so that every pool can start", wanted, cpus, budget / wanted)
+        return budget / wanted
 
     @staticmethod
     def _task_concurrency(num_tasks: int) -> int:

@@ -1,0 +1,155 @@
+"""Typed self-improvement configs: ``layerloop self-improve CONFIG --rounds N [key=value ...]``.
+
+A self-improvement config composes configs that already exist rather than repeating them:
+
+* ``base``: the base training data, each entry a run directory or a build config that the loop builds
+  into ``OUT/data/<name>`` (with its own overrides) before round 0;
+* ``held``: the held inputs that candidates are generated from (for BFS: backgrounds + boxes + captions of
+  a build's shards; for decomposition: real composites + region masks), also a run directory or a build;
+* ``train``: a training config (``train_bfs_demo``, a path, or an inline mapping) plus overrides; the loop
+  replaces its ``data`` with the round's mix and, from round 1 on, starts it from the previous round's LoRA
+  (``continue_training``);
+* ``generate``: the generation stages run on the held shards (``load``, ``box-mask``, ``generate-bfs`` or
+  ``decompose-incontext``; the loop fills in the round's checkpoint) and ``variants`` candidates per input;
+* ``scoring``: the scoring stages appended to generation (``score``, ``alpha-sanity``, ``dedupe``; the loop
+  points ``dedupe`` at the round's mix);
+* ``policy``: the filter (``selfimprove/policies.py``); ``accepted_weight``: the sampling weight of every
+  round's accepted shards in the following rounds' mixes.
+
+Overrides use the dotted syntax of builds: ``accepted_weight=3``, ``generate.variants=4``,
+``train.overrides=[steps=40]``, ``stages`` entries of ``generate``/``scoring`` by stage name
+(``scoring.dedupe.threshold=4``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from layerloop.config import RayConfig, load_yaml, resolve_config_path
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    """Shards the loop reads: an existing run directory, or a build it runs itself into ``OUT/data/<name>``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    run_dir: str | None = None
+    build: str | None = None  # a build config (path or packaged name such as demo, logos_demo)
+    overrides: list[str] = Field(default_factory=list)  # key=value overrides of that build
+    weight: float = Field(1.0, gt=0)  # sampling weight in every round's training mix (base data)
+
+    @model_validator(mode="after")
+    def _one_location(self) -> DataSpec:
+        if (self.run_dir is None) == (self.build is None):
+            raise ValueError(f"data {self.name!r}: give exactly one of run_dir (existing shards) or build (a config)")
+        if self.overrides and self.build is None:
+            raise ValueError(f"data {self.name!r}: overrides apply to a build; this entry names a run_dir")
+        return self
+
+
+class TrainSpec(_Strict):
+    config: str | dict[str, Any]  # training config: path, packaged name, or an inline mapping
+    overrides: list[str] = Field(default_factory=list)
+
+
+class GenerateSpec(_Strict):
+    stages: list[dict[str, Any]] = Field(min_length=1)  # generation stages on the held shards
+    variants: int = Field(2, ge=1)  # candidates per held input (each its own noise)
+    source: dict[str, Any] = Field(default_factory=dict)  # extra webdataset source fields (member names)
+    samples_per_shard: int = Field(16, ge=1)
+
+
+class SelfImproveConfig(_Strict):
+    name: str = "selfimprove"
+    profile: str = "demo"
+    family: Literal["bfs", "incontext"]
+    seed: int = 0
+    rounds: int = Field(2, ge=1)  # the CLI's --rounds wins
+    executor: Literal["local", "ray"] = "ray"  # ray: every step is a task of one Ray DAG; local: in-process
+    ray: RayConfig = RayConfig()
+    base: list[DataSpec] = Field(min_length=1)
+    held: DataSpec
+    train: TrainSpec
+    continue_training: bool = True  # round k > 0 starts from round k - 1's LoRA (task.init_lora)
+    generate: GenerateSpec
+    scoring: list[dict[str, Any]] = Field(default_factory=list)  # stages appended after generation
+    policy: dict[str, Any]
+    accepted_weight: float = Field(2.0, gt=0)  # weight of accepted shards in later mixes
+    accepted_per_shard: int = Field(16, ge=1)
+    report_rows: int = Field(6, ge=1)  # candidates per contact sheet (accepted / rejected)
+    out: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> SelfImproveConfig:
+        from layerloop.selfimprove.policies import load_policy
+
+        load_policy(self.policy)  # a bad policy fails when the config is read, not after a round of training
+        names = [d.name for d in self.base] + [self.held.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data names must be distinct (base and held): {names}")
+        if any(n.startswith("accepted") for n in names):
+            raise ValueError("data names starting with 'accepted' are reserved for the rounds' accepted shards")
+        generators = {"bfs": "generate-bfs", "incontext": "decompose-incontext"}
+        stage_names = [s.get("stage") for s in self.generate.stages]
+        if generators[self.family] not in stage_names:
+            raise ValueError(f"family {self.family!r} generates with the {generators[self.family]!r} stage; "
+                             f"generate.stages has {stage_names}")
+        return self
+
+    def fingerprint(self) -> str:
+        """What changes the results (not the executor, Ray settings, output directory or the round count:
+        more rounds may be added to a finished loop)."""
+        relevant = self.model_dump(mode="json", exclude={"executor", "ray", "out", "rounds"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def out_dir(self, out: str | Path | None = None) -> Path:
+        return Path(out or self.out or Path("runs") / self.name)
+
+
+def apply_selfimprove_override(data: dict[str, Any], override: str) -> None:
+    """``key.sub=value``; list entries are addressed by their ``stage`` (generate.stages, scoring) or ``name``
+    (base) field, or by index."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            matches = [e for e in node if isinstance(e, dict) and part in (e.get("stage"), e.get("name"))]
+            if not matches and part.isdigit() and int(part) < len(node):
+                matches = [node[int(part)]]
+            if not matches or last:
+                labels = [e.get("stage") or e.get("name") for e in node if isinstance(e, dict)]
+                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
+                                 f"(entries: {labels}); set a field of one entry")
+            node = matches[0]
+        elif last:
+            node[part] = value
+        else:
+            if part == "stages" and "stages" not in node and i > 0:
+                raise ValueError(f"override {override!r}: {'.'.join(parts[:i])} has no stages")
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
+def load_selfimprove_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SelfImproveConfig:
+    if isinstance(config, dict):
+        data = json.loads(json.dumps(config))
+    else:
+        data = load_yaml(resolve_config_path(config))
+    for override in overrides or []:
+        apply_selfimprove_override(data, override)
+    return SelfImproveConfig.model_validate(data)
