@@ -679,19 +679,14 @@ class InContextLoRA(nn.Module):
         return out
 
     @torch.no_grad()
-    def decompose(self, composite: np.ndarray, region: np.ndarray, caption: str = "", steps: int = 8,
-                  seed: int = 0) -> Decomposition:
-        """Layer + clean object for one H x W x 3 uint8 composite and its H x W region mask, with a short
-        Euler sampler over the whole canvas (as the Fill pipeline does); the given composite panel is
-        pasted back before unpacking."""
-        _check_image(composite, 3, "composite")
-        height, width = composite.shape[:2]
-        self._check_panel_size(height, width)
-        blank = np.zeros((height, width, 4), np.uint8)
-        canvas = pack_canvas(composite, blank, np.zeros_like(composite), self.config.matte)
+    def _sample(self, direction: str, canvas: np.ndarray, region: np.ndarray, caption: str, steps: int,
+                seed: int) -> np.ndarray:
+        """A short Euler sampler over a whole H x 4W canvas conditioned for ``direction`` (as the Fill
+        pipeline does); returns the generated canvas as uint8 (the given panels are not pasted back)."""
+        height, width = canvas.shape[0], canvas.shape[1] // len(PANELS)
         batch = self.encode(CanvasBatch.from_canvases(canvas[None], np.asarray(region)[None], [caption]))
-        cond = self.condition(DECOMPOSE, batch.x0, batch.region, height, width)
-        text = self.encode_text(DECOMPOSE, [caption])
+        cond = self.condition(direction, batch.x0, batch.region, height, width)
+        text = self.encode_text(direction, [caption])
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch.x0.shape, generator=generator).to(self.device)
         sigmas = self.sigmas(steps, height, width)
@@ -702,10 +697,32 @@ class InContextLoRA(nn.Module):
         panels = latents.chunk(len(PANELS), dim=3)
         decoded = [self.decode_panel(p)[0] for p in panels]
         pixels = torch.cat(decoded, dim=2).permute(1, 2, 0).float().cpu().numpy()
-        out = np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        return np.clip(np.rint((pixels + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+    def decompose(self, composite: np.ndarray, region: np.ndarray, caption: str = "", steps: int = 8,
+                  seed: int = 0) -> Decomposition:
+        """Layer + clean object for one H x W x 3 uint8 composite and its H x W region mask; the given
+        composite panel is pasted back before unpacking."""
+        _check_image(composite, 3, "composite")
+        height, width = composite.shape[:2]
+        self._check_panel_size(height, width)
+        blank = np.zeros((height, width, 4), np.uint8)
+        canvas = pack_canvas(composite, blank, np.zeros_like(composite), self.config.matte)
+        out = self._sample(DECOMPOSE, canvas, region, caption, steps, seed)
         out[:, :width] = composite
         _, layer, background = unpack_canvas(out, self.config.matte)
         return Decomposition(layer, background, out, recomposition_error(composite, layer, background))
+
+    def compose(self, layer: np.ndarray, background: np.ndarray, region: np.ndarray, caption: str = "",
+                steps: int = 8, seed: int = 0) -> np.ndarray:
+        """The composite (H x W x 3 uint8) the LoRA's compose direction makes of an RGBA layer and a clean
+        object: the other half of the cycle ``compose(decompose(C)) ~ C``."""
+        _check_image(layer, 4, "layer")
+        _check_image(background, 3, "background")
+        height, width = background.shape[:2]
+        self._check_panel_size(height, width)
+        canvas = pack_canvas(np.zeros_like(background), layer, background, self.config.matte)
+        return self._sample(COMPOSE, canvas, region, caption, steps, seed)[:, :width].copy()
 
     def _check_panel_size(self, height: int, width: int) -> None:
         step = 2 * self.vae_scale  # a panel must cover whole tokens so that masks split exactly at its edges

@@ -5,7 +5,9 @@ mask (``sample.mask``, e.g. a logo shard's region or ``box-mask``'s box, else ``
 ``load``); runs the in-context LoRA's decomposition (``InContextLoRA.decompose``, a short Euler sampler
 over the canvas); writes ``foreground`` (the predicted layer, RGBA), ``background`` (the predicted clean
 object), ``composite`` (the input), ``mask`` (the region, 0/255), ``kind = "candidate"`` and
-``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, recomposition_error}. A typical
+``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, recomposition_error}; with
+``cycle: true`` also ``cycle_error`` (``compose(decompose(C))`` against C, the cycle score of the
+self-improvement loop), copied to ``meta["scores"]``. A typical
 pipeline::
 
     source: {type: webdataset, urls: <held logo shards>}   -> load -> decompose-incontext
@@ -38,6 +40,10 @@ class DecomposeParams(StageParams):
     checkpoint: str  # final/ of an incontext training run
     steps: int = Field(28, ge=1)  # Euler steps over the canvas
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (the tiny model is always float32)
+    # Also compose the predicted layer back onto the predicted object with the LoRA's compose direction and
+    # score the cycle: meta["scores"]["cycle_error"] = mean |compose(decompose(C)) - C| in 1/255 steps
+    # (a second sampling pass per sample).
+    cycle: bool = False
 
 
 @register_stage
@@ -108,5 +114,11 @@ class DecomposeInContext(Stage):
             "checkpoint_hash": self._hash, "steps": self.params.steps, "seed": seed,
             "recomposition_error": round(float(result.recomposition_error), 4),
         }
+        if self.params.cycle:
+            recomposed = self._model.compose(result.layer, result.background, region, caption=sample.caption,
+                                             steps=self.params.steps, seed=seed + 1)
+            error = float(np.abs(recomposed.astype(np.float64) - image.astype(np.float64)).mean())
+            sample.meta["generator"]["cycle_error"] = round(error, 4)
+            sample.meta.setdefault("scores", {})["cycle_error"] = round(error, 4)
         sample.record_stage(self.name, backend="incontext", **self.describe())
         return sample

@@ -11,8 +11,9 @@ the ``__main__`` block below): this test needs a cluster of its own, and the ses
 fixture may already have connected this pytest process to another Ray, which a driver cannot leave and
 rejoin elsewhere. The pytest process only reads what the child left on disk.
 
-Mid-training node kills are not covered yet: training lands separately (issue 7 names them; add them with
-the trainer).
+* A worker node hosting one of two Ray Train workers dies mid-training (after the first checkpoint): the
+  worker group restarts on the remaining nodes, resumes from the newest checkpoint, finishes every step
+  once, and ends with the same weights (checkpoint hash) as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -111,6 +112,86 @@ def _kill_driver_scenario(cluster, work: Path) -> dict:
             "rc": rc, "log": _tail(out)}
 
 
+TRAIN_STEPS = 16
+
+
+def _train_config(work: Path, data: Path) -> Path:
+    import yaml
+
+    path = work / "train_fault.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "fault-train", "family": "bfs", "stage": "stage1", "model": "tiny", "steps": TRAIN_STEPS,
+        "lr": 1e-2, "batch_size": 1, "checkpoint_every": 2, "keep": 2, "seed": 1, "executor": "ray",
+        "num_workers": 2, "ray": {"cpus_per_worker": 1, "max_failures": 3},
+        "data": [{"name": "demo", "run_dir": str(data)}], "task": {"resolution": 16, "phi_checkpoint": "untrained"},
+    }))
+    return path
+
+
+def _trainer(config: Path, out: Path, address: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "layerloop.cli", "train", str(config), "--out", str(out), f"ray.address={address}"]
+    with open(out.parent / f"{out.name}.log", "ab") as log:
+        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _train_worker_nodes(cluster) -> list:
+    """Worker nodes that host a Ray Train worker process (``ray::RayTrainWorker...`` below their raylet)."""
+    import psutil
+
+    hosts = []
+    for node in cluster.worker_nodes:
+        pids = [info.process.pid for infos in node.all_processes.values() for info in infos]
+        for pid in pids:
+            try:
+                children = psutil.Process(pid).children(recursive=True)
+            except psutil.Error:
+                continue
+            titles = []
+            for child in children:
+                try:
+                    titles.append(" ".join(child.cmdline()))
+                except psutil.Error:
+                    pass
+            if any("RayTrainWorker" in t for t in titles):
+                hosts.append(node)
+                break
+    return hosts
+
+
+def _kill_training_scenario(cluster, work: Path, data: Path) -> dict:
+    config = _train_config(work, data)
+    out = work / "train_kill"
+    out.mkdir()
+    process = _trainer(config, out, cluster.address)
+    checkpoints = out / "checkpoints"
+    deadline, victim, step_at_kill = time.time() + 240, None, None
+    while time.time() < deadline and process.poll() is None:
+        done = sorted(p.name for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
+        if done:
+            hosts = _train_worker_nodes(cluster)
+            if hosts:
+                victim, step_at_kill = hosts[0], int(done[-1].split("-")[1].split(".")[0])
+                cluster.remove_node(victim, allow_graceful=False)
+                break
+        time.sleep(0.05)
+    try:
+        rc = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        rc = "timeout"
+    reference = work / "train_reference"
+    reference.mkdir()
+    ref_process = _trainer(config, reference, cluster.address)
+    try:
+        ref_rc = ref_process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        ref_process.kill()
+        ref_rc = "timeout"
+    log = out.parent / f"{out.name}.log"
+    return {"out": str(out), "reference": str(reference), "killed": victim is not None, "step_at_kill": step_at_kill,
+            "rc": rc, "reference_rc": ref_rc, "log": log.read_text(errors="replace")[-4000:] if log.exists() else ""}
+
+
 def _orchestrate(work: Path) -> dict:
     from ray.cluster_utils import Cluster
 
@@ -130,9 +211,12 @@ def _orchestrate(work: Path) -> dict:
         cluster.add_node(num_cpus=1, object_store_memory=100 * MB)  # back to two workers
         cluster.wait_for_nodes()
         driver_kill = _kill_driver_scenario(cluster, work)
+        cluster.add_node(num_cpus=1, object_store_memory=100 * MB)  # three: two trainers and a spare
+        cluster.wait_for_nodes()
+        train_kill = _kill_training_scenario(cluster, work, Path(node_kill["run_dir"]))
     finally:
         cluster.shutdown()
-    return {"node_kill": node_kill, "driver_kill": driver_kill}
+    return {"node_kill": node_kill, "driver_kill": driver_kill, "train_kill": train_kill}
 
 
 if __name__ == "__main__":
@@ -176,7 +260,7 @@ def fault_runs(tmp_path_factory):
     started = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, __file__, str(work)], cwd=REPO, capture_output=True, text=True,
-                              timeout=420, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+                              timeout=900, env={**os.environ, "RAY_TMPDIR": ray_tmp})
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -228,3 +312,17 @@ def test_killed_driver_resumes_to_the_same_bytes(fault_runs):
     assert json.loads((out / "run.json").read_text())["attempts"] == 2
     assert shard_bytes(out) == shard_bytes(Path(fault_runs["reference"]))
     assert not list(out.glob("*.tmp-*"))
+
+
+@pytest.mark.ray
+def test_worker_node_killed_mid_training_resumes_to_the_same_weights(fault_runs):
+    run = fault_runs["train_kill"]
+    out, reference = Path(run["out"]), Path(run["reference"])
+    assert run["killed"], f"no node hosting a training worker was found before training ended:\n{run['log']}"
+    assert run["step_at_kill"] < TRAIN_STEPS, "the node was killed after training finished"
+    assert run["rc"] == 0, f"training did not survive the node kill:\n{run['log']}"
+    assert run["reference_rc"] == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, TRAIN_STEPS + 1)), "a step is missing or was logged twice"
+    hash_of = lambda d: (d / "final" / "checkpoint_hash.txt").read_text().strip()  # noqa: E731
+    assert hash_of(out) == hash_of(reference)

@@ -116,3 +116,27 @@ def test_output_does_not_depend_on_batch_mates_and_bad_inputs_fail(logos, checkp
     assert not failed.ok and failed.failure.error_type == "BadSize"
     with pytest.raises(FileNotFoundError, match="not an in-context LoRA"):
         build_stage({"stage": "decompose-incontext", "checkpoint": str(logos)}).ensure_setup()
+
+
+def test_cycle_score_composes_the_decomposition_back(logos, checkpoint):
+    final, _ = checkpoint
+    plain = {s.key: s for s in _decompose(_held(logos), final)}
+    cycled = _decompose(_held(logos), final, cycle=True)
+    model = ic.InContextLoRA.tiny()  # only for the layout constants below
+    for sample in cycled:
+        # the decomposition itself is unchanged by scoring its cycle
+        np.testing.assert_array_equal(sample.foreground, plain[sample.key].foreground)
+        error = sample.meta["scores"]["cycle_error"]
+        assert error == sample.meta["generator"]["cycle_error"] and error > 0
+    # the score is what the model's compose direction gives for that layer and object, seeded per sample
+    from layerloop.training.incontext_task import load_model
+
+    lora = load_model(final, device=torch.device("cpu"), dtype=torch.float32)
+    sample = cycled[0]
+    seed = sample.meta["generator"]["seed"]
+    recomposed = lora.compose(sample.foreground, sample.background, sample.mask, caption=sample.caption, steps=2,
+                              seed=seed + 1)
+    assert recomposed.shape == sample.composite.shape and recomposed.dtype == np.uint8
+    expected = np.abs(recomposed.astype(np.float64) - sample.composite.astype(np.float64)).mean()
+    assert sample.meta["scores"]["cycle_error"] == pytest.approx(expected, abs=1e-4)
+    assert model.config.matte == lora.config.matte

@@ -267,6 +267,9 @@ def test_decomposition_family_runs_two_rounds(tmp_path):
     assert all(r["accepted"] >= 1 for r in result["rounds"])
     sample = next(read_samples(round_dir(tmp_path / "dec", 1) / "accepted"))
     assert sample.meta["generator"]["family"] == "incontext"
+    scores = pq.read_table(round_dir(tmp_path / "dec", 1) / "scores.parquet").to_pylist()
+    assert all(r["cycle_error"] > 0 for r in scores)  # the cycle score of decomposition candidates
+    assert "cycle_error" in sample.meta["lineage"]["scores"]
     assert trace(tmp_path / "dec", sample.key)["source_key"].startswith("held_")
 
 
