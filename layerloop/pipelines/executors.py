@@ -59,10 +59,26 @@ def _batch(rows: list[tuple[int, Any]]) -> dict:
             "payload": np.array([_dumps(p) for _, p in rows], dtype=object)}
 
 
+def _pin_threads(cpus: float) -> None:
+    """Give the libraries of a Ray worker as many threads as the CPUs its task or actor holds. Ray sets
+    ``OMP_NUM_THREADS`` for OpenMP, but OpenCV's own pool and torch's intra-op pool default to every core
+    of the node: two 1-CPU workers on 2 cores would then run 4+ compute threads and slow each other down."""
+    threads = max(1, int(cpus))
+    import cv2
+
+    if cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool,
-                      write: bool = False) -> dict:
+                      write: bool = False, cpus: float = 1.0) -> dict:
     """Task UDF: read a shard group's items (first op only), apply a run of stateless stages, and, when
     this is the last op, commit the shard and pass on only its summary (no extra hop for the samples)."""
+    _pin_threads(cpus)
     stages = pipeline.build_stages()
     chosen = [stages[i] for i in stage_indices]
     out = []
@@ -73,6 +89,14 @@ def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int],
     return _batch(out)
 
 
+def _shard_task(pipeline: Pipeline, stage_indices: list[int], index: int, items: Any, cpus: float) -> ShardSummary:
+    """Plain Ray task: one shard group from its items to its committed shard; returns only the summary."""
+    _pin_threads(cpus)
+    stages = pipeline.build_stages()
+    samples = Pipeline.process(pipeline.read(items), [stages[i] for i in stage_indices])
+    return pipeline.write(index, samples)
+
+
 def _write_shard(batch: dict, pipeline: Pipeline) -> dict:
     """Task UDF: commit each shard group and return only its summary to the driver."""
     return _batch([(index, pipeline.write(index, samples)) for index, samples in _rows(batch)])
@@ -81,7 +105,8 @@ def _write_shard(batch: dict, pipeline: Pipeline) -> dict:
 class _StageActor:
     """Actor UDF: one stage with its model, set up once per actor."""
 
-    def __init__(self, pipeline: Pipeline, stage_index: int, read: bool):
+    def __init__(self, pipeline: Pipeline, stage_index: int, read: bool, cpus: float = 1.0):
+        _pin_threads(cpus)
         self.pipeline = pipeline
         self.stage: Stage = pipeline.build_stages()[stage_index]
         self.stage.ensure_setup()
@@ -137,10 +162,14 @@ class RayExecutor:
         import ray.data
 
         self.init_ray()
+        stages = pipeline.build_stages()
+        groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
+        if len(groups) == 1 and groups[0][0] == "tasks":
+            yield from self._run_tasks(pipeline, tasks, groups[0][1], stages)
+            return
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI shows one bar over shards instead
         context.max_errored_blocks = 0
-        stages = pipeline.build_stages()
         task_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy",
                                      "compute": ray.data.TaskPoolStrategy(size=self._task_concurrency(len(tasks)))}
         actor_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}
@@ -149,7 +178,6 @@ class RayExecutor:
             actor_args["max_task_retries"] = self.config.max_task_retries
         if self.config.actor_restarts is not None:
             actor_args["max_restarts"] = self.config.actor_restarts
-        groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
         actor_cpu_scale = self._actor_cpu_scale(stages, groups)
 
         dataset = ray.data.from_items(
@@ -164,13 +192,13 @@ class RayExecutor:
                 write = write_in_last and position == len(groups) - 1
                 dataset = dataset.map_batches(
                     _read_and_process, fn_kwargs={"pipeline": pipeline, "stage_indices": indices, "read": read,
-                                                  "write": write},
+                                                  "write": write, "cpus": cpus},
                     num_cpus=cpus, **task_args)
             else:
                 stage = stages[indices[0]]
                 dataset = dataset.map_batches(
                     _StageActor, fn_constructor_kwargs={"pipeline": pipeline, "stage_index": indices[0],
-                                                        "read": read},
+                                                        "read": read, "cpus": cpus},
                     num_cpus=cpus * actor_cpu_scale, num_gpus=stage.resources.gpus or None,
                     memory=stage.resources.memory,
                     compute=ray.data.ActorPoolStrategy(size=stage.params.concurrency or 1), **actor_args)
@@ -179,6 +207,28 @@ class RayExecutor:
                                           **task_args)
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
+
+    def _run_tasks(self, pipeline: Pipeline, tasks: list[ShardTask], indices: list[int],
+                   stages: list[Stage]) -> Iterator[ShardSummary]:
+        """A pipeline of stateless stages only: one plain Ray task per shard group (read, stages, write),
+        at most two per CPU in flight. Ray Data's streaming executor adds nothing here but scheduling
+        latency between tasks (benchmarks/RESULTS.md); Ray core retries a task whose worker or node died."""
+        import ray
+
+        cpus = max((stages[i].resources.cpus for i in indices), default=1.0)
+        retries = self.config.max_task_retries if self.config.max_task_retries is not None else -1
+        remote = ray.remote(_shard_task).options(num_cpus=cpus, max_retries=retries, retry_exceptions=False)
+        pipeline_ref = ray.put(pipeline)
+        window = max(1, 2 * self._task_concurrency(len(tasks)))
+        pending: list[Any] = []
+        queue = list(tasks)
+        while queue or pending:
+            while queue and len(pending) < window:
+                task = queue.pop(0)
+                pending.append(remote.remote(pipeline_ref, indices, task.index, task.items, cpus))
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                yield ray.get(ref)
 
     @staticmethod
     def _actor_cpu_scale(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float:

@@ -98,12 +98,38 @@ class SelfImproveConfig(_Strict):
             raise ValueError(f"data names must be distinct (base and held): {names}")
         if any(n.startswith("accepted") for n in names):
             raise ValueError("data names starting with 'accepted' are reserved for the rounds' accepted shards")
+        self._check_policy_columns()
         generators = {"bfs": "generate-bfs", "incontext": "decompose-incontext"}
         stage_names = [s.get("stage") for s in self.generate.stages]
         if generators[self.family] not in stage_names:
             raise ValueError(f"family {self.family!r} generates with the {generators[self.family]!r} stage; "
                              f"generate.stages has {stage_names}")
         return self
+
+    def score_columns(self) -> dict[str, str]:
+        """Score columns the generation and scoring stages write -> the stage that writes them."""
+        from layerloop.stages.registry import stage_class
+
+        produced = {"key": "the loop", "input_key": "the loop", "round": "the loop"}
+        for entry in [*self.generate.stages, *self.scoring]:
+            name = entry.get("stage")
+            try:
+                cls = stage_class(name)
+            except KeyError as error:
+                raise ValueError(str(error).strip("'\"")) from None
+            produced.update({column: name for column in cls.score_columns(entry)})
+        return produced
+
+    def _check_policy_columns(self) -> None:
+        """A policy reading a score no stage writes would fail after a round of training: fail now."""
+        from layerloop.selfimprove.policies import _columns, load_policy
+
+        produced = self.score_columns()
+        missing = {c: why for c, why in _columns(load_policy(self.policy)).items() if c not in produced}
+        if missing:
+            wanted = "; ".join(f"{c} (read by {why})" for c, why in sorted(missing.items()))
+            raise ValueError(f"the policy reads scores that no generation or scoring stage writes: {wanted}. "
+                             f"Written: {', '.join(sorted(produced))}")
 
     def fingerprint(self) -> str:
         """What changes the results (not the executor, Ray settings, output directory or the round count:

@@ -91,6 +91,11 @@ class AlphaSanity(Stage):
     Params = AlphaSanityParams
     batch_size = 32
 
+    @classmethod
+    def score_columns(cls, params: dict) -> tuple[str, ...]:
+        return ("alpha_coverage", "alpha_empty", "alpha_full", "alpha_fragments", "alpha_largest_fraction",
+                "alpha_outside_box")
+
     def process_sample(self, sample: LayeredSample) -> LayeredSample:
         if sample.foreground is None or sample.mask is None:
             missing = [f for f in ("foreground", "mask") if getattr(sample, f) is None]

@@ -101,6 +101,12 @@ class Stage:
         """``ModelRef``s of the weights this stage loads (``layerloop models list|pull``, pre-flight)."""
         return []
 
+    @classmethod
+    def score_columns(cls, params: dict[str, Any]) -> tuple[str, ...]:
+        """Keys this stage writes to ``meta["scores"]`` with these (unvalidated, config) parameters; filter
+        policies are checked against them before a self-improvement loop starts."""
+        return ()
+
     def describe(self) -> dict[str, Any]:
         """Parameters recorded in each sample's metadata (excluding scheduling knobs)."""
         return self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency"}, mode="json")

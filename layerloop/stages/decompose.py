@@ -83,6 +83,10 @@ class DecomposeInContext(Stage):
         self._hash = hash_file.read_text().strip() if hash_file.is_file() else ic.checkpoint_hash(checkpoint)
         self._step = 2 * self._model.vae_scale
 
+    @classmethod
+    def score_columns(cls, params: dict) -> tuple[str, ...]:
+        return ("cycle_error",) if params.get("cycle") else ()
+
     def describe(self) -> dict:
         return self.params.model_dump(exclude={"batch_size", "cpus", "gpus", "concurrency", "dtype"}, mode="json")
 

@@ -132,6 +132,10 @@ class Dedupe(Stage):
     Params = DedupeParams
     batch_size = 32
 
+    @classmethod
+    def score_columns(cls, params: dict) -> tuple[str, ...]:
+        return ("dup_distance", "dup_of", "duplicate")
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.reference_keys: list[str] = []

@@ -69,6 +69,12 @@ class ScoreStage(Stage):
     Params = ScoreParams
     batch_size = 16
 
+    @classmethod
+    def score_columns(cls, params: dict) -> tuple[str, ...]:
+        metrics = params.get("metrics") or ScoreParams.model_fields["metrics"].default
+        return tuple(c for m in metrics for c in
+                     (("recomposition_mean", "recomposition_max") if m == "recomposition" else (m,)))
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.clip = None

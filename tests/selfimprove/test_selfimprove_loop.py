@@ -248,6 +248,14 @@ def test_config_errors_are_reported_before_any_work(tmp_path):
         load_selfimprove_config(bfs_config(policy={"threshold": {"column": "x", "op": ">"}}))
     with pytest.raises(ValueError, match="exactly one of run_dir"):
         load_selfimprove_config(bfs_config(held={"name": "held"}))
+    # a policy reading a score that no configured stage writes fails before any training
+    no_dedupe = bfs_config(scoring=[{"stage": "alpha-sanity"}])
+    with pytest.raises(ValueError, match=r"no generation or scoring stage writes: duplicate \(read by"):
+        load_selfimprove_config(no_dedupe)
+    with pytest.raises(ValueError, match="unknown stage 'scroe'"):
+        load_selfimprove_config(bfs_config(scoring=[{"stage": "scroe"}]))
+    assert set(load_selfimprove_config("selfimprove_incontext_demo").score_columns()) >= {
+        "cycle_error", "clip_foreground", "hps", "recomposition_mean", "alpha_empty", "duplicate"}
     config = load_selfimprove_config("selfimprove_bfs_demo", ["accepted_weight=3", "generate.variants=4",
                                                                "scoring.dedupe.threshold=4"])
     assert config.accepted_weight == 3 and config.generate.variants == 4
@@ -282,3 +290,39 @@ def test_ray_executor_runs_the_steps_as_one_dag(tmp_path, loop3, ray_local):
     assert result["rounds"][0]["checkpoint_hash"] == result3["rounds"][0]["checkpoint_hash"]
     assert accepted_keys(round_dir(tmp_path / "ray", 0) / "scores.parquet") == \
         accepted_keys(round_dir(out3, 0) / "scores.parquet")
+
+
+def test_failed_candidates_are_rejected_with_the_generation_error(tmp_path):
+    import numpy as np
+
+    from layerloop.datasets.shards import ShardWriter
+    from layerloop.samples import LayeredSample
+    from layerloop.selfimprove.loop import _candidate_rows, _scores_table
+    from layerloop.selfimprove.policies import apply_policy
+
+    rng = np.random.default_rng(0)
+
+    def candidate(key: str, score: float) -> LayeredSample:
+        background = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        foreground = rng.integers(0, 256, (16, 16, 4), dtype=np.uint8)
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 4:12] = 255
+        return LayeredSample(key=key, kind="candidate", composite=composite(foreground, background),
+                             background=background, foreground=foreground, mask=mask, caption="a box",
+                             meta={"source": "r000", "source_id": "held_a", "input_key": "r000_held_a",
+                                   "scores": {"recomposition_mean": score}, "generator": {"checkpoint_hash": "h"}})
+
+    good, broken = candidate("r000_held_a-v0", 3.0), candidate("r000_held_a-v1", 1.0)
+    broken.fail("generate-bfs", "needs a background and the box mask", "MissingInput")
+    ShardWriter(tmp_path, "candidates").write(0, [good, broken])
+    rows = _candidate_rows(tmp_path, 0)
+    assert [(r["key"], r["status"]) for r in rows] == [("r000_held_a-v0", "ok"), ("r000_held_a-v1", "failed")]
+    table = [{"key": r["key"], "input_key": r["input_key"], "round": 0, **r["scores"]} for r in rows
+             if r["status"] == "ok"]
+    decisions = {d.key: d for d in apply_policy(table, {"threshold": {"column": "recomposition_mean", "op": "<=",
+                                                                      "value": 5}})}
+    scores = _scores_table(rows, decisions).to_pylist()
+    assert scores[0]["accepted"] and scores[0]["checkpoint_hash"] == "h" and scores[0]["source_key"] == "held_a"
+    assert not scores[1]["accepted"] and scores[1]["recomposition_mean"] is None
+    assert scores[1]["reasons"] == ["generation failed: generate-bfs: MissingInput: needs a background and the "
+                                    "box mask"]
