@@ -94,6 +94,35 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
     return data
 
 
+def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tuple[str, ...]) -> None:
+    """``key.sub=value`` with YAML scalars, where list entries are addressed by one of their
+    ``entry_fields`` (``data.accepted.weight=2`` by name, ``scoring.dedupe.threshold=4`` by stage) or by
+    index (``data.0.run_dir=runs/x``). Used by training and self-improvement configs."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    parts = dotted.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            matches = [e for e in node if isinstance(e, dict) and part in (e.get(f) for f in entry_fields)]
+            if not matches and part.isdigit() and int(part) < len(node):
+                matches = [node[int(part)]]
+            if not matches or last:
+                labels = [next((e.get(f) for f in entry_fields if e.get(f)), None) for e in node if isinstance(e, dict)]
+                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
+                                 f"(entries: {labels}); set a field of one entry")
+            node = matches[0]
+        elif last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
     return BuildConfig.model_validate(load_yaml(path, overrides))
 

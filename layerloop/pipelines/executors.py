@@ -3,7 +3,11 @@
 Both yield one ``ShardSummary`` per committed shard, in completion order, and never hold more than the
 summaries in the driver: samples travel from the source to the shard writer inside workers.
 
-The Ray executor streams shard groups through Ray Data, one row per shard group:
+The Ray executor runs a pipeline of stateless stages only (the demo, most CPU builds) as plain Ray tasks,
+one per shard group (read, stages, write, return the summary), at most two per CPU in flight: there is
+nothing to stream between operators, and Ray Data's streaming executor only adds scheduling latency
+(benchmarks/RESULTS.md). A pipeline with model stages streams shard groups through Ray Data, one row per
+shard group:
 
     from_items(groups) -> [read + consecutive stateless CPU stages]  (tasks)
                        -> [a stage with setup() or GPUs]               (actor pool, model loaded once per actor)

@@ -46,6 +46,22 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def write_config_record(path: Path, what: str, config: dict[str, Any], fingerprint: str, **extra: Any) -> None:
+    """Write ``train.json`` / ``selfimprove.json``: the config, its fingerprint and the library versions
+    (plus ``extra``). A record of a different config in the same directory is refused: resuming it with
+    this config would mix two runs."""
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ValueError(f"{path.parent} holds {what} of a different config (fingerprint "
+                             f"{previous.get('fingerprint')}, this one {fingerprint}). Use another --out "
+                             f"directory, or delete {path.parent} to start over.")
+    info = {"config": config, "fingerprint": fingerprint, "versions": library_versions(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
 class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)

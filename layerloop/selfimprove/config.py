@@ -28,10 +28,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from layerloop.config import RayConfig, load_yaml, resolve_config_path
+from layerloop.config import RayConfig, apply_entry_override, load_yaml, resolve_config_path
 
 
 class _Strict(BaseModel):
@@ -144,31 +143,7 @@ class SelfImproveConfig(_Strict):
 def apply_selfimprove_override(data: dict[str, Any], override: str) -> None:
     """``key.sub=value``; list entries are addressed by their ``stage`` (generate.stages, scoring) or ``name``
     (base) field, or by index."""
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key=value")
-    dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = dotted.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            matches = [e for e in node if isinstance(e, dict) and part in (e.get("stage"), e.get("name"))]
-            if not matches and part.isdigit() and int(part) < len(node):
-                matches = [node[int(part)]]
-            if not matches or last:
-                labels = [e.get("stage") or e.get("name") for e in node if isinstance(e, dict)]
-                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
-                                 f"(entries: {labels}); set a field of one entry")
-            node = matches[0]
-        elif last:
-            node[part] = value
-        else:
-            if part == "stages" and "stages" not in node and i > 0:
-                raise ValueError(f"override {override!r}: {'.'.join(parts[:i])} has no stages")
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+    apply_entry_override(data, override, ("stage", "name"))
 
 
 def load_selfimprove_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SelfImproveConfig:

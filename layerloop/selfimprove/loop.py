@@ -554,7 +554,7 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
                  out: str | Path | None = None, overrides: list[str] | None = None,
                  executor: str | None = None) -> dict[str, Any]:
     """Run (or resume, or extend) a self-improvement loop; returns a summary with per-round counts."""
-    from layerloop.pipelines.runs import RunDirectory, library_versions
+    from layerloop.pipelines.runs import RunDirectory, write_config_record
 
     cfg = config if isinstance(config, SelfImproveConfig) else load_selfimprove_config(config, overrides)
     if executor:
@@ -563,15 +563,8 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
     out_dir = cfg.out_dir(out).resolve()
     started = time.perf_counter()
     with RunDirectory(out_dir):
-        info_path = out_dir / "selfimprove.json"
-        if info_path.exists():
-            previous = json.loads(info_path.read_text())
-            if previous.get("fingerprint") != cfg.fingerprint():
-                raise ValueError(f"{out_dir} holds a self-improvement loop of a different config (fingerprint "
-                                 f"{previous.get('fingerprint')}, this one {cfg.fingerprint()}). Use another --out "
-                                 f"directory, or delete {out_dir} to start over.")
-        _write_json(info_path, {"config": cfg.model_dump(mode="json"), "fingerprint": cfg.fingerprint(),
-                                "rounds": rounds, "versions": library_versions()})
+        write_config_record(out_dir / "selfimprove.json", "a self-improvement loop", cfg.model_dump(mode="json"),
+                            cfg.fingerprint(), rounds=rounds)
         _event(out_dir, -1, "loop", "start", rounds=rounds, executor=cfg.executor)
         if cfg.executor == "ray":
             results = _run_ray(cfg, out_dir, rounds)

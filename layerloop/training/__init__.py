@@ -16,7 +16,6 @@ same command on it resumes from the newest checkpoint; a different config is ref
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,19 +28,9 @@ logger = logging.getLogger(__name__)
 
 
 def _write_train_json(cfg: TrainConfig, out_dir: Path) -> None:
-    from layerloop.pipelines.runs import library_versions
+    from layerloop.pipelines.runs import write_config_record
 
-    path = out_dir / "train.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("fingerprint") != cfg.fingerprint():
-            raise ValueError(f"{out_dir} holds a training run of a different config (fingerprint "
-                             f"{previous.get('fingerprint')}, this one {cfg.fingerprint()}). Use another --out "
-                             f"directory, or delete {out_dir} to start over.")
-    info = {"config": cfg.model_dump(mode="json"), "fingerprint": cfg.fingerprint(), "versions": library_versions()}
-    tmp = path.with_name("train.json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_config_record(out_dir / "train.json", "a training run", cfg.model_dump(mode="json"), cfg.fingerprint())
 
 
 def run_training(cfg: TrainConfig, out: str | Path | None = None, stop_at: int | None = None) -> dict[str, Any]:

@@ -15,9 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-import yaml
-
-from layerloop.config import load_yaml, resolve_config_path
+from layerloop.config import apply_entry_override, load_yaml, resolve_config_path
 
 
 class _Strict(BaseModel):
@@ -98,26 +96,4 @@ def load_train_config(config: str | Path | dict[str, Any], overrides: list[str] 
 def apply_train_override(data: dict[str, Any], override: str) -> None:
     """``key.sub=value`` with YAML scalars, as for builds; list entries (``data``) are addressed by their
     ``name`` or by index: ``data.accepted.weight=2``, ``data.0.run_dir=runs/x``."""
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key=value")
-    dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = dotted.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            matches = [e for e in node if isinstance(e, dict) and e.get("name") == part]
-            if not matches and part.isdigit() and int(part) < len(node):
-                matches = [node[int(part)]]
-            if not matches or last:
-                names = [e.get("name") for e in node if isinstance(e, dict)]
-                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
-                                 f"(entries: {names}); set a field of one entry")
-            node = matches[0]
-        elif last:
-            node[part] = value
-        else:
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+    apply_entry_override(data, override, ("name",))
