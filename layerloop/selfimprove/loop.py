@@ -559,7 +559,9 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
     cfg = config if isinstance(config, SelfImproveConfig) else load_selfimprove_config(config, overrides)
     if executor:
         cfg = cfg.model_copy(update={"executor": executor})
-    rounds = rounds or cfg.rounds
+    rounds = cfg.rounds if rounds is None else rounds
+    if rounds < 1:
+        raise ValueError(f"--rounds must be at least 1, got {rounds}")
     out_dir = cfg.out_dir(out).resolve()
     started = time.perf_counter()
     with RunDirectory(out_dir):

@@ -159,6 +159,13 @@ def test_lineage_of_a_round_2_sample_traces_back_to_its_source_key(loop3, capsys
     assert main(["inspect", str(out), "--key", sample.key]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["source_key"] == held_key
+    assert main(["inspect", str(out)]) == 0
+    assert "round-002" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--key", "nope"]) == 2  # an unknown key is a clear error, not a traceback
+    assert "nope" in capsys.readouterr().err
+    (out / "report" / "index.html").unlink()
+    assert main(["report", str(out)]) == 0  # rewrites the round reports and the summary
+    assert (out / "report" / "index.html").exists()
 
 
 def test_filter_keeps_reasons_for_a_policy_that_rejects_everything(tmp_path, loop3):
@@ -233,6 +240,8 @@ def test_a_different_config_is_refused_and_rounds_can_be_extended(tmp_path, loop
     assert len(first["rounds"]) == 1
     with pytest.raises(ValueError, match="different config"):
         self_improve(bfs_config(data, accepted_weight=1.0), rounds=1, out=out)
+    with pytest.raises(ValueError, match="at least 1"):
+        self_improve(bfs_config(data), rounds=0, out=out)
     before = len(read_events(out))
     second = self_improve(bfs_config(data), rounds=2, out=out)
     assert second["rounds"][0] == first["rounds"][0]
