@@ -23,7 +23,7 @@ pays. Models run under bf16 (autocast for ViTMatte and CLIP/HPS, bf16 weights fo
     python benchmarks/gpu_models.py --smoke               # tiny versions of the same code paths on CPU
 
 Without CUDA (and without ``--smoke``) it says so and exits with status 2. Prints a markdown table;
-appends nothing anywhere. The Flux LoRA training step is not here yet: training lands separately.
+appends nothing anywhere. The Flux LoRA training step has its own script: `benchmarks/bfs_step.py`.
 """
 
 from __future__ import annotations

@@ -94,15 +94,19 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
     return data
 
 
+def split_override(override: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], the value parsed as a YAML scalar)."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like key=value")
+    dotted, raw = override.split("=", 1)
+    return dotted.strip().split("."), (yaml.safe_load(raw) if raw != "" else "")
+
+
 def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tuple[str, ...]) -> None:
     """``key.sub=value`` with YAML scalars, where list entries are addressed by one of their
     ``entry_fields`` (``data.accepted.weight=2`` by name, ``scoring.dedupe.threshold=4`` by stage) or by
     index (``data.0.run_dir=runs/x``). Used by training and self-improvement configs."""
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key=value")
-    dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = dotted.strip().split(".")
+    parts, value = split_override(override)
     node: Any = data
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -128,11 +132,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildCo
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key=value")
-    dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    parts = dotted.strip().split(".")
+    parts, value = split_override(override)
     node: Any = data
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):

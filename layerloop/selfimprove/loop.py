@@ -292,10 +292,11 @@ def model_free_note(cfg: SelfImproveConfig) -> tuple[bool, str]:
                 noise.add(metric)
     if not noise:
         return False, ""
-    used = sorted(set(_columns(load_policy(cfg.policy))) & noise)
+    read = set(_columns(load_policy(cfg.policy))) - {"key", "input_key", "round"}
+    used = sorted(read & noise)
+    deciding = ", ".join(sorted(read - noise)) or "none"
     note = (f"{', '.join(sorted(noise))} come from tiny random scoring models (profile {cfg.profile!r}) and are "
-            f"noise: the model-free scores (recomposition consistency, alpha sanity, near-duplicates) carry the "
-            f"decision.")
+            f"noise: the model-free scores the policy reads ({deciding}) carry the decision.")
     if used:
         note += f" WARNING: the policy reads {', '.join(used)}, so part of the decision is random."
     return True, note
