@@ -26,6 +26,7 @@ duplicated.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 from typing import Any, Iterator
@@ -182,7 +183,7 @@ class RayExecutor:
             actor_args["max_task_retries"] = self.config.max_task_retries
         if self.config.actor_restarts is not None:
             actor_args["max_restarts"] = self.config.actor_restarts
-        actor_cpu_scale = self._actor_cpu_scale(stages, groups)
+        quantum = self._cpu_quantum(stages, groups)
 
         dataset = ray.data.from_items(
             [{"shard": task.index, "payload": _dumps(task.items)} for task in tasks],
@@ -191,7 +192,7 @@ class RayExecutor:
         write_in_last = groups[-1][0] == "tasks"  # fuse the write into the last task op when there is one
         for position, (kind, indices) in enumerate(groups):
             read = position == 0
-            cpus = max((stages[i].resources.cpus for i in indices), default=1.0)
+            cpus = quantum or max((stages[i].resources.cpus for i in indices), default=1.0)
             if kind == "tasks":
                 write = write_in_last and position == len(groups) - 1
                 dataset = dataset.map_batches(
@@ -203,11 +204,11 @@ class RayExecutor:
                 dataset = dataset.map_batches(
                     _StageActor, fn_constructor_kwargs={"pipeline": pipeline, "stage_index": indices[0],
                                                         "read": read, "cpus": cpus},
-                    num_cpus=cpus * actor_cpu_scale, num_gpus=stage.resources.gpus or None,
+                    num_cpus=cpus, num_gpus=stage.resources.gpus or None,
                     memory=stage.resources.memory,
                     compute=ray.data.ActorPoolStrategy(size=stage.params.concurrency or 1), **actor_args)
         if not write_in_last:  # the last op is an actor pool: commit in a small task after it
-            dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=0.5,
+            dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=quantum or 0.5,
                                           **task_args)
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
@@ -235,21 +236,26 @@ class RayExecutor:
                 yield ray.get(ref)
 
     @staticmethod
-    def _actor_cpu_scale(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float:
-        """Every actor pool holds its actors' CPUs for the whole run. When the pools together ask for more
-        than the cluster has (e.g. generate + score + dedupe on 2 CPUs), Ray Data would wait forever for
-        the last pool; their CPU requests are scaled down so that they fit with room for one task."""
+    def _cpu_quantum(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float | None:
+        """Every actor pool holds its actors' CPUs for the whole run. When the pools, plus one task to feed
+        them, ask for more CPUs than the cluster has (generate + score + dedupe on 2 cores), Ray Data would
+        wait forever for the last pool. Then every op of the plan, tasks and actors alike, asks for the same
+        fraction of a CPU, 1/m, with m the smallest integer that fits them all: equal fractions of whole-CPU
+        nodes cannot fragment (a node's free share is always a multiple of 1/m), so whatever is left over
+        anywhere can run the next task. Returns None when the requests fit as declared."""
         import ray
 
         cpus = float(ray.cluster_resources().get("CPU", 1))
+        actors = sum(stages[i[0]].params.concurrency or 1 for kind, i in groups if kind == "actor")
         wanted = sum(stages[i[0]].resources.cpus * (stages[i[0]].params.concurrency or 1)
                      for kind, i in groups if kind == "actor")
-        budget = max(cpus - 1.0, cpus / 2)
-        if wanted <= budget:
-            return 1.0
-        logger.warning("the stage actor pools ask for %.1f CPUs, the cluster has %.0f: scaling their CPU "
-                       "requests by %.2f so that every pool can start", wanted, cpus, budget / wanted)
-        return budget / wanted
+        task = max((stages[i].resources.cpus for kind, idx in groups if kind == "tasks" for i in idx), default=1.0)
+        if not actors or wanted + task <= cpus:
+            return None
+        quantum = 1.0 / math.ceil((actors + 1) / max(cpus, 1.0))
+        logger.warning("the stage actor pools ask for %.1f CPUs and a task for %.1f more, the cluster has %.0f: "
+                       "every op asks for %.2f CPU instead, so that every pool can start", wanted, task, cpus, quantum)
+        return quantum
 
     @staticmethod
     def _task_concurrency(num_tasks: int) -> int:

@@ -524,6 +524,26 @@ def _train_resources(cfg: SelfImproveConfig, out: Path) -> dict[str, float]:
     return {"num_cpus": 1, "num_gpus": 1 if data.get("use_gpu") else 0}
 
 
+class _Noop:
+    def __call__(self, batch: dict) -> dict:
+        return batch
+
+
+def _pin_ray_data_singletons() -> None:
+    """Run a one-row Ray Data job (with an actor pool) in the driver before any step runs.
+
+    Ray Data creates detached singleton actors (its stats actor, actor location tracker and autoscaling
+    coordinator, ``get_if_exists``) pinned to the node of the process that first executes a dataset; the
+    coordinator restarts without limit but only on that node (``ray/data/_internal/cluster_autoscaler``).
+    If that were a step's worker node and the node died, later builds would call actors that can never
+    come back. Created from the driver, they live on the driver's node and fate-share with it; the steps'
+    builds reuse them."""
+    import ray.data
+
+    ray.data.range(1, override_num_blocks=1).map_batches(
+        _Noop, batch_size=1, num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
+
+
 def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, Any]]:
     """Submit every step as a Ray task whose argument is its predecessor's result (an ObjectRef): Ray
     starts a step when the previous one finished, retries it when its worker or node dies (the step then
@@ -533,6 +553,7 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, A
     from layerloop.pipelines.executors import RayExecutor
 
     RayExecutor(cfg.ray).init_ray()
+    _pin_ray_data_singletons()
     step_task = ray.remote(_run_one)
     retries = cfg.ray.max_task_retries if cfg.ray.max_task_retries is not None else 3
     defaults = {"num_cpus": 0, "max_retries": retries, "retry_exceptions": False}

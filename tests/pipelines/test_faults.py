@@ -11,6 +11,9 @@ the ``__main__`` block below): this test needs a cluster of its own, and the ses
 fixture may already have connected this pytest process to another Ray, which a driver cannot leave and
 rejoin elsewhere. The pytest process only reads what the child left on disk.
 
+* A worker node dies while a self-improvement loop (Ray executor) generates round 0's candidates: the loop
+  finishes, every candidate is scored once, and the rounds accept what a local run of the same config
+  accepts.
 * A worker node hosting one of two Ray Train workers dies mid-training (after the first checkpoint): the
   worker group restarts on the remaining nodes, resumes from the newest checkpoint, finishes every step
   once, and ends with the same weights (checkpoint hash) as an uninterrupted run.
@@ -134,8 +137,9 @@ def _trainer(config: Path, out: Path, address: str) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _train_worker_nodes(cluster) -> list:
-    """Worker nodes that host a Ray Train worker process (``ray::RayTrainWorker...`` below their raylet)."""
+def _train_worker_nodes(cluster, marker: str = "RayTrainWorker") -> list:
+    """Worker nodes that host a process whose title contains ``marker`` (``ray::RayTrainWorker...``,
+    ``ray::_run_one`` ...) below their raylet."""
     import psutil
 
     hosts = []
@@ -152,7 +156,7 @@ def _train_worker_nodes(cluster) -> list:
                     titles.append(" ".join(child.cmdline()))
                 except psutil.Error:
                     pass
-            if any("RayTrainWorker" in t for t in titles):
+            if any(marker in t for t in titles):
                 hosts.append(node)
                 break
     return hosts
@@ -192,6 +196,64 @@ def _kill_training_scenario(cluster, work: Path, data: Path) -> dict:
             "rc": rc, "reference_rc": ref_rc, "log": log.read_text(errors="replace")[-4000:] if log.exists() else ""}
 
 
+def loop_config() -> dict:
+    """A tiny BFS self-improvement loop (the shape of tests/selfimprove's), on the Ray executor."""
+    return {
+        "name": "si-fault", "family": "bfs", "seed": 0, "executor": "ray",
+        "base": [{"name": "base", "build": "demo",
+                  "overrides": ["source.n=8", "source.size=64", "stages.load.short_side=64"]}],
+        "held": {"name": "held", "build": "demo",
+                 "overrides": ["source.n=6", "source.seed=1", "source.size=64", "stages.load.short_side=64",
+                               "shards.samples_per_shard=2"]},
+        "train": {"config": "train_bfs_demo", "overrides": ["steps=4", "checkpoint_every=2", "batch_size=2",
+                                                           "shuffle_buffer=8"]},
+        "generate": {"variants": 2, "samples_per_shard": 2, "stages": [
+            {"stage": "load", "short_side": 32, "multiple_of": 16},
+            {"stage": "box-mask", "padding": 0.05},
+            {"stage": "generate-bfs", "steps": 2, "batch_size": 2}]},
+        "scoring": [{"stage": "score", "metrics": ["recomposition"]}, {"stage": "alpha-sanity"},
+                    {"stage": "dedupe", "threshold": 8}],
+        "policy": {"name": "t", "all": [
+            {"threshold": {"column": "alpha_empty", "op": "==", "value": False}},
+            {"topk": {"column": "recomposition_mean", "k": 1, "by": "input_key", "keep": "bottom"}}]},
+        "accepted_per_shard": 2,
+    }
+
+
+def _kill_loop_scenario(cluster, work: Path) -> dict:
+    import yaml
+
+    config = work / "si_fault.yaml"
+    config.write_text(yaml.safe_dump(loop_config()))
+    out = work / "loop_kill"
+    out.mkdir()
+    command = [sys.executable, "-m", "layerloop.cli", "self-improve", str(config), "--rounds", "2", "--out", str(out)]
+    log_path = work / "loop_kill.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "RAY_ADDRESS": cluster.address})
+    events = out / "events.jsonl"
+    deadline, killed = time.time() + 300, None
+    while time.time() < deadline and process.poll() is None and killed is None:
+        started = events.exists() and '"step": "generate"' in events.read_text()
+        if started:
+            # the node running the step task itself if it is a worker node, else one with a stage actor
+            for marker in ("selfimprove:round-000:generate", "MapWorker"):
+                hosts = _train_worker_nodes(cluster, marker)
+                if hosts:
+                    killed = marker
+                    cluster.remove_node(hosts[0], allow_graceful=False)
+                    break
+        time.sleep(0.1)
+    try:
+        rc = process.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        rc = "timeout"
+    return {"out": str(out), "killed": killed, "rc": rc,
+            "log": log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""}
+
+
 def _orchestrate(work: Path) -> dict:
     from ray.cluster_utils import Cluster
 
@@ -214,9 +276,12 @@ def _orchestrate(work: Path) -> dict:
         cluster.add_node(num_cpus=1, object_store_memory=100 * MB)  # three: two trainers and a spare
         cluster.wait_for_nodes()
         train_kill = _kill_training_scenario(cluster, work, Path(node_kill["run_dir"]))
+        cluster.add_node(num_cpus=1, object_store_memory=100 * MB)  # back to three workers
+        cluster.wait_for_nodes()
+        loop_kill = _kill_loop_scenario(cluster, work)
     finally:
         cluster.shutdown()
-    return {"node_kill": node_kill, "driver_kill": driver_kill, "train_kill": train_kill}
+    return {"node_kill": node_kill, "driver_kill": driver_kill, "train_kill": train_kill, "loop_kill": loop_kill}
 
 
 if __name__ == "__main__":
@@ -326,3 +391,39 @@ def test_worker_node_killed_mid_training_resumes_to_the_same_weights(fault_runs)
     assert steps == list(range(1, TRAIN_STEPS + 1)), "a step is missing or was logged twice"
     hash_of = lambda d: (d / "final" / "checkpoint_hash.txt").read_text().strip()  # noqa: E731
     assert hash_of(out) == hash_of(reference)
+
+
+@pytest.mark.ray
+def test_worker_node_killed_mid_self_improvement_round_loses_nothing(fault_runs, tmp_path):
+    from layerloop.selfimprove.loop import round_dir, self_improve
+
+    run = fault_runs["loop_kill"]
+    out = Path(run["out"])
+    assert run["killed"], f"no worker node ran the generate step or its actors:\n{run['log']}"
+    assert run["rc"] == 0, f"the loop did not survive the node kill:\n{run['log']}"
+    # Model outputs on the CPU depend on torch's thread count (float reductions): the Ray steps and stage
+    # actors hold one CPU each here and run one thread, so the local reference does too.
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = self_improve({**loop_config(), "executor": "local"}, rounds=2, out=tmp_path / "reference")
+    finally:
+        torch.set_num_threads(threads)
+    for k in range(2):
+        scores = pq.read_table(round_dir(out, k) / "scores.parquet").to_pylist()
+        keys = [r["key"] for r in scores]
+        assert len(keys) == len(set(keys)) == 12 and all(r["status"] == "ok" for r in scores)  # 6 inputs x 2
+        written = [key for tar in sorted((round_dir(out, k) / "candidates").glob("candidates-*.tar"))
+                   for key in _json_keys(tar)]
+        assert sorted(written) == sorted(keys), "a candidate was lost or written twice"
+        expected = pq.read_table(round_dir(tmp_path / "reference", k) / "scores.parquet").to_pylist()
+        assert {r["key"] for r in scores if r["accepted"]} == {r["key"] for r in expected if r["accepted"]}
+        info = json.loads((round_dir(out, k) / "round.json").read_text())
+        assert info["checkpoint_hash"] == reference["rounds"][k]["checkpoint_hash"]
+
+
+def _json_keys(tar_path: Path) -> list[str]:
+    with tarfile.open(tar_path) as tar:
+        return [m.name.split(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".json")]
