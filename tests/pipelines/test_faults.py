@@ -69,6 +69,15 @@ def _driver(run_dir: Path, address: str) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _wait(process: subprocess.Popen, timeout: float) -> int | str:
+    """The process's exit code, or "timeout" (and the process killed) when it runs past ``timeout``."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return "timeout"
+
+
 def _tail(run_dir: Path) -> str:
     log = run_dir.parent / f"{run_dir.name}.log"
     return log.read_text(errors="replace")[-4000:] if log.exists() else ""
@@ -85,11 +94,7 @@ def _kill_worker_scenario(cluster, work: Path) -> dict:
         removed = True
     else:
         removed = False
-    try:
-        rc = process.wait(timeout=150)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        rc = "timeout"
+    rc = _wait(process, 150)
     return {"run_dir": str(out), "removed": removed, "committed_at_kill": committed_at_kill, "rc": rc,
             "log": _tail(out)}
 
@@ -106,11 +111,7 @@ def _kill_driver_scenario(cluster, work: Path) -> dict:
             break
     committed_after_kill = len(_committed(out))
     rerun = _driver(out, cluster.address)
-    try:
-        rc = rerun.wait(timeout=150)
-    except subprocess.TimeoutExpired:
-        rerun.kill()
-        rc = "timeout"
+    rc = _wait(rerun, 150)
     return {"run_dir": str(out), "status_after_kill": status, "committed_after_kill": committed_after_kill,
             "rc": rc, "log": _tail(out)}
 
@@ -137,7 +138,7 @@ def _trainer(config: Path, out: Path, address: str) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _train_worker_nodes(cluster, marker: str = "RayTrainWorker") -> list:
+def _nodes_running(cluster, marker: str = "RayTrainWorker") -> list:
     """Worker nodes that host a process whose title contains ``marker`` (``ray::RayTrainWorker...``,
     ``ray::_run_one`` ...) below their raylet."""
     import psutil
@@ -172,25 +173,17 @@ def _kill_training_scenario(cluster, work: Path, data: Path) -> dict:
     while time.time() < deadline and process.poll() is None:
         done = sorted(p.name for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
         if done:
-            hosts = _train_worker_nodes(cluster)
+            hosts = _nodes_running(cluster)
             if hosts:
                 victim, step_at_kill = hosts[0], int(done[-1].split("-")[1].split(".")[0])
                 cluster.remove_node(victim, allow_graceful=False)
                 break
         time.sleep(0.05)
-    try:
-        rc = process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        rc = "timeout"
+    rc = _wait(process, 300)
     reference = work / "train_reference"
     reference.mkdir()
     ref_process = _trainer(config, reference, cluster.address)
-    try:
-        ref_rc = ref_process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        ref_process.kill()
-        ref_rc = "timeout"
+    ref_rc = _wait(ref_process, 300)
     log = out.parent / f"{out.name}.log"
     return {"out": str(out), "reference": str(reference), "killed": victim is not None, "step_at_kill": step_at_kill,
             "rc": rc, "reference_rc": ref_rc, "log": log.read_text(errors="replace")[-4000:] if log.exists() else ""}
@@ -239,17 +232,13 @@ def _kill_loop_scenario(cluster, work: Path) -> dict:
         if started:
             # the node running the step task itself if it is a worker node, else one with a stage actor
             for marker in ("selfimprove:round-000:generate", "MapWorker"):
-                hosts = _train_worker_nodes(cluster, marker)
+                hosts = _nodes_running(cluster, marker)
                 if hosts:
                     killed = marker
                     cluster.remove_node(hosts[0], allow_graceful=False)
                     break
         time.sleep(0.1)
-    try:
-        rc = process.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        rc = "timeout"
+    rc = _wait(process, 400)
     return {"out": str(out), "killed": killed, "rc": rc,
             "log": log_path.read_text(errors="replace")[-4000:] if log_path.exists() else ""}
 
