@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pickle
+from itertools import islice
 from typing import Any, Iterator
 
 from layerloop.config import RayConfig
@@ -94,12 +95,11 @@ def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int],
     return _batch(out)
 
 
-def _shard_task(pipeline: Pipeline, stage_indices: list[int], index: int, items: Any, cpus: float) -> ShardSummary:
-    """Plain Ray task: one shard group from its items to its committed shard; returns only the summary."""
+def _shard_task(pipeline: Pipeline, task: ShardTask, cpus: float) -> ShardSummary:
+    """Plain Ray task: one shard group from its items to its committed shard (``Pipeline.run_group``, as the
+    local executor runs it); returns only the summary."""
     _pin_threads(cpus)
-    stages = pipeline.build_stages()
-    samples = Pipeline.process(pipeline.read(items), [stages[i] for i in stage_indices])
-    return pipeline.write(index, samples)
+    return pipeline.run_group(task, pipeline.build_stages())
 
 
 def _write_shard(batch: dict, pipeline: Pipeline) -> dict:
@@ -170,7 +170,7 @@ class RayExecutor:
         stages = pipeline.build_stages()
         groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
         if len(groups) == 1 and groups[0][0] == "tasks":
-            yield from self._run_tasks(pipeline, tasks, groups[0][1], stages)
+            yield from self._run_tasks(pipeline, tasks, stages)
             return
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI shows one bar over shards instead
@@ -213,24 +213,23 @@ class RayExecutor:
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
 
-    def _run_tasks(self, pipeline: Pipeline, tasks: list[ShardTask], indices: list[int],
-                   stages: list[Stage]) -> Iterator[ShardSummary]:
+    def _run_tasks(self, pipeline: Pipeline, tasks: list[ShardTask], stages: list[Stage]) -> Iterator[ShardSummary]:
         """A pipeline of stateless stages only: one plain Ray task per shard group (read, stages, write),
         at most two per CPU in flight. Ray Data's streaming executor adds nothing here but scheduling
         latency between tasks (benchmarks/RESULTS.md); Ray core retries a task whose worker or node died."""
         import ray
 
-        cpus = max((stages[i].resources.cpus for i in indices), default=1.0)
+        cpus = max((stage.resources.cpus for stage in stages), default=1.0)
         retries = self.config.max_task_retries if self.config.max_task_retries is not None else -1
         remote = ray.remote(_shard_task).options(num_cpus=cpus, max_retries=retries, retry_exceptions=False)
         pipeline_ref = ray.put(pipeline)
         window = max(1, 2 * self._task_concurrency(len(tasks)))
         pending: list[Any] = []
-        queue = list(tasks)
-        while queue or pending:
-            while queue and len(pending) < window:
-                task = queue.pop(0)
-                pending.append(remote.remote(pipeline_ref, indices, task.index, task.items, cpus))
+        queue = iter(tasks)
+        while True:
+            pending += [remote.remote(pipeline_ref, task, cpus) for task in islice(queue, window - len(pending))]
+            if not pending:
+                break
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 yield ray.get(ref)

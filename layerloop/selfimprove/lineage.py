@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from layerloop.report import UnknownSampleError, load_index, trace_sample
+from layerloop.selfimprove.loop import data_run_dir
 
 
 def is_selfimprove_dir(path: str | Path) -> bool:
@@ -99,10 +100,8 @@ def trace(out: str | Path, key: str) -> dict[str, Any]:
                       "matches_round_checkpoint": saved_hash == generator.get("checkpoint_hash"),
                       "trained_on": _mix_summary(round_path)})
         held_key = meta.get("source_id")
-        info = json.loads((out / "selfimprove.json").read_text())
-        held_name = info["config"]["held"]["name"]
-        data_marker = json.loads((out / "steps" / "data.json").read_text())
-        run_dir = Path(data_marker["data"][held_name]["run_dir"])
+        held_name = json.loads((out / "selfimprove.json").read_text())["config"]["held"]["name"]
+        run_dir = data_run_dir(out, held_name)
         key, role = held_key, "data"
     if role == "data":
         record = trace_sample(run_dir, key)

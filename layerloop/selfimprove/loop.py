@@ -127,14 +127,12 @@ def _build(cfg: SelfImproveConfig, build_config: dict[str, Any], out_dir: Path):
 
 
 def _committed_ok(run_dir: Path) -> list[str]:
-    """Keys of the ok samples in a run directory's committed shards."""
-    from layerloop.datasets.shards import shard_paths
+    """Keys of the ok samples in a run directory's committed shards (none when it does not exist)."""
+    from layerloop.report import _committed_ok_keys, load_index
 
-    keys: list[str] = []
-    for tar in shard_paths(run_dir):
-        table = pq.read_table(tar.with_suffix(".parquet"), columns=["key", "status"])
-        keys += [k for k, s in zip(table["key"].to_pylist(), table["status"].to_pylist()) if s == "ok"]
-    return keys
+    if not run_dir.is_dir():
+        return []
+    return [key for keys in _committed_ok_keys(run_dir, load_index(run_dir)).values() for key in keys]
 
 
 def _digest(keys: list[str]) -> str:
@@ -169,9 +167,9 @@ def step_data(step: Step) -> dict[str, Any]:
     return {"data": built}
 
 
-def _data_run_dir(step: Step, name: str) -> Path:
-    info = json.loads(_marker(step.out, -1, "data").read_text())["data"][name]
-    return Path(info["run_dir"])
+def data_run_dir(out: Path, name: str) -> Path:
+    """Run directory of a base or held data entry, as the ``data`` step recorded it."""
+    return Path(json.loads(_marker(out, -1, "data").read_text())["data"][name]["run_dir"])
 
 
 def step_mix(step: Step) -> dict[str, Any]:
@@ -180,13 +178,13 @@ def step_mix(step: Step) -> dict[str, Any]:
     the training data (an empty source cannot be sampled)."""
     sources = []
     for spec in step.cfg.base:
-        run_dir = _data_run_dir(step, spec.name)
+        run_dir = data_run_dir(step.out, spec.name)
         keys = _committed_ok(run_dir)
         sources.append({"name": spec.name, "run_dir": str(run_dir), "weight": spec.weight, "origin": "base",
                         "round": None, "samples": len(keys), "keys_digest": _digest(keys), "used": True})
     for j in range(step.k):
         accepted = round_dir(step.out, j) / "accepted"
-        keys = _committed_ok(accepted) if accepted.exists() else []
+        keys = _committed_ok(accepted)
         sources.append({"name": f"accepted-r{j:03d}", "run_dir": str(accepted), "weight": step.cfg.accepted_weight,
                         "origin": "accepted", "round": j, "samples": len(keys), "keys_digest": _digest(keys),
                         "used": bool(keys)})
@@ -200,21 +198,19 @@ def read_mix(round_path: str | Path) -> dict[str, Any]:
     return json.loads((Path(round_path) / "mix.json").read_text())
 
 
+def _train_dict(cfg: SelfImproveConfig) -> dict[str, Any]:
+    """The configured training config with its overrides applied, as a fresh dict."""
+    from layerloop.training.config import load_train_dict
+
+    return load_train_dict(cfg.train.config, cfg.train.overrides)
+
+
 def train_config(cfg: SelfImproveConfig, out: Path, k: int):
     """Round k's TrainConfig: the configured training with the round's mix as data, its own seed, and
     (``continue_training``) the previous round's LoRA as the starting point."""
-    from layerloop.config import resolve_config_path
-    from layerloop.training.config import TrainConfig, apply_train_override
+    from layerloop.training.config import TrainConfig
 
-    spec = cfg.train
-    if isinstance(spec.config, dict):
-        data = json.loads(json.dumps(spec.config))
-    else:
-        from layerloop.config import load_yaml
-
-        data = load_yaml(resolve_config_path(spec.config))
-    for override in spec.overrides:
-        apply_train_override(data, override)
+    data = _train_dict(cfg)
     if data.get("family", cfg.family) != cfg.family:
         raise ValueError(f"train config family {data.get('family')!r} differs from the loop's {cfg.family!r}")
     mix = read_mix(round_dir(out, k))
@@ -248,8 +244,7 @@ def generate_config(cfg: SelfImproveConfig, out: Path, k: int) -> dict[str, Any]
     """Round k's generation + scoring build over the held inputs."""
     from layerloop.datasets.shards import shard_paths
 
-    held = json.loads(_marker(out, -1, "data").read_text())["data"][cfg.held.name]["run_dir"]
-    urls = [str(p) for p in shard_paths(held)]
+    urls = [str(p) for p in shard_paths(data_run_dir(out, cfg.held.name))]
     mix = read_mix(round_dir(out, k))
     checkpoint = str(round_dir(out, k) / "train" / "final")
     stages = []
@@ -280,12 +275,13 @@ def step_generate(step: Step) -> dict[str, Any]:
 def model_free_note(cfg: SelfImproveConfig) -> tuple[bool, str]:
     """Whether the model scores are noise (tiny random scorers) and what the report should say about it."""
     from layerloop.selfimprove.policies import _columns, load_policy
+    from layerloop.stages.score import ScoreParams
 
     noise = set()
     for entry in cfg.scoring:
         if entry.get("stage") != "score":
             continue
-        metrics = entry.get("metrics") or list(MODEL_METRIC_COLUMNS) + ["recomposition"]
+        metrics = entry.get("metrics") or ScoreParams.model_fields["metrics"].default
         for metric in metrics:
             field = MODEL_METRIC_COLUMNS.get(metric)
             if field and str(entry.get(field, "")).startswith("tiny"):
@@ -386,7 +382,7 @@ def step_filter(step: Step) -> dict[str, Any]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = step.dir / "accepted.tmp"
     tmp_dir.mkdir(parents=True)
-    held = _data_run_dir(step, cfg.held.name)
+    held = data_run_dir(step.out, cfg.held.name)
     held_rows = {r["key"]: r for r in load_index(held).to_pylist()}
     train_marker = json.loads(_marker(step.out, k, "train").read_text())
     mix = read_mix(step.dir)
@@ -489,17 +485,15 @@ def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, *upstream
 
 
 def _set_torch_threads() -> None:
-    """Under Ray a worker gets OMP_NUM_THREADS from its task's CPUs; give torch those CPUs."""
-    try:
-        import ray
-        import torch
+    """In a Ray worker, give the trainer's libraries as many threads as the CPUs its task holds."""
+    import ray
 
-        if ray.is_initialized():
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-            if cpus:
-                torch.set_num_threads(max(1, int(cpus)))
-    except Exception:  # outside Ray: leave torch as it is
-        pass
+    if ray.is_initialized():
+        from layerloop.pipelines.executors import _pin_threads
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            _pin_threads(cpus)
 
 
 def plan_steps(rounds: int) -> list[tuple[int, str]]:
@@ -509,16 +503,7 @@ def plan_steps(rounds: int) -> list[tuple[int, str]]:
 def _train_resources(cfg: SelfImproveConfig, out: Path) -> dict[str, float]:
     """The train step's task holds a CPU (or a GPU) while the local trainer runs in it; Ray Train schedules
     its own workers, so then the step task holds nothing."""
-    spec = cfg.train
-    data = spec.config if isinstance(spec.config, dict) else {}
-    if not data:
-        from layerloop.config import load_yaml
-
-        data = load_yaml(spec.config)
-    for override in spec.overrides:
-        from layerloop.training.config import apply_train_override
-
-        apply_train_override(data, override)
+    data = _train_dict(cfg)
     if data.get("executor", "local") == "ray":
         return {"num_cpus": 0}
     return {"num_cpus": 1, "num_gpus": 1 if data.get("use_gpu") else 0}

@@ -121,8 +121,8 @@ class DecomposeInContext(Stage):
         if self.params.cycle:
             recomposed = self._model.compose(result.layer, result.background, region, caption=sample.caption,
                                              steps=self.params.steps, seed=seed + 1)
-            error = float(np.abs(recomposed.astype(np.float64) - image.astype(np.float64)).mean())
-            sample.meta["generator"]["cycle_error"] = round(error, 4)
-            sample.meta.setdefault("scores", {})["cycle_error"] = round(error, 4)
+            error = round(float(np.abs(recomposed.astype(np.float64) - image.astype(np.float64)).mean()), 4)
+            sample.meta["generator"]["cycle_error"] = error
+            sample.meta.setdefault("scores", {})["cycle_error"] = error
         sample.record_stage(self.name, backend="incontext", **self.describe())
         return sample

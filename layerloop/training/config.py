@@ -82,15 +82,21 @@ class TrainConfig(_Strict):
         return Path(out or self.out or Path("runs") / self.name)
 
 
-def load_train_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
-    """A config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus overrides."""
+def load_train_dict(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw mapping of a config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus
+    overrides; a fresh copy that callers may edit before validating."""
     if isinstance(config, dict):
         data = json.loads(json.dumps(config))  # a deep copy that overrides may edit
     else:
         data = load_yaml(resolve_config_path(config))
     for override in overrides or []:
         apply_train_override(data, override)
-    return TrainConfig.model_validate(data)
+    return data
+
+
+def load_train_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
+    """A config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus overrides."""
+    return TrainConfig.model_validate(load_train_dict(config, overrides))
 
 
 def apply_train_override(data: dict[str, Any], override: str) -> None:
