@@ -488,7 +488,9 @@ def _set_torch_threads() -> None:
     """In a Ray worker, give the trainer's libraries as many threads as the CPUs its task holds."""
     import ray
 
-    if ray.is_initialized():
+    # Only a worker has assigned resources; a driver (the local executor in a process connected to Ray)
+    # keeps its threads.
+    if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
         from layerloop.pipelines.executors import _pin_threads
 
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
