@@ -185,8 +185,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from layerloop.pipelines.preflight import ModelsMissing
-    from layerloop.pipelines.runs import RunLockedError, RunMismatchError
+    """Run one command; errors meant for the user are one line on stderr and an exit code
+    (``layerloop/errors.py`` lists them)."""
+    from layerloop import errors
 
     parser = make_parser()
     # key=value overrides may come before or after options: collect the ones argparse leaves over
@@ -200,12 +201,35 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `layerloop inspect DIR | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
-    except (ModelsMissing, RunLockedError, RunMismatchError, FileNotFoundError, KeyError, ValueError) as error:
-        if isinstance(error, ValidationError):
-            print(f"layerloop: invalid config:\n{error}", file=sys.stderr)
-        else:
-            print(f"layerloop: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("layerloop: interrupted; re-run the same command to resume", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    except Exception as raised:
+        code, message = _user_error(errors.unwrap(raised))
+        if code is None:
+            raise
+        print(f"layerloop: {message}", file=sys.stderr)
+        return code
+
+
+def _user_error(error: BaseException) -> tuple[int | None, str]:
+    """(exit code, one-line message) for the errors written for the user; (None, "") for a bug."""
+    from layerloop import errors
+    from layerloop.pipelines.preflight import ModelsMissing
+    from layerloop.pipelines.runs import RunLockedError, RunMismatchError
+    from layerloop.report import UnknownSampleError
+
+    if isinstance(error, ValidationError):
+        return errors.EXIT_REFUSED, f"invalid config:\n{error}"
+    if isinstance(error, errors.LayerloopError) and not isinstance(error, errors.EnvironmentFailure):
+        return error.exit_code, str(error)
+    if isinstance(error, (ModelsMissing, RunLockedError, RunMismatchError, ValueError)):
+        return errors.EXIT_REFUSED, str(error)
+    if isinstance(error, UnknownSampleError):
+        return errors.EXIT_REFUSED, error.args[0] if error.args else str(error)
+    if isinstance(error, OSError):
+        return errors.EXIT_ENVIRONMENT, errors.describe_os_error(error)
+    return None, ""
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from layerloop.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -73,22 +75,35 @@ class BuildConfig(_Strict):
         return [entry.get("stage", "?") for entry in self.stages]
 
 
+def packaged_configs() -> list[str]:
+    """Names of the configs shipped in ``configs/`` (``demo``, ``rorem`` ...)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """A config path as given, or a name under the packaged ``configs/`` (``demo`` -> configs/demo.yaml)."""
     candidate = Path(path)
-    if candidate.exists():
+    if candidate.is_file():
         return candidate
-    for alt in (CONFIG_DIR / candidate, CONFIG_DIR / f"{candidate}.yaml"):
-        if alt.exists():
-            return alt
-    raise FileNotFoundError(f"config {path} not found (also looked in {CONFIG_DIR})")
+    if not candidate.is_absolute() and len(candidate.parts) == 1:  # a packaged name (a folder may share it)
+        for alt in (CONFIG_DIR / candidate, CONFIG_DIR / f"{candidate}.yaml"):
+            if alt.is_file():
+                return alt
+    what = "is a directory, not a YAML file" if candidate.is_dir() else "not found: not a file"
+    raise ConfigError(f"config {path} {what}, and not a packaged config ({', '.join(packaged_configs())})")
 
 
 def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    with open(resolve_config_path(path), encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    resolved = resolve_config_path(path)
+    try:
+        with open(resolved, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config {resolved} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config {resolved} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"config {path} must be a mapping at the top level")
+        raise ConfigError(f"config {path} must be a mapping at the top level")
     for override in overrides or []:
         apply_override(data, override)
     return data
@@ -97,9 +112,13 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
 def split_override(override: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], the value parsed as a YAML scalar)."""
     if "=" not in override:
-        raise ValueError(f"override {override!r} must look like key=value")
+        raise ConfigError(f"override {override!r} must look like key=value")
     dotted, raw = override.split("=", 1)
-    return dotted.strip().split("."), (yaml.safe_load(raw) if raw != "" else "")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: the value is not a YAML scalar or list: {error}") from None
+    return dotted.strip().split("."), value
 
 
 def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tuple[str, ...]) -> None:
@@ -116,7 +135,7 @@ def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tupl
                 matches = [node[int(part)]]
             if not matches or last:
                 labels = [next((e.get(f) for f in entry_fields if e.get(f)), None) for e in node if isinstance(e, dict)]
-                raise ValueError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
+                raise ConfigError(f"override {override!r}: {part!r} names no entry of {'.'.join(parts[:i])} "
                                  f"(entries: {labels}); set a field of one entry")
             node = matches[0]
         elif last:
@@ -124,7 +143,7 @@ def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tupl
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
-                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> BuildConfig:
@@ -139,12 +158,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
             matches = [entry for entry in node if isinstance(entry, dict) and entry.get("stage") == part]
             if not matches:
                 names = [entry.get("stage") for entry in node if isinstance(entry, dict)]
-                raise ValueError(f"override {override!r}: no stage named {part!r} (stages: {names})")
+                raise ConfigError(f"override {override!r}: no stage named {part!r} (stages: {names})")
             node = matches[0]
         else:
             node = node.setdefault(part, {})
             if not isinstance(node, (dict, list)):
-                raise ValueError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
+                raise ConfigError(f"override {override!r}: {'.'.join(parts[: i + 1])} is not a section")
     if isinstance(node, list):
-        raise ValueError(f"override {override!r}: name a stage parameter (stages.NAME.PARAM=value)")
+        raise ConfigError(f"override {override!r}: name a stage parameter (stages.NAME.PARAM=value)")
     node[parts[-1]] = value

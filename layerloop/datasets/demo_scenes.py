@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -867,9 +868,15 @@ def scene_id(index: int) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    from layerloop.errors import attach_path
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # same folder, so os.replace is atomic
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as error:  # disk full: name the file, not only the cause
+        tmp.unlink(missing_ok=True)
+        raise attach_path(error, path) from error
 
 
 def _png_bytes(array: np.ndarray, mode: str) -> bytes:
@@ -878,24 +885,101 @@ def _png_bytes(array: np.ndarray, mode: str) -> bytes:
     return buffer.getvalue()
 
 
+_DEMO_FILE = re.compile(r"^(?:(?:source|GT|mask)/\.?scene_\d{6}\.png(?:\.tmp\d+)?|\.(?:meta|demo)\.json\.tmp\d+)$")
+
+
+def demo_params(n: int, seed: int, size: int) -> dict[str, int]:
+    """What ``demo.json`` records: a folder made with these parameters holds exactly these scenes."""
+    return {"n": int(n), "seed": int(seed), "size": int(size), "generator_version": GENERATOR_VERSION}
+
+
+def foreign_files(out_dir: str | Path, limit: int = 3) -> list[str]:
+    """Up to ``limit`` entries of ``out_dir`` that ``generate_demo_data`` did not make (relative paths).
+
+    A folder with none is safe to (re)render into: it is missing, empty, a demo-data folder, or one whose
+    generation was interrupted. Anything else (a ``meta.json`` without ``demo.json``, other files, a
+    symbolic link anywhere) belongs to somebody else and is never written to or deleted."""
+    out = Path(out_dir)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        return ["."]
+    if not out.exists():
+        return []
+    stamped = (out / "demo.json").is_file()
+    found: list[str] = []
+    for path in out.rglob("*"):
+        rel = path.relative_to(out).as_posix()
+        if path.is_symlink():
+            found.append(rel)
+        elif path.is_dir():
+            if rel not in ("source", "GT", "mask"):
+                found.append(rel + "/")
+        elif not (_DEMO_FILE.match(rel) or rel == "demo.json" or (rel == "meta.json" and stamped)):
+            found.append(rel)
+        if len(found) >= limit:
+            break
+    return found
+
+
+def demo_folder_state(path: str | Path, n: int, seed: int, size: int) -> str:
+    """``"empty"`` (missing or an empty folder), ``"complete"`` (made by ``generate_demo_data`` with these
+    parameters, every listed file present), or a sentence saying what else it is."""
+    out = Path(path)
+    if not out.exists():
+        return "empty"
+    if not out.is_dir():
+        return f"{out} is a file, not a folder"
+    if not any(out.iterdir()):
+        return "empty"
+    stamp, meta_path = out / "demo.json", out / "meta.json"
+    if not stamp.is_file():
+        return f"{out} holds no demo.json, so `layerloop demo-data` did not make it"
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return f"{stamp} cannot be read"
+    params = demo_params(n, seed, size)
+    if recorded != params:
+        differ = ", ".join(f"{k}={recorded.get(k)!r}" for k in params if recorded.get(k) != params[k])
+        return f"{out} was made with other parameters ({differ})"
+    if not _complete(out, meta_path):
+        return f"{out} is an incomplete demo-data folder (its generation was interrupted)"
+    return "complete"
+
+
+def _complete(out: Path, meta_path: Path) -> bool:
+    try:
+        return meta_path.is_file() and all(
+            (out / entry[k]).is_file() for entry in json.loads(meta_path.read_text()) for k in ("source", "GT", "mask"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # an unreadable stamp or listing means an unknown state
+
+
 def generate_demo_data(out_dir: str | Path, n: int, seed: int = 0, size: int = 256) -> Path:
     """Write ``n`` scenes in the RORem layout under ``out_dir`` and return it.
 
     Idempotent: ``demo.json`` records (n, seed, size, generator version) and is written last, so when
     it matches and ``meta.json`` is present the call returns at once; otherwise every scene is
     (re)rendered. Files are written under temporary names and renamed, so an interrupted run never
-    leaves a half-written PNG, and scene files from an earlier, larger generation are removed."""
+    leaves a half-written PNG, and scene files from an earlier, larger generation are removed.
+    A folder holding anything this function did not make (``foreign_files``) is refused before any
+    write: it is somebody's data."""
+    from layerloop.errors import UnsafePathError
+
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     out = Path(out_dir)
-    params = {"n": int(n), "seed": int(seed), "size": int(size), "generator_version": GENERATOR_VERSION}
+    params = demo_params(n, seed, size)
     stamp, meta_path = out / "demo.json", out / "meta.json"
+    foreign = foreign_files(out)
+    if foreign:
+        shown = ", ".join("(the path itself)" if f == "." else f for f in foreign)
+        raise UnsafePathError(f"{out} is not a demo-data folder: it holds {shown}, which `layerloop demo-data` "
+                              f"did not make; refusing to write there. Give an empty or new folder.")
     if stamp.is_file() and meta_path.is_file():
         try:
-            complete = json.loads(stamp.read_text()) == params and all(
-                (out / entry[k]).is_file() for entry in json.loads(meta_path.read_text()) for k in ("source", "GT", "mask"))
-        except (OSError, ValueError, KeyError, TypeError):
-            complete = False  # an unreadable stamp or listing means an unknown state: render again
+            complete = json.loads(stamp.read_text()) == params and _complete(out, meta_path)
+        except (OSError, ValueError):
+            complete = False  # an unreadable stamp means an unknown state: render again
         if complete:
             return out
     for sub in ("source", "GT", "mask"):

@@ -1,12 +1,15 @@
 """``layerloop build``: run a synthesis pipeline into a run directory, resumably.
 
-Steps: take the run lock -> delete temporaries of an interrupted run -> list the source and partition it
-into shard groups -> write/check ``run.json`` -> skip committed shards -> run the rest on the chosen
-executor with a progress bar -> ``failures.parquet`` -> ``report/`` -> mark the run complete.
+Steps: check the config (source, stages, models, paths) -> take the run lock -> refuse a different run in
+the directory -> delete temporaries of an interrupted run -> list the source and partition it into shard
+groups -> write/check ``run.json`` -> skip committed shards that verify (size, sha256), rebuild damaged
+ones -> run the rest on the chosen executor with a progress bar -> ``failures.parquet`` -> mark the run
+complete -> ``report/``. A failure after the lock is taken is recorded in ``run.json`` (status "failed").
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,10 +18,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from layerloop.config import BuildConfig
-from layerloop.datasets.shards import ShardSummary, remove_stale_temporaries, summary_from_index
+from layerloop.errors import attach_path, describe_os_error, unwrap
+from layerloop.datasets.shards import ShardSummary, remove_stale_temporaries
 from layerloop.pipelines.executors import LocalExecutor, RayExecutor
 from layerloop.pipelines.pipeline import Pipeline
 from layerloop.pipelines.runs import RunDirectory
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,18 +37,23 @@ class BuildResult:
     failed: int
     seconds: float
     failures_by_reason: Counter = field(default_factory=Counter)
+    samples_built: int = 0  # samples of the shards built by this call (ok and failed)
+    rebuilt: tuple[str, ...] = ()  # committed shards found damaged and rebuilt, with the reason
 
     @property
     def samples_per_second(self) -> float:
-        return (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
+        """Throughput of this call: the samples of the shards it built, over its wall time."""
+        return self.samples_built / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        speed = (f"{self.samples_per_second:.2f} samples/s over {self.seconds:.1f} s" if self.shards_built
+                 else f"nothing to build, {self.seconds:.1f} s")
         lines = [
             f"run: {self.run_dir}",
             f"shards: {self.shards_total} ({self.shards_built} built now, {self.shards_skipped} already committed)",
-            f"samples written: {self.ok}, failed: {self.failed}, "
-            f"{self.samples_per_second:.2f} samples/s over {self.seconds:.1f} s",
+            f"samples written: {self.ok}, failed: {self.failed}, {speed}",
         ]
+        lines.extend(f"  {problem}" for problem in self.rebuilt)
         for (stage, error_type), count in self.failures_by_reason.most_common():
             lines.append(f"  failed in {stage}: {error_type} x{count}")
         return "\n".join(lines)
@@ -62,58 +73,94 @@ def run_dir_for(config: BuildConfig, out: str | Path | None) -> Path:
 
 def build(config: BuildConfig, out: str | Path | None = None, executor: str | None = None,
           progress: bool = True, report: bool | None = None) -> BuildResult:
+    """Every check of the config (stages, source, models, demo paths, a different run in ``out``) comes
+    before the first write; every failure after the lock is taken is recorded in ``run.json``."""
     from layerloop.pipelines.preflight import check_models
 
     run_dir = run_dir_for(config, out)
+    pipeline = Pipeline.from_config(config, run_dir)  # validates the source and every stage; writes nothing
     check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
+    runner = make_executor(executor or config.executor, config)
     started = time.perf_counter()
     with RunDirectory(run_dir) as run:
-        remove_stale_temporaries(run_dir)
-        pipeline = Pipeline.from_config(config, run_dir)
-        plan = pipeline.plan()
-        run.start(config.model_dump(mode="json"), config.fingerprint(), plan.keys_digest, len(plan.tasks),
-                  plan.num_items, config.seed, config.name)
-
-        summaries: dict[int, ShardSummary] = {}
-        pending = []
-        for task in plan.tasks:
-            _, index_path = pipeline.writer.paths(task.index)
-            if index_path.exists():
-                summaries[task.index] = summary_from_index(task.index, index_path)
-            else:
-                pending.append(task)
-        skipped = len(summaries)
-
-        runner = make_executor(executor or config.executor, config)
-        with tqdm(total=len(plan.tasks), initial=skipped, unit="shard", disable=not progress,
-                  desc=f"build {config.name} ({runner.name})") as bar:
-            for summary in runner.run(pipeline, pending):
-                summaries[summary.index] = summary
-                bar.update(1)
-                bar.set_postfix(ok=sum(s.ok for s in summaries.values()),
-                                failed=sum(s.failed for s in summaries.values()))
-        remove_stale_temporaries(run_dir)  # a worker that died mid-write leaves its temporary files
-        missing = [t.index for t in plan.tasks if t.index not in summaries]
-        if missing:
-            raise RuntimeError(f"the executor returned no result for shards {missing}; re-run to resume")
-
-        failures = {i: s.failures for i, s in summaries.items() if s.failures}
-        run.write_failures(config.shards.name, failures, plan.listing_failures)
-        reasons = Counter((f[1], f[2]) for s in summaries.values() for f in s.failures)
-        reasons.update((f.stage, f.error_type) for f in plan.listing_failures)
-        result = BuildResult(
-            run_dir=run_dir,
-            shards_total=len(plan.tasks),
-            shards_built=len(plan.tasks) - skipped,
-            shards_skipped=skipped,
-            ok=sum(s.ok for s in summaries.values()),
-            failed=sum(s.failed for s in summaries.values()) + len(plan.listing_failures),
-            seconds=time.perf_counter() - started,
-            failures_by_reason=reasons,
-        )
-        run.finish(samples_ok=result.ok, samples_failed=result.failed, seconds=round(result.seconds, 2))
+        run.check_config(config.fingerprint())  # before listing: a demo source renders while listing
+        try:
+            result = _build_locked(config, run, pipeline, runner, started, progress)
+        except BaseException as error:
+            cause = unwrap(error)
+            if isinstance(cause, OSError) and cause.filename is None:
+                cause = attach_path(cause, run_dir)  # at least the run directory it was writing
+                run.fail(_failure_text(cause))
+                raise cause from error
+            run.fail(_failure_text(error))
+            raise
         if report if report is not None else config.report.enabled:
             from layerloop.report import write_report
 
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
+    return result
+
+
+def _failure_text(error: BaseException) -> str:
+    error = unwrap(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _build_locked(config: BuildConfig, run: RunDirectory, pipeline: Pipeline, runner, started: float,
+                  progress: bool) -> BuildResult:
+    run_dir = run.path
+    remove_stale_temporaries(run_dir)
+    pipeline.writer.owner = run.owner  # a worker of a dead driver must not commit into this run
+    plan = pipeline.plan()
+    run.start(config.model_dump(mode="json"), config.fingerprint(), plan.keys_digest, len(plan.tasks),
+              plan.num_items, config.seed, config.name)
+
+    summaries: dict[int, ShardSummary] = {}
+    pending = []
+    rebuilt: list[str] = []
+    for task in plan.tasks:
+        committed = pipeline.writer.committed_summary(task.index)
+        if committed.summary is not None:
+            summaries[task.index] = committed.summary
+        else:
+            pending.append(task)
+            if committed.problem:
+                rebuilt.append(committed.problem)
+    for problem in rebuilt:
+        logger.warning("%s", problem)
+    skipped = len(summaries)
+
+    with tqdm(total=len(plan.tasks), initial=skipped, unit="shard", disable=not progress,
+              desc=f"build {config.name} ({runner.name})") as bar:
+        for summary in runner.run(pipeline, pending):
+            summaries[summary.index] = summary
+            bar.update(1)
+            bar.set_postfix(ok=sum(s.ok for s in summaries.values()),
+                            failed=sum(s.failed for s in summaries.values()))
+    remove_stale_temporaries(run_dir)  # a worker that died mid-write leaves its temporary files
+    missing = [t.index for t in plan.tasks if t.index not in summaries]
+    if missing:
+        raise RuntimeError(f"the executor returned no result for shards {missing}; re-run to resume")
+
+    failures = {i: s.failures for i, s in summaries.items() if s.failures}
+    run.write_failures(config.shards.name, failures, plan.listing_failures)
+    reasons = Counter((f[1], f[2]) for s in summaries.values() for f in s.failures)
+    reasons.update((f.stage, f.error_type) for f in plan.listing_failures)
+    result = BuildResult(
+        run_dir=run_dir,
+        shards_total=len(plan.tasks),
+        shards_built=len(plan.tasks) - skipped,
+        shards_skipped=skipped,
+        ok=sum(s.ok for s in summaries.values()),
+        failed=sum(s.failed for s in summaries.values()) + len(plan.listing_failures),
+        seconds=time.perf_counter() - started,
+        failures_by_reason=reasons,
+        samples_built=sum(summaries[t.index].ok + summaries[t.index].failed for t in pending),
+        rebuilt=tuple(rebuilt),
+    )
+    run.finish(samples_ok=result.ok, samples_failed=result.failed, seconds=round(result.seconds, 2))
     return result

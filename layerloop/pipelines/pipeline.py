@@ -12,6 +12,7 @@ To follow one sample: ``datasets/sources.py`` (read) -> the stage files named in
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,14 +54,11 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: BuildConfig, out_dir: str | Path) -> Pipeline:
+        """Everything checked here happens before the build takes its lock or writes anything."""
         from layerloop.datasets.sources import build_source
 
-        source = dict(config.source)
-        if source.get("type") == "demo" and not source.get("path"):
-            # the demo source renders its scenes into the run directory unless told otherwise
-            source["path"] = str(Path(out_dir) / "demo-data")
         return cls(
-            source=build_source(source),
+            source=build_source(source_config(config.source, out_dir)),
             stage_specs=config.stages,
             writer=ShardWriter(out_dir, config.shards.name),
             seed=config.seed,
@@ -99,6 +97,45 @@ class Pipeline:
         return self.writer.write(index, samples)
 
     def run_group(self, task: ShardTask, stages: list[Stage]) -> ShardSummary:
-        if self.writer.is_committed(task.index):
-            return self.writer.write(task.index, [])  # returns the committed summary, writes nothing
+        committed = self.writer.committed_summary(task.index)  # a retried task after a verified commit
+        if committed.summary is not None:
+            return committed.summary
         return self.write(task.index, self.process(self.read(task.items), stages))
+
+
+def source_config(source: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """The source section a build reads from, with the paths only the run directory decides.
+
+    * ``demo``: the scenes are rendered inside the run directory (``OUT/demo-data``), never elsewhere.
+      A ``path`` outside it is only read: it must be a folder made by ``layerloop demo-data`` with the
+      same ``n``/``seed``/``size`` (its ``demo.json`` says so), and is then listed as a RORem folder; an
+      empty or missing one is ignored (rendered inside the run directory); anything else is refused
+      before any write, because it is somebody's data.
+    * ``hf`` without ``cache_dir``: ``datasets``' cache goes to ``OUT/.cache/hf``, not the user's home.
+    """
+    from layerloop.datasets.demo_scenes import demo_folder_state
+    from layerloop.errors import UnsafePathError
+
+    source = dict(source)
+    out = Path(os.path.abspath(out_dir))
+    if source.get("type") == "hf" and not source.get("cache_dir"):
+        source["cache_dir"] = str(out / ".cache" / "hf")
+    if source.get("type") != "demo":
+        return source
+    inside = out / "demo-data"
+    given = source.get("path")
+    if not given:
+        return {**source, "path": str(inside)}
+    path = Path(os.path.abspath(os.path.expanduser(str(given))))
+    if path == out or out in path.parents:
+        return {**source, "path": str(path)}
+    state = demo_folder_state(path, int(source.get("n", 0)), int(source.get("seed", 0)), int(source.get("size", 256)))
+    if state == "empty":
+        return {**source, "path": str(inside)}
+    if state == "complete":
+        return {"type": "rorem", "path": str(path), "name": source.get("name", "demo")}
+    n, seed, size = source.get("n"), source.get("seed", 0), source.get("size", 256)
+    raise UnsafePathError(
+        f"source.path={given}: {state}. A demo source renders its scenes inside the run directory and only "
+        f"reads a folder made by `layerloop demo-data {given} --n {n} --seed {seed} --size {size}`. To build "
+        f"from your own data, use a source of its type, e.g. a config with `source: {{type: rorem, path: {given}}}`.")
