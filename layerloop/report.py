@@ -6,17 +6,26 @@ images of the whole run.
 
 * ``load_index(run_dir)``: every committed shard's parquet rows in one table, plus a ``shard`` column
   (the shard stem, ``<name>-NNNNNN``) so a row leads to the tar that holds its sample.
+* ``scan_run(run_dir)``: the same rows plus which shards are damaged and why (``RunIndex``).
 * ``write_report(run_dir, rows, seed)``: ``report/contact_sheet.png`` and ``report/stats.json``.
 * ``inspect_run(run_dir, samples)``: a plain-text summary for the CLI.
 * ``trace_sample(run_dir, key)``: one sample's full ``json`` member and index row.
+
+Damaged shards: every shard is checked with ``shards.check_shard`` (the one "is this shard committed"
+check of the project): its index must be readable and its tar present with the size the index records;
+a tar the report opens is also checked against the recorded sha256, and a tar that cannot be read is
+damaged too. A damaged shard never stops a report: it is named with what is wrong (``stats.json``'s
+``damaged_shards``, a ``damaged:`` section of ``inspect``, ``shard_damage`` in a trace), its rows are left
+out of the counts (a resumed build rebuilds it), and the contact sheet takes its rows from intact shards.
+An index written before the size/sha256 record existed is read as before (unverified).
 
 Counting rules: the index is authoritative for every key that reached a shard (ok or failed);
 ``failures.parquet`` adds only the keys no shard knows, i.e. failures found while listing the source.
 That keeps the counts right for a run that is still going, whose ``failures.parquet`` is stale or absent.
 
-Which samples are shown is a deterministic function of (index, seed): shards are visited round robin in a
-seeded order and each gives a seeded choice of its ok keys, so a sheet of 8 rows over 100 shards shows 8
-different shards instead of the first 8 samples of shard 0.
+Which samples are shown is a deterministic function of (index, seed, damaged shards): shards are visited
+round robin in a seeded order and each gives a seeded choice of its ok keys, so a sheet of 8 rows over 100
+shards shows 8 different shards instead of the first 8 samples of shard 0.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from layerloop.datasets.shards import INDEX_SCHEMA, check_shard, error_text
 from layerloop.samples import LayeredSample
 
 FAILURES_FILE = "failures.parquet"
@@ -48,24 +58,96 @@ class UnknownSampleError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DamagedShardError(RuntimeError):
+    """A tar shard that cannot be read (truncated, overwritten, not a tar); the message names it."""
+
+
 # =========================================================================== reading a run
+@dataclass
+class RunIndex:
+    """The shard indexes of a run and what is wrong with which shard.
+
+    ``table``: the rows of every readable index, with a ``shard`` column, in shard order (rows of damaged
+    shards included; ``intact()`` leaves them out). ``damaged``: shard stem -> what is wrong; it grows
+    when a tar opened later turns out damaged (``open_records``). ``recorded``: stems whose index records
+    the tar's size and sha256. ``rows``: index rows per stem (``None`` when the index is unreadable)."""
+
+    run_dir: Path
+    table: pa.Table
+    damaged: dict[str, str]
+    recorded: set[str]
+    rows: dict[str, int | None]
+
+    def intact(self) -> pa.Table:
+        if not self.damaged:
+            return self.table
+        mask = pc.invert(pc.is_in(self.table["shard"], value_set=pa.array(sorted(self.damaged), pa.string())))
+        return self.table.filter(mask)
+
+    def damaged_list(self) -> list[dict[str, Any]]:
+        return [{"shard": stem, "reason": self.damaged[stem], "indexed_samples": self.rows.get(stem)}
+                for stem in sorted(self.damaged)]
+
+    def verify_tar(self, shard: str) -> bool:
+        """Check the sha256 of a tar about to be opened (when its index records one); False (and the
+        shard marked damaged) when it does not match."""
+        if shard in self.damaged:
+            return False
+        if shard in self.recorded:
+            tar = self.run_dir / f"{shard}.tar"
+            check = check_shard(tar, tar.with_suffix(".parquet"), content=True)
+            if not check.readable:
+                self.damaged[shard] = check.reason
+                return False
+        return True
+
+    def open_records(self, shard: str, keys: Iterable[str], members: tuple[str, ...] | None = None
+                     ) -> dict[str, dict[str, Any]] | None:
+        """``_read_records`` of a verified shard; ``None`` (and the shard marked damaged) when it is not."""
+        if not self.verify_tar(shard):
+            return None
+        try:
+            return _read_records(self.run_dir / f"{shard}.tar", keys, members)
+        except DamagedShardError as error:
+            self.damaged[shard] = str(error)
+            return None
+
+
+def scan_run(run_dir: str | Path) -> RunIndex:
+    """Read every shard index of a run and check every shard (``shards.check_shard`` without reading the
+    tars: index readable, tar present, tar size as recorded). Never raises for a damaged shard."""
+    run_dir = _existing_run_dir(run_dir)
+    tables, damaged, recorded, rows = [], {}, set(), {}
+    for path in _index_paths(run_dir):
+        stem = path.stem
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # noqa: BLE001 - any unreadable index is named, not raised
+            damaged[stem] = f"index {path.name} is unreadable ({error_text(error)})"
+            rows[stem] = None
+            continue
+        rows[stem] = table.num_rows
+        tables.append(table.append_column("shard", pa.array([stem] * table.num_rows, pa.string())))
+        check = check_shard(run_dir / f"{stem}.tar", path, content=False)
+        if not check.readable:
+            damaged[stem] = check.reason
+        elif check.status == "ok":
+            recorded.add(stem)
+    if tables:
+        # "permissive" lets shards written by an older writer (a missing column, an all-null column typed
+        # null) be read together with newer ones instead of failing on a schema mismatch.
+        table = pa.concat_tables(tables, promote_options="permissive")
+    else:
+        table = INDEX_SCHEMA.append(pa.field("shard", pa.string())).empty_table()
+    return RunIndex(run_dir, table, damaged, recorded, rows)
+
+
 def load_index(run_dir: str | Path) -> pa.Table:
     """Concatenate the per-shard parquet index files (not ``failures.parquet``), in shard order, and add a
     ``shard`` column with each row's shard stem. A run without committed shards gives an empty table with
-    the index schema."""
-    run_dir = _existing_run_dir(run_dir)
-    tables = []
-    for path in _index_paths(run_dir):
-        table = pq.read_table(path)
-        tables.append(table.append_column("shard", pa.array([path.stem] * table.num_rows, pa.string())))
-    if not tables:
-        # Imported here: shards.py pulls in webdataset, which is slow to import and not needed otherwise.
-        from layerloop.datasets.shards import INDEX_SCHEMA
-
-        return INDEX_SCHEMA.append(pa.field("shard", pa.string())).empty_table()
-    # "permissive" lets shards written by an older writer (a missing column, an all-null column typed
-    # null) be read together with newer ones instead of failing on a schema mismatch.
-    return pa.concat_tables(tables, promote_options="permissive")
+    the index schema. An unreadable index file is left out (it commits nothing; ``scan_run`` names it);
+    rows of a shard whose tar is damaged are kept (``scan_run(...).intact()`` leaves them out)."""
+    return scan_run(run_dir).table
 
 
 def _index_paths(run_dir: Path) -> list[Path]:
@@ -84,22 +166,34 @@ def _existing_run_dir(run_dir: str | Path) -> Path:
 
 def _read_run_info(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError) as error:
+        return {"status": f"run.json unreadable ({error_text(error)})"}
+    return info if isinstance(info, dict) else {"status": "run.json holds no run record"}
 
 
-def _read_failures(run_dir: Path, index: pa.Table) -> list[dict[str, Any]]:
+def _read_failures(run_dir: Path, index: pa.Table, damaged: Iterable[str] = ()) -> list[dict[str, Any]]:
     """All failed samples, one dict per key: the index's failed rows plus failures.parquet rows for keys
-    that no shard index knows (listing failures). See the module docstring for why."""
+    that no shard index knows (listing failures). See the module docstring for why. Rows of ``damaged``
+    shards are left out (the shard is rebuilt); an unreadable failures.parquet is skipped."""
+    damaged = set(damaged)
     failed = index.filter(pc.equal(index["status"], "failed"))
     rows = [{"key": r["key"], "stage": r["stage"], "error_type": r["error_type"], "message": r["message"],
              "shard": r["shard"]} for r in failed.select(["key", "stage", "error_type", "message", "shard"])
-            .to_pylist()]
+            .to_pylist() if r["shard"] not in damaged]
     path = run_dir / FAILURES_FILE
     if path.exists():
         indexed = set(index["key"].to_pylist())
-        for row in pq.read_table(path).to_pylist():
-            if row["key"] not in indexed:
-                indexed.add(row["key"])
+        try:
+            listed = pq.read_table(path).to_pylist()
+        except Exception:  # noqa: BLE001 - rewritten by every build; the shard indexes hold the rest
+            listed = []
+        for row in listed:
+            if row.get("key") not in indexed and row.get("shard") not in damaged:
+                indexed.add(row.get("key"))
                 rows.append({name: row.get(name) for name in ("key", "stage", "error_type", "message", "shard")})
     return rows
 
@@ -116,13 +210,20 @@ def _failure_groups(failures: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(groups.values(), key=lambda g: (-g["count"], g["stage"], g["error_type"]))
 
 
-def _committed_ok_keys(run_dir: Path, index: pa.Table) -> dict[str, list[str]]:
-    """Ok keys per shard stem, in index order, for shards whose tar is present."""
+def _committed_ok_keys(run_dir: Path, index: pa.Table, damaged: Iterable[str] | None = None
+                       ) -> dict[str, list[str]]:
+    """Ok keys per shard stem, in index order, for shards that pass ``shards.check_shard`` without
+    reading the tar (index readable, tar present with the recorded size). ``damaged`` (stems already
+    known damaged, e.g. ``RunIndex.damaged``) skips the check."""
     ok = index.filter(pc.equal(index["status"], "ok")).select(["key", "shard"])
     by_shard: dict[str, list[str]] = {}
     for key, shard in zip(ok["key"].to_pylist(), ok["shard"].to_pylist()):
         by_shard.setdefault(shard, []).append(key)
-    return {shard: keys for shard, keys in by_shard.items() if (run_dir / f"{shard}.tar").exists()}
+    if damaged is not None:
+        damaged = set(damaged)
+        return {shard: keys for shard, keys in by_shard.items() if shard not in damaged}
+    return {shard: keys for shard, keys in by_shard.items()
+            if check_shard(run_dir / f"{shard}.tar", run_dir / f"{shard}.parquet", content=False).readable}
 
 
 def choose_samples(keys_by_shard: dict[str, list[str]], n: int, seed: int) -> list[tuple[str, str]]:
@@ -173,6 +274,8 @@ def _read_records(tar_path: Path, keys: Iterable[str], members: tuple[str, ...] 
                 wanted.discard(record["__key__"])
                 if not wanted:
                     break
+    except Exception as error:  # noqa: BLE001 - whatever a broken tar raises, say which shard it is
+        raise DamagedShardError(f"tar {tar_path.name} is unreadable ({error_text(error)})") from error
     finally:
         close = getattr(records, "close", None)
         if close is not None:
@@ -218,13 +321,21 @@ def _flatten_numbers(value: Any, prefix: str = "") -> Iterable[tuple[str, float]
         yield prefix, float(value)
 
 
-def run_stats(run_dir: str | Path, index: pa.Table | None = None) -> dict[str, Any]:
+def run_stats(run_dir: str | Path, index: RunIndex | pa.Table | None = None) -> dict[str, Any]:
     """Counts and distributions from the index alone (no tar is opened). ``index`` saves re-reading it
-    when the caller already has ``load_index(run_dir)``."""
+    when the caller already has ``scan_run(run_dir)`` (or a ``load_index`` table, taken as intact).
+    Damaged shards are listed in ``damaged_shards`` and left out of every count."""
     run_dir = _existing_run_dir(run_dir)
     info = _read_run_info(run_dir)
-    index = load_index(run_dir) if index is None else index
-    failures = _read_failures(run_dir, index)
+    if index is None:
+        index = scan_run(run_dir)
+    if isinstance(index, RunIndex):
+        table, damaged, committed = index.intact(), index.damaged_list(), len(index.rows) - len(index.damaged)
+        failures = _read_failures(run_dir, index.table, index.damaged)
+    else:
+        table, damaged, committed = index, [], len(_index_paths(run_dir))
+        failures = _read_failures(run_dir, table)
+    index = table
     ok = index.filter(pc.equal(index["status"], "ok"))
 
     kinds = Counter(k if k is not None else "?" for k in ok["kind"].to_pylist())
@@ -237,7 +348,8 @@ def run_stats(run_dir: str | Path, index: pa.Table | None = None) -> dict[str, A
 
     stats: dict[str, Any] = {
         "run": {name: info.get(name) for name in ("name", "status", "fingerprint", "seed", "created", "finished")},
-        "shards": {"committed": len(_index_paths(run_dir)), "planned": info.get("shards")},
+        "shards": {"committed": committed, "planned": info.get("shards")},
+        "damaged_shards": damaged,
         "samples_ok": ok.num_rows,
         "samples_failed": len(failures),
         "samples_total": ok.num_rows + len(failures),
@@ -251,6 +363,18 @@ def run_stats(run_dir: str | Path, index: pa.Table | None = None) -> dict[str, A
     if ok.num_rows == 0:
         stats["note"] = "no samples: the run has no ok samples"
     return stats
+
+
+def _damage_lines(damaged: list[dict[str, Any]]) -> list[str]:
+    if not damaged:
+        return []
+    lines = [f"damaged:     {len(damaged)} shard(s), left out of the counts above; re-running the build "
+             f"rebuilds them:"]
+    for entry in damaged:
+        indexed = entry["indexed_samples"]
+        lines.append(f"  {entry['shard']}  {entry['reason']}"
+                     + (f"  ({indexed} sample(s) indexed)" if indexed is not None else ""))
+    return lines
 
 
 # =========================================================================== contact sheet
@@ -447,6 +571,38 @@ def render_contact_sheet(samples: list[tuple[str, LayeredSample]], index_rows: d
 
 
 # =========================================================================== report/
+def _read_chosen(scan: RunIndex, n: int, seed: int, members: tuple[str, ...] | None,
+                 decode: Callable[[dict[str, Any]], Any]) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Choose ``n`` ok samples from the intact shards (``choose_samples``), open only their shards
+    (sha256 checked first where the index records it) and ``decode`` each record. A shard found damaged
+    on the way is recorded in ``scan.damaged`` and the choice is made again without it, so a damaged
+    shard costs no rows. Returns (chosen, decoded value per key found)."""
+    while True:
+        damaged_before = len(scan.damaged)
+        chosen = choose_samples(_committed_ok_keys(scan.run_dir, scan.table, scan.damaged), n, seed)
+        decoded: dict[str, Any] = {}
+        for shard in dict.fromkeys(s for s, _ in chosen):
+            keys = [key for s, key in chosen if s == shard]
+            records = scan.open_records(shard, keys, members)
+            if records is None:
+                break
+            absent = [key for key in keys if key not in records]
+            if absent:
+                scan.damaged[shard] = (f"tar {shard}.tar lacks {len(absent)} sample(s) its index lists as ok "
+                                       f"(e.g. {absent[0]})")
+                break
+            for key, record in records.items():
+                try:
+                    decoded[key] = decode(record)
+                except Exception as error:  # noqa: BLE001 - a member that cannot be decoded
+                    scan.damaged[shard] = f"sample {key} in {shard}.tar cannot be decoded ({error_text(error)})"
+                    break
+            if len(scan.damaged) != damaged_before:
+                break
+        if len(scan.damaged) == damaged_before:
+            return chosen, decoded
+
+
 def write_report(run_dir: str | Path, rows: int = 8, seed: int = 0) -> dict[str, Any]:
     """Write ``report/contact_sheet.png`` and ``report/stats.json``; return the stats.
 
@@ -455,20 +611,18 @@ def write_report(run_dir: str | Path, rows: int = 8, seed: int = 0) -> dict[str,
     if rows < 0:
         raise ValueError(f"rows must be >= 0, got {rows}")
     run_dir = _existing_run_dir(run_dir)
-    index = load_index(run_dir)
-    stats = run_stats(run_dir, index)
-    chosen = choose_samples(_committed_ok_keys(run_dir, index), rows, seed)
+    scan = scan_run(run_dir)
+    chosen, decoded = _read_chosen(scan, rows, seed, None, _decode_sample)
+    stats = run_stats(run_dir, scan)  # after reading: a tar found damaged there is left out too
+    index = scan.table
 
     shown: list[tuple[str, LayeredSample]] = []
     missing: list[str] = []
-    for shard in dict.fromkeys(shard for shard, _ in chosen):
-        keys = [key for s, key in chosen if s == shard]
-        records = _read_records(run_dir / f"{shard}.tar", keys)
-        for key in keys:
-            if key in records:
-                shown.append((shard, LayeredSample.from_wds(records[key])))
-            else:  # indexed as ok but absent from its tar: worth reporting, not worth crashing over
-                missing.append(key)
+    for shard, key in chosen:
+        if key in decoded:
+            shown.append((shard, decoded[key]))
+        else:  # indexed as ok but absent from its tar: worth reporting, not worth crashing over
+            missing.append(key)
 
     alpha = [float(s.foreground[..., 3].mean()) / 255.0 for _, s in shown if s.foreground is not None]
     box = [float((s.mask > 0).mean()) for _, s in shown if s.mask is not None]
@@ -487,6 +641,8 @@ def write_report(run_dir: str | Path, rows: int = 8, seed: int = 0) -> dict[str,
                   f"all {stats['samples_failed']} sample(s) failed; see stats.json for the reasons")
     if stats["samples_ok"] and not shown:
         empty_note = "rows=0 was asked for" if rows == 0 else "the chosen samples are missing from their tars"
+    if stats["damaged_shards"]:
+        title = (title[0], title[1] + f" · {len(stats['damaged_shards'])} damaged shard(s), see stats.json")
     sheet = render_contact_sheet(shown, _index_rows(index, [s.key for _, s in shown]), title,
                                  empty_note=empty_note)
 
@@ -509,11 +665,14 @@ def _short(text: str | None, limit: int) -> str:
 
 
 def inspect_run(run_dir: str | Path, samples: int = 3) -> str:
-    """A plain-text summary of a run directory: run.json, counts, failures by reason, a few samples.
-    Reads the index, and only the ``json`` members of the few samples it shows."""
+    """A plain-text summary of a run directory: run.json, counts, failures by reason, damaged shards, a
+    few samples. Reads the index, and only the ``json`` members of the few samples it shows (after
+    checking the sha256 of their tars, where the index records it)."""
     run_dir = _existing_run_dir(run_dir)
-    index = load_index(run_dir)
-    stats = run_stats(run_dir, index)
+    scan = scan_run(run_dir)
+    chosen, metas = _read_chosen(scan, samples, 0, ("json",), _json_member)
+    stats = run_stats(run_dir, scan)
+    index = scan.table
     run = stats["run"]
     lines = [
         f"run:         {run.get('name') or '?'}  ({run.get('status') or 'no run.json'})  at {run_dir}",
@@ -522,7 +681,8 @@ def inspect_run(run_dir: str | Path, samples: int = 3) -> str:
     ]
     planned = stats["shards"]["planned"]
     lines.append(f"shards:      {stats['shards']['committed']} committed"
-                 + (f" of {planned} planned" if planned is not None else ""))
+                 + (f" of {planned} planned" if planned is not None else "")
+                 + (f", {len(stats['damaged_shards'])} damaged" if stats["damaged_shards"] else ""))
     lines.append(f"samples:     {stats['samples_ok']} ok, {stats['samples_failed']} failed "
                  f"({stats['samples_total']} total)")
     if stats["by_kind"]:
@@ -542,18 +702,20 @@ def inspect_run(run_dir: str | Path, samples: int = 3) -> str:
                          f"{_short(group['example_message'], 100)}")
     else:
         lines.append("failures:    none")
+    damage = _damage_lines(stats["damaged_shards"])
+    if damage:
+        lines += [""] + damage
 
-    chosen = choose_samples(_committed_ok_keys(run_dir, index), samples, seed=0)
     if chosen:
         rows = _index_rows(index, [key for _, key in chosen])
         lines += ["", f"samples ({len(chosen)} of {stats['samples_ok']}; "
                       f"`layerloop inspect DIR --key KEY` shows all metadata):"]
         for shard in dict.fromkeys(s for s, _ in chosen):
             keys = [key for s, key in chosen if s == shard]
-            records = _read_records(run_dir / f"{shard}.tar", keys, members=("json",))
+            records = {key: metas[key] for key in keys if key in metas}
             for key in keys:
                 row = rows.get(key, {})
-                meta = json.loads(records[key]["json"]) if key in records else {}
+                meta = records.get(key, {})
                 lines.append(f"  {key}  [{shard}]  {row.get('kind') or meta.get('kind') or '?'}  "
                              f"{row.get('width')}x{row.get('height')}")
                 lines.append(f"    caption:   {_short(row.get('caption'), 110) or '(none)'}")
@@ -576,29 +738,76 @@ def inspect_run(run_dir: str | Path, samples: int = 3) -> str:
 def trace_sample(run_dir: str | Path, key: str) -> dict[str, Any]:
     """Everything the run knows about one key, for lineage tracing: its index row (``scores`` decoded
     from JSON), its full ``json`` member (``None`` unless it was written), its caption, its tar members,
-    and its failure record if it failed. Raises KeyError for a key the run has never seen."""
+    its failure record if it failed, and ``shard_damage``: what is wrong with its shard (``None`` when
+    intact; the tar of a damaged shard is not read). A key of a shard whose index is unreadable is looked
+    for in that shard's tar (status ``unindexed``). Raises KeyError for a key the run has never seen."""
     run_dir = _existing_run_dir(run_dir)
-    index = load_index(run_dir)
+    scan = scan_run(run_dir)
+    index = scan.table
     row = _index_rows(index, [key]).get(key)
     failure = next((f for f in _read_failures(run_dir, index) if f["key"] == key), None)
+    result: dict[str, Any] = {"key": key, "shard": None, "status": "failed", "index_row": None,
+                              "metadata": None, "caption": None, "members": [], "failure": failure,
+                              "shard_damage": None}
     if row is None and failure is None:
-        raise UnknownSampleError(f"{key!r} is not in {run_dir}: no shard index or failures.parquet lists it")
+        unindexed = [stem for stem, count in sorted(scan.rows.items()) if count is None]
+        for stem in unindexed:
+            try:
+                record = _read_records(run_dir / f"{stem}.tar", [key]).get(key)
+            except (DamagedShardError, OSError):
+                continue
+            if record is not None:
+                result.update(shard=stem, status="unindexed", shard_damage=scan.damaged[stem])
+                _fill_from_record(result, record, stem)
+                return result
+        note = (f" (the index of {', '.join(unindexed)} is unreadable and its tar does not hold it either)"
+                if unindexed else "")
+        raise UnknownSampleError(f"{key!r} is not in {run_dir}: no shard index or failures.parquet lists it{note}")
 
-    result: dict[str, Any] = {"key": key, "shard": row["shard"] if row else (failure or {}).get("shard") or None,
-                              "status": row["status"] if row else "failed", "index_row": None,
-                              "metadata": None, "caption": None, "members": [], "failure": failure}
+    result["shard"] = row["shard"] if row else (failure or {}).get("shard") or None
+    result["status"] = row["status"] if row else "failed"
+    if result["shard"] in scan.damaged:
+        result["shard_damage"] = scan.damaged[result["shard"]]
     if row is not None:
         result["index_row"] = {**row, "scores": _scores(row["scores"])}
-        tar = run_dir / f"{row['shard']}.tar"
-        if row["status"] == "ok" and tar.exists():
+        shard = row["shard"]
+        if row["status"] == "ok" and shard not in scan.damaged:
             # All members are selected, but only the key's own: the bytes of other samples are skipped.
-            record = _read_records(tar, [key]).get(key)
-            if record is not None:
-                result["metadata"] = json.loads(record["json"]) if "json" in record else None
-                result["caption"] = record["txt"].decode("utf-8") if "txt" in record else None
-                result["members"] = sorted(name for name in record if not name.startswith("__"))
+            records = scan.open_records(shard, [key])
+            if records is None:
+                result["shard_damage"] = scan.damaged[shard]
+            elif key in records:
+                _fill_from_record(result, records[key], shard)
+            else:
+                result["shard_damage"] = f"tar {shard}.tar lacks {key}, which its index lists as ok"
     return result
 
 
-__all__ = ["load_index", "run_stats", "choose_samples", "write_report", "render_contact_sheet",
+def _decode_sample(record: dict[str, Any]) -> LayeredSample:
+    """A whole sample for the contact sheet; a record without its image members (a truncated tar read
+    by an index without the size record) is an error, not a sample with holes."""
+    from layerloop.samples import REQUIRED_MEMBERS
+
+    absent = [member for member in REQUIRED_MEMBERS if member not in record]
+    if absent:
+        raise ValueError(f"its record lacks {', '.join(absent)}")
+    return LayeredSample.from_wds(record)
+
+
+def _json_member(record: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(record["json"]) if "json" in record else {}
+
+
+def _fill_from_record(result: dict[str, Any], record: dict[str, Any], shard: str) -> None:
+    try:
+        result["metadata"] = json.loads(record["json"]) if "json" in record else None
+        result["caption"] = record["txt"].decode("utf-8") if "txt" in record else None
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        result["shard_damage"] = result["shard_damage"] or (
+            f"sample {result['key']} in {shard}.tar cannot be decoded ({error_text(error)})")
+    result["members"] = sorted(name for name in record if not name.startswith("__"))
+
+
+__all__ = ["load_index", "scan_run", "RunIndex", "DamagedShardError", "run_stats", "choose_samples",
+           "write_report", "render_contact_sheet",
            "inspect_run", "trace_sample", "SheetLayout", "LAYOUT", "UnknownSampleError"]

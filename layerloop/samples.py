@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,8 @@ IMAGE_MEMBERS: dict[str, tuple[str, str, int]] = {
     "object_mask.png": ("object_mask", "L", 1),
 }
 REQUIRED_MEMBERS = ("composite.png", "background.png", "foreground.png", "mask.png")
+# The ``json`` member is strict JSON (no NaN/Infinity, valid UTF-8) of at most this many bytes.
+METADATA_MAX_BYTES = 1 << 20
 
 
 class SampleError(ValueError):
@@ -146,8 +149,8 @@ class LayeredSample:
             value = getattr(self, attr)
             if value is not None:
                 record[member] = encode_png(value, mode)
-        record["txt"] = self.caption.encode("utf-8")
-        record["json"] = json.dumps(self.metadata(), sort_keys=True, ensure_ascii=False).encode("utf-8")
+        record["txt"] = _caption_bytes(self.caption)
+        record["json"] = strict_json_bytes(self.metadata())
         return record
 
     @classmethod
@@ -173,6 +176,85 @@ class LayeredSample:
 
 
 # ---------------------------------------------------------------------- helpers
+def strict_json_bytes(metadata: dict[str, Any], limit: int = METADATA_MAX_BYTES) -> bytes:
+    """The ``json`` member's bytes: ``json.dumps(sort_keys=True, ensure_ascii=False)`` as UTF-8 (the same
+    bytes as before for clean metadata), refused with a SampleError naming the field when it would not be
+    strict JSON (NaN/Infinity, text that is not valid UTF-8, a value JSON has no type for) or when it is
+    larger than ``limit`` bytes."""
+    problem = _json_problem(metadata, "")
+    if problem is not None:
+        path, what = problem
+        raise SampleError(f"metadata field {path or '(root)'} {what}: shards hold strict JSON only")
+    data = json.dumps(metadata, sort_keys=True, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(data) > limit:
+        sizes = {name: len(json.dumps(value, ensure_ascii=False).encode("utf-8")) for name, value in metadata.items()}
+        largest = max(sizes, key=sizes.get) if sizes else "?"
+        raise SampleError(f"metadata is {len(data)} bytes, more than the {limit} a shard's json member may hold "
+                          f"(largest field: {largest}, {sizes.get(largest, 0)} bytes)")
+    return data
+
+
+def _json_problem(value: Any, path: str) -> tuple[str, str] | None:
+    """(field path, what is wrong) of the first value of ``value`` that strict JSON cannot hold."""
+    if isinstance(value, str):
+        return _text_problem(value, path)
+    if isinstance(value, bool) or value is None or isinstance(value, int):
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return path, "is NaN"
+        if math.isinf(value):
+            return path, "is Infinity" if value > 0 else "is -Infinity"
+        return None
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            if not isinstance(name, str):
+                return path, f"has a key {name!r} that is not text"
+            inner_path = f"{path}.{name}" if path else name
+            problem = _text_problem(name, inner_path, "has a name")
+            if problem is not None:
+                return safe_text(inner_path), problem[1]
+            problem = _json_problem(inner, inner_path)
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, (list, tuple)):
+        for position, inner in enumerate(value):
+            problem = _json_problem(inner, f"{path}[{position}]")
+            if problem is not None:
+                return problem
+        return None
+    return path, f"is a {type(value).__name__}, not a JSON value"
+
+
+def _text_problem(text: str, path: str, what: str = "is text") -> tuple[str, str] | None:
+    """(path, "<what> that is not valid UTF-8 (lone surrogate ... at position N ...)") or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return path, (f"{what} that is not valid UTF-8 (lone surrogate {text[error.start]!r} at position "
+                      f"{error.start}; a file name that is not UTF-8?)")
+    return None
+
+
+def safe_text(value: Any) -> str | None:
+    """``value`` as a str that any UTF-8 writer accepts: lone surrogates (from file names that are not
+    UTF-8, decoded with ``surrogateescape``) become backslash escapes such as ``\\udcff``. Valid text is
+    returned unchanged, so this never changes the bytes of a clean run. ``None`` stays ``None``."""
+    if value is None:
+        return None
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _caption_bytes(caption: Any) -> bytes:
+    if not isinstance(caption, str):
+        raise SampleError(f"caption is a {type(caption).__name__}, not text")
+    problem = _text_problem(caption, "caption")
+    if problem is not None:
+        raise SampleError(f"caption {problem[1]}: shards hold UTF-8 text only")
+    return caption.encode("utf-8")
+
+
 def encode_png(array: np.ndarray, mode: str) -> bytes:
     """Deterministic PNG bytes (fixed compression level, no metadata chunks)."""
     buffer = io.BytesIO()

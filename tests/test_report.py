@@ -309,3 +309,103 @@ def test_reads_shards_written_by_the_shard_writer(tmp_path):
     stats = write_report(tmp_path, rows=2)
     assert (stats["samples_ok"], stats["samples_failed"], stats["sampled"]["rows"]) == (3, 1, 2)
     assert trace_sample(tmp_path, "demo_0001")["metadata"] == samples[1].metadata()
+
+
+# ------------------------------------------------------------------------------- damaged shards
+# A real build (local executor, tiny demo config), then one shard damaged: every reader finishes and
+# names the shard and what is wrong; the other shard is reported as usual.
+def _truncate(run_dir: Path) -> str:
+    tar = run_dir / "demo-000001.tar"
+    size = tar.stat().st_size
+    tar.write_bytes(tar.read_bytes()[:1000])
+    return f"tar is 1000 bytes, index says {size}"
+
+
+def _delete(run_dir: Path) -> str:
+    (run_dir / "demo-000001.tar").unlink()
+    return "tar demo-000001.tar is missing"
+
+
+def _corrupt_same_size(run_dir: Path) -> str:
+    tar = run_dir / "demo-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[600:700] = bytes(100)
+    tar.write_bytes(bytes(data))
+    return "(same size, different bytes)"
+
+
+def _corrupt_index(run_dir: Path) -> str:
+    (run_dir / "demo-000001.parquet").write_bytes(b"PAR1" + b"\0" * 64)
+    return "index demo-000001.parquet is unreadable"
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory) -> Path:
+    from layerloop.config import load_config
+    from layerloop.pipelines.build import build
+
+    config = load_config("demo", ["source.n=8", "source.size=64", "stages.load.short_side=64",
+                                  "shards.samples_per_shard=4", "executor=local"])
+    out = tmp_path_factory.mktemp("real") / "run"
+    build(config, out=out, executor="local", progress=False, report=False)
+    return out
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete, _corrupt_same_size, _corrupt_index])
+def test_reports_name_a_damaged_shard_instead_of_crashing(real_run, tmp_path, damage):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(real_run, run_dir)
+    intact_keys = [r["key"] for r in pq.read_table(run_dir / "demo-000000.parquet").to_pylist()]
+    damaged_keys = [r["key"] for r in pq.read_table(run_dir / "demo-000001.parquet").to_pylist()]
+    reason = damage(run_dir)
+
+    text = inspect_run(run_dir, samples=8)  # asks for every sample: the damaged shard is chosen first
+    assert "1 committed of 2 planned, 1 damaged" in text
+    assert "damaged:" in text and "demo-000001" in text and reason in text
+    assert "4 ok, 0 failed" in text  # the intact shard's samples; the damaged one is left out
+    assert all(f"  {key}  [demo-000000]" in text for key in intact_keys)
+
+    stats = write_report(run_dir, rows=8, seed=0)
+    [entry] = stats["damaged_shards"]
+    assert entry["shard"] == "demo-000001" and reason in entry["reason"]
+    assert entry["indexed_samples"] == (None if damage is _corrupt_index else 4)
+    assert stats["samples_ok"] == 4 and stats["shards"]["committed"] == 1
+    assert sorted(stats["sampled"]["keys"]) == sorted(intact_keys)
+    on_disk = json.loads((run_dir / "report" / "stats.json").read_text())
+    assert on_disk["damaged_shards"] == stats["damaged_shards"]
+    assert Image.open(run_dir / "report" / "contact_sheet.png").size == (LAYOUT.width, LAYOUT.height(4))
+
+    trace = trace_sample(run_dir, damaged_keys[1])
+    assert trace["shard"] == "demo-000001" and reason in trace["shard_damage"]
+    if damage is _corrupt_index:  # no index lists it: found in the tar, which is intact
+        assert trace["status"] == "unindexed" and trace["metadata"]["key"] == damaged_keys[1]
+    else:
+        assert trace["status"] == "ok" and trace["metadata"] is None  # a damaged tar is not read
+    intact = trace_sample(run_dir, intact_keys[0])
+    assert intact["shard_damage"] is None and intact["metadata"]["key"] == intact_keys[0]
+
+
+def test_old_index_without_record_with_a_broken_tar_is_named(tmp_path):
+    """An index from before the size/sha256 record cannot be verified up front: the tar is read as before,
+    and when it turns out truncated or garbage the shard is named, not a crash."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_shard(run_dir, "demo-000000", [make_sample(f"demo_{i:04d}", i, 32, 32) for i in range(2)], [])
+    write_shard(run_dir, "demo-000001", [make_sample(f"demo_{i:04d}", i, 32, 32) for i in range(2, 4)], [])
+    write_run_json(run_dir, shards=2)
+    tar = run_dir / "demo-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:2500])  # mid-sample: webdataset yields a sample with holes
+
+    stats = write_report(run_dir, rows=4, seed=0)
+    [entry] = stats["damaged_shards"]
+    assert entry == {"shard": "demo-000001", "indexed_samples": 2,
+                     "reason": "tar demo-000001.tar lacks 1 sample(s) its index lists as ok (e.g. demo_0003)"}
+    assert sorted(stats["sampled"]["keys"]) == ["demo_0000", "demo_0001"]
+
+    tar.write_bytes(b"\x01" * 2048)  # not a tar at all
+    text = inspect_run(run_dir, samples=4)
+    assert "demo-000001  tar demo-000001.tar is unreadable (ReadError" in text
+    trace = trace_sample(run_dir, "demo_0003")
+    assert "demo-000001.tar is unreadable" in trace["shard_damage"] and trace["metadata"] is None

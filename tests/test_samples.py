@@ -84,3 +84,49 @@ def test_fail_records_reason_and_clears_work():
     assert sample.failure.as_row() == {"key": "demo_0001", "stage": "matting", "error_type": "ValueError",
                                        "message": "trimap has no unknown region"}
     assert sample.work == {}
+
+
+# ------------------------------------------------------------------------------ strict json member
+@pytest.mark.parametrize("meta, message", [
+    ({"entry_score": float("nan")}, "metadata field entry_score is NaN: shards hold strict JSON only"),
+    ({"scores": {"clip": float("inf")}}, "metadata field scores.clip is Infinity"),
+    ({"bbox": [1, 2, float("-inf"), 4]}, r"metadata field bbox\[2\] is -Infinity"),
+    ({"stages": {"load": {"params": [{"gamma": float("nan")}]}}}, r"stages.load.params\[0\].gamma is NaN"),
+    ({"source_path": "photos/caf\udce9.jpg"}, r"metadata field source_path is text that is not valid UTF-8 "
+                                              r"\(lone surrogate '\\udce9' at position 10"),
+    ({"files": {"caf\udce9.jpg": 1}}, r"metadata field files.caf\\udce9.jpg has a name that is not valid UTF-8"),
+    ({"blob": b"raw"}, "metadata field blob is a bytes, not a JSON value"),
+])
+def test_metadata_that_is_not_strict_json_is_refused_naming_the_field(meta, message):
+    sample = make_quadruple()
+    sample.meta.update(meta)
+    with pytest.raises(SampleError, match=message):
+        sample.to_wds()
+
+
+def test_metadata_member_is_capped():
+    from layerloop.samples import METADATA_MAX_BYTES
+
+    sample = make_quadruple()
+    sample.meta["notes"] = "x" * METADATA_MAX_BYTES
+    with pytest.raises(SampleError, match=r"metadata is \d+ bytes, more than the 1048576 .*\(largest field: notes"):
+        sample.to_wds()
+    sample.meta["notes"] = "x" * (METADATA_MAX_BYTES - 1000)  # just under: written
+    assert len(sample.to_wds()["json"]) <= METADATA_MAX_BYTES
+
+
+def test_caption_that_is_not_utf8_is_refused():
+    sample = make_quadruple()
+    sample.caption = "a dog named \udcff"
+    with pytest.raises(SampleError, match=r"caption is text that is not valid UTF-8 \(lone surrogate '\\udcff'"):
+        sample.to_wds()
+
+
+def test_strict_json_member_has_the_bytes_of_the_previous_encoding():
+    """Clean metadata (non-ASCII included) gives exactly the bytes ``json.dumps(ensure_ascii=False)`` gave,
+    so existing shards are reproduced byte for byte."""
+    sample = make_quadruple()
+    sample.meta.update({"caption_src": "Café über 東京", "score": 0.25, "nested": {"b": [1, 2.5], "a": None}})
+    expected = json.dumps(sample.metadata(), sort_keys=True, ensure_ascii=False).encode("utf-8")
+    assert sample.to_wds()["json"] == expected
+    assert json.loads(expected.decode("utf-8"), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))

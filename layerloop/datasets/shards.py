@@ -3,27 +3,51 @@
 A shard is the unit of work and of commit: ``<name>-NNNNNN.tar`` (webdataset's ``TarWriter``, no
 hand-written tar code) plus ``<name>-NNNNNN.parquet`` with one row per sample of the shard's group,
 failures included. Both are written under temporary names and renamed, the parquet last: a shard is
-committed exactly when its parquet exists under its final name. A crash leaves only temporary files,
-which the next run deletes before rebuilding that shard.
+committed exactly when its parquet exists under its final name and its tar matches what the parquet
+records. A crash leaves only temporary files, which the next run deletes before rebuilding that shard.
 
 Bytes are reproducible: tar members carry a fixed mtime/user/mode, PNG encoding is fixed
 (``samples.encode_png``), and the parquet holds no timings, so the same samples give the same files.
+
+Integrity. The parquet's schema metadata (key-value pairs ``layerloop.tar_size`` and
+``layerloop.tar_sha256``) records the size and sha256 of the tar it commits, computed while the tar is
+written (the bytes are hashed on their way to the file, never read back). Both are functions of the tar
+bytes, so the parquet stays deterministic. ``check_shard`` is the one answer to "is this shard
+committed" and is used everywhere:
+
+* ``ShardWriter.committed_summary`` (the build's resume), ``ShardWriter.write``'s already-committed fast
+  path and ``ShardWriter.is_committed`` (a retried task) check size *and* sha256. A shard that fails,
+  or whose index predates the record and so cannot be verified, is removed (index first, so it is never
+  committed-but-damaged in between) and rebuilt; the reason is kept in ``ShardWriter.damaged``.
+* Readers (``shard_paths``, ``layerloop.report``) check that the index is readable, the tar exists and
+  has the recorded size, which costs a ``stat`` and a parquet footer, not a read of the data; the report
+  also checks the sha256 of the few tars it opens. They accept an index without the record (an older
+  run) as "unverified".
+
+Ownership. A writer may carry a ``RunOwner`` (the run lock's token): just before its commit renames it
+re-reads the lock file and refuses to commit (``RunOwnershipLost``) when another driver has taken the
+run over. See ``RunOwner`` for the window that remains and why it is harmless.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import tarfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import webdataset as wds
 
-from layerloop.samples import LayeredSample
+from layerloop.errors import EXIT_OWNERSHIP_LOST, LayerloopError, attach_path
+from layerloop.samples import LayeredSample, safe_text
+
+log = logging.getLogger(__name__)
 
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -47,12 +71,206 @@ FAILURE_SCHEMA = pa.schema([
     ("shard", pa.string()),  # "" for failures found while listing the source
 ])
 TMP_MARK = ".tmp-"
+# Parquet schema metadata of a shard index: the tar it commits (decimal size, hex sha256).
+TAR_SIZE_KEY = b"layerloop.tar_size"
+TAR_SHA256_KEY = b"layerloop.tar_sha256"
+TAR_FORMAT = tarfile.USTAR_FORMAT  # webdataset's TarWriter default; member headers are checked against it
+_HASH_CHUNK = 1 << 20
+# run.lock: a readable first line ("pid N on HOST since TIME"), then "owner <token>".
+LOCK_OWNER_PREFIX = "owner "
 
 
 def shard_stem(name: str, index: int) -> str:
     return f"{name}-{index:06d}"
 
 
+# ============================================================================= run ownership
+class RunOwnershipLost(LayerloopError, RuntimeError):
+    """A writer of a driver that no longer holds the run lock was about to commit (or remove) a shard.
+    The message names both owners; the CLI exits with ``EXIT_OWNERSHIP_LOST``."""
+
+    exit_code = EXIT_OWNERSHIP_LOST
+
+
+def format_lock(holder: str, token: str) -> str:
+    return f"{holder}\n{LOCK_OWNER_PREFIX}{token}\n"
+
+
+def parse_lock(text: str) -> tuple[str | None, str]:
+    """(owner token or None, readable holder line) of a ``run.lock`` file's text."""
+    token, holder = None, []
+    for line in text.splitlines():
+        if line.startswith(LOCK_OWNER_PREFIX):
+            token = line[len(LOCK_OWNER_PREFIX):].strip() or None
+        elif line.strip():
+            holder.append(line.strip())
+    return token, " ".join(holder)
+
+
+@dataclass(frozen=True)
+class RunOwner:
+    """Who may commit shards into a run directory: the token ``RunDirectory.acquire`` wrote into
+    ``run.lock`` (``lock_path``) and that driver's readable holder line. Picklable, so it travels to Ray
+    workers inside the pipeline's ``ShardWriter``.
+
+    ``check()`` re-reads the lock file and raises ``RunOwnershipLost`` when the token there is not this
+    one: the driver that started this writer died (its flock went with it) and a new driver took the run.
+    The writer calls it just before its two commit renames (and before removing a damaged shard).
+
+    What remains is the window between that check and the renames (two ``os.replace`` calls, normally
+    microseconds, longer only if the process is descheduled there): a new driver may take the lock inside
+    it, and the orphaned writer then still commits. The files stay correct: (1) the bytes of a shard are a
+    function of its input and config alone, and a new driver only resumes the same run (``run.json``
+    refuses another config or source listing), so the orphan writes exactly the bytes the new driver would
+    write; (2) each rename is atomic, so every reader sees a whole old file or a whole new one, never a
+    mix, and two writers racing on one shard replace a file by identical bytes; (3) the tar is renamed
+    before the parquet that commits it, so an orphan stopped between the renames leaves an uncommitted tar
+    (rebuilt), and an orphan whose temporaries the new driver deleted (``remove_stale_temporaries`` at its
+    start) fails its rename and commits nothing. Anything else that could go wrong in a race (a pair that
+    does not match) is caught by the size/sha256 check on the next resume and rebuilt.
+    """
+
+    token: str
+    lock_path: Path
+    holder: str = ""
+
+    def current(self) -> tuple[str | None, str]:
+        """(token, holder line) now in the lock file; (None, why) when it cannot be read."""
+        try:
+            return parse_lock(Path(self.lock_path).read_text(errors="replace"))
+        except OSError as error:
+            return None, f"unreadable lock file ({error})"
+
+    def check(self, action: str) -> None:
+        token, holder = self.current()
+        if token != self.token:
+            raise RunOwnershipLost(
+                f"refusing to {action}: this writer belongs to the run owner {self.token} "
+                f"({self.holder or 'holder unknown'}), but {self.lock_path} now names "
+                f"{token or 'no owner'} ({holder or 'no holder line'}); that driver owns the run now")
+
+
+# ============================================================================= integrity
+@dataclass(frozen=True)
+class ShardCheck:
+    """What ``check_shard`` found. ``status``: ``ok`` (committed and verified), ``unverified`` (index
+    readable, tar present, but the index predates the size/sha256 record), ``absent`` (no index: not
+    committed) or ``damaged`` (``reason`` says what is wrong)."""
+
+    status: str
+    reason: str = ""
+    rows: tuple[dict[str, Any], ...] | None = None  # the index rows, when asked for and readable
+
+    @property
+    def committed(self) -> bool:
+        """Verified: what a writer may skip."""
+        return self.status == "ok"
+
+    @property
+    def readable(self) -> bool:
+        """What a reader may open: verified, or from an older writer without the record."""
+        return self.status in ("ok", "unverified")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tar_record(index_path: str | Path) -> tuple[int, str] | None:
+    """(size, sha256) of the tar as its index records them, ``None`` for an index without the record.
+    Raises what pyarrow raises for a missing or unreadable index."""
+    metadata = pq.read_metadata(index_path).metadata or {}
+    if TAR_SIZE_KEY not in metadata or TAR_SHA256_KEY not in metadata:
+        return None
+    return int(metadata[TAR_SIZE_KEY]), metadata[TAR_SHA256_KEY].decode("ascii")
+
+
+def error_text(error: BaseException) -> str:
+    """``Type: first line of the message`` (webdataset and tarfile append streams and names to ``args``)."""
+    first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)
+    lines = first.strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = True,
+                read_rows: bool = False) -> ShardCheck:
+    """Is the shard ``tar_path`` + ``index_path`` committed and intact? The one check every caller uses.
+
+    In order: the index exists (else ``absent``) and is readable; the tar exists; the index records the
+    tar's size and sha256 (else ``unverified``); the tar has that size; with ``content`` its sha256 matches
+    (this reads the whole tar). ``read_rows`` also returns the index rows (``rows``)."""
+    tar_path, index_path = Path(tar_path), Path(index_path)
+    if not index_path.exists():
+        return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
+    try:
+        record = tar_record(index_path)
+        rows = tuple(pq.read_table(index_path).to_pylist()) if read_rows else None
+    except FileNotFoundError:
+        return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
+    except Exception as error:  # noqa: BLE001 - any unreadable index is a damaged shard, named
+        return ShardCheck("damaged", f"index {index_path.name} is unreadable ({error_text(error)})")
+    try:
+        size = tar_path.stat().st_size
+    except FileNotFoundError:
+        return ShardCheck("damaged", f"tar {tar_path.name} is missing", rows)
+    except OSError as error:
+        return ShardCheck("damaged", f"tar {tar_path.name} cannot be read ({error_text(error)})", rows)
+    if record is None:
+        return ShardCheck("unverified", f"index {index_path.name} records no tar size and sha256 "
+                                        "(written by an older layerloop), so the tar cannot be verified", rows)
+    want_size, want_sha = record
+    if size != want_size:
+        return ShardCheck("damaged", f"tar is {size} bytes, index says {want_size}", rows)
+    if content:
+        try:
+            sha = file_sha256(tar_path)
+        except OSError as error:
+            return ShardCheck("damaged", f"tar {tar_path.name} cannot be read ({error_text(error)})", rows)
+        if sha != want_sha:
+            return ShardCheck("damaged", f"tar's sha256 is {sha[:16]}..., index says {want_sha[:16]}... "
+                                         f"(same size, different bytes)", rows)
+    return ShardCheck("ok", "", rows)
+
+
+class _HashingStream:
+    """A write-only file wrapper that hashes and counts what passes through (tarfile's stream mode
+    ``w|`` only calls ``write``)."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.size += view.nbytes
+        return self.stream.write(data)
+
+
+def check_tar_record(record: dict[str, Any], format: int = TAR_FORMAT) -> None:
+    """Raise ValueError unless ``TarWriter.write(record)`` can write every member (bytes values, member
+    names that fit a tar header), so that a sample is either written whole or not at all."""
+    key = record["__key__"]
+    for member, value in record.items():
+        if member.startswith("_"):
+            continue
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise ValueError(f"tar member {member} is a {type(value).__name__}, not bytes")
+        info = tarfile.TarInfo(f"{key}.{member}")
+        info.size = len(value)
+        try:
+            info.tobuf(format, "utf-8", "strict")
+        except (ValueError, UnicodeError) as error:
+            raise ValueError(f"tar member name {info.name!r} ({len(info.name)} characters) does not fit a "
+                             f"tar header: {error}") from None
+
+
+# ============================================================================= writing
 @dataclass(frozen=True)
 class ShardSummary:
     index: int
@@ -62,67 +280,140 @@ class ShardSummary:
     skipped: bool = False  # already committed before this attempt
 
 
-class ShardWriter:
-    """Writes one shard group atomically into a run directory."""
+@dataclass(frozen=True)
+class CommittedShard:
+    """``ShardWriter.committed_summary``'s answer: ``summary`` when the shard is committed and verified
+    (skip it), else ``None`` (build it); ``problem`` when a damaged pair was just removed."""
 
-    def __init__(self, out_dir: str | Path, name: str):
+    summary: ShardSummary | None
+    problem: str | None = None
+
+
+class ShardWriter:
+    """Writes one shard group atomically into a run directory.
+
+    ``owner`` (optional): the run's ``RunOwner`` (``RunDirectory.owner``); with one, the writer refuses to
+    commit or remove a shard once another driver holds the run lock. Without one (tests, tools writing a
+    private directory) it commits unconditionally. ``damaged`` maps shard index -> why a committed-looking
+    shard was removed for rebuilding (filled by ``committed_summary``; per process: a Ray worker's copy
+    stays on the worker)."""
+
+    def __init__(self, out_dir: str | Path, name: str, owner: RunOwner | None = None):
         self.out_dir = Path(out_dir)
         self.name = name
+        self.owner = owner
+        self.damaged: dict[int, str] = {}
 
     def paths(self, index: int) -> tuple[Path, Path]:
         stem = shard_stem(self.name, index)
         return self.out_dir / f"{stem}.tar", self.out_dir / f"{stem}.parquet"
 
+    def committed_summary(self, index: int) -> CommittedShard:
+        """Whether shard ``index`` is committed, verified: ``.summary`` is its recorded summary
+        (``skipped=True``) when its index is readable, records its tar's size and sha256, and the tar
+        matches both; otherwise ``None``. A damaged or unverifiable pair (an index from an older layerloop)
+        is removed first, index before tar, so the shard is rebuilt; ``.problem`` then says why, e.g.
+        ``shard demo-000002 rebuilt: tar is 1234 bytes, index says 5678`` (also kept in
+        ``self.damaged[index]`` and logged). With an owner, the removal is refused (``RunOwnershipLost``)
+        once another driver holds the run."""
+        tar_path, index_path = self.paths(index)
+        check = check_shard(tar_path, index_path, content=True, read_rows=True)
+        if check.committed:
+            return CommittedShard(summary_from_rows(index, list(check.rows or ()), skipped=True))
+        if check.status == "absent":
+            return CommittedShard(None)
+        stem = shard_stem(self.name, index)
+        if self.owner is not None:
+            self.owner.check(f"remove damaged shard {stem} ({check.reason})")
+        index_path.unlink(missing_ok=True)  # un-commit first: never a commit mark over a removed tar
+        tar_path.unlink(missing_ok=True)
+        self.damaged[index] = check.reason
+        problem = f"shard {stem} rebuilt: {check.reason}"
+        log.info("%s", problem)  # the build reports it; on a Ray worker (a retried task) this log is all
+        return CommittedShard(None, problem)
+
     def is_committed(self, index: int) -> bool:
-        return self.paths(index)[1].exists()
+        """Committed and verified (``committed_summary``, which removes a damaged pair)."""
+        return self.committed_summary(index).summary is not None
 
     def write(self, index: int, samples: Iterable[LayeredSample]) -> ShardSummary:
         tar_path, index_path = self.paths(index)
-        if index_path.exists():  # a retried task after a commit: never write a shard twice
-            return summary_from_index(index, index_path, skipped=True)
+        committed = self.committed_summary(index).summary
+        if committed is not None:  # a retried task after a commit: never write a shard twice
+            return committed
+        import webdataset as wds  # imported here: slow to import, and readers of indexes do not need it
+
         token = uuid.uuid4().hex[:8]
         tmp_tar = tar_path.with_name(f"{tar_path.name}{TMP_MARK}{token}")
         tmp_index = index_path.with_name(f"{index_path.name}{TMP_MARK}{token}")
         rows = []
         try:
             with open(tmp_tar, "wb") as stream:
-                writer = wds.TarWriter(stream, encoder=False, mtime=0, user="layerloop", group="layerloop",
-                                           mode=0o444)
+                hashed = _HashingStream(stream)
+                writer = wds.TarWriter(hashed, encoder=False, mtime=0, user="layerloop", group="layerloop",
+                                       mode=0o444)
                 for sample in samples:
                     if sample.ok:
                         try:
-                            writer.write(sample.to_wds())
-                        except Exception as error:  # schema violation: recorded, not written
+                            record = sample.to_wds()
+                            check_tar_record(record)
+                        except Exception as error:  # schema violation: recorded, nothing written
                             sample.fail("write", error)
+                        else:
+                            # Every member was checked above, so what raises here is I/O (disk full):
+                            # it aborts the shard (temporaries removed) instead of leaving half a sample.
+                            writer.write(record)
                     rows.append(index_row(sample))
                 writer.close()
                 stream.flush()
                 os.fsync(stream.fileno())
-            pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp_index)
+            tar_meta = {TAR_SIZE_KEY: str(hashed.size).encode("ascii"),
+                        TAR_SHA256_KEY: hashed.digest.hexdigest().encode("ascii")}
+            pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA.with_metadata(tar_meta)), tmp_index)
+            if self.owner is not None:
+                self.owner.check(f"commit shard {shard_stem(self.name, index)}")
             os.replace(tmp_tar, tar_path)
             os.replace(tmp_index, index_path)  # the commit point
+        except OSError as error:  # disk full, read-only: name the shard being written
+            raise attach_path(error, index_path if tar_path.exists() else tar_path) from error
         finally:
             for tmp in (tmp_tar, tmp_index):
                 tmp.unlink(missing_ok=True)
         return summary_from_rows(index, rows)
 
 
+def _scores_json(scores: Any) -> str:
+    """The index's ``scores`` column: JSON text whatever a stage put there (numpy values, odd keys);
+    ``ensure_ascii`` escapes lone surrogates. Clean scores give the same text as plain ``json.dumps``."""
+    try:
+        return json.dumps(scores, sort_keys=True, default=_json_fallback)
+    except (TypeError, ValueError):
+        return json.dumps({"unserialisable": repr(scores)})
+
+
+def _json_fallback(value: Any) -> Any:
+    item = getattr(value, "tolist", None)  # numpy scalars and arrays
+    return item() if callable(item) else repr(value)
+
+
 def index_row(sample: LayeredSample) -> dict:
+    """One parquet index row. Every text passes ``safe_text``: a key, message or source id holding a
+    lone surrogate (a file name that is not UTF-8) must not stop the index write."""
     size = sample.size if sample.ok else None
     failure = sample.failure
     return {
-        "key": sample.key,
+        "key": safe_text(sample.key),
         "status": "ok" if failure is None else "failed",
-        "kind": sample.kind if failure is None else None,
-        "stage": failure.stage if failure else None,
-        "error_type": failure.error_type if failure else None,
-        "message": failure.message if failure else None,
+        "kind": safe_text(sample.kind) if failure is None else None,
+        "stage": safe_text(failure.stage) if failure else None,
+        "error_type": safe_text(failure.error_type) if failure else None,
+        "message": safe_text(failure.message) if failure else None,
         "width": size[1] if size else None,
         "height": size[0] if size else None,
-        "caption": sample.caption if failure is None else None,
-        "source": str(sample.meta.get("source")) if sample.meta.get("source") is not None else None,
-        "source_id": str(sample.meta.get("source_id")) if sample.meta.get("source_id") is not None else None,
-        "scores": json.dumps(sample.meta.get("scores", {}), sort_keys=True),
+        "caption": safe_text(sample.caption) if failure is None else None,
+        "source": safe_text(sample.meta.get("source")),
+        "source_id": safe_text(sample.meta.get("source_id")),
+        "scores": _scores_json(sample.meta.get("scores", {})),
     }
 
 
@@ -133,6 +424,8 @@ def summary_from_rows(index: int, rows: list[dict], skipped: bool = False) -> Sh
 
 
 def summary_from_index(index: int, index_path: Path, skipped: bool = True) -> ShardSummary:
+    """The summary an index records, unverified: callers deciding whether to skip a shard use
+    ``ShardWriter.committed_summary``."""
     return summary_from_rows(index, pq.read_table(index_path).to_pylist(), skipped=skipped)
 
 
@@ -146,13 +439,18 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
 
 
 def shard_paths(run_dir: str | Path) -> list[Path]:
-    """Committed tar shards of a run directory, in order."""
+    """Readable committed tar shards of a run directory, in order: the index is readable, the tar exists
+    and has the size its index records (``check_shard(..., content=False)``; an index of an older
+    layerloop without the record is accepted)."""
     run_dir = Path(run_dir)
-    return sorted(p for p in run_dir.glob("*.tar") if p.with_suffix(".parquet").exists())
+    return sorted(p for p in run_dir.glob("*.tar")
+                  if check_shard(p, p.with_suffix(".parquet"), content=False).readable)
 
 
 def read_samples(urls: str | Path | list, shuffle: bool = False) -> Iterator[LayeredSample]:
     """Iterate LayeredSamples from shards with plain ``webdataset.WebDataset`` (no custom decoder)."""
+    import webdataset as wds
+
     if isinstance(urls, (str, Path)) and Path(urls).is_dir():
         urls = shard_paths(urls)
     if isinstance(urls, (list, tuple)):

@@ -3,6 +3,12 @@
 * One writer at a time: ``run.lock`` is held with ``flock`` for the whole run. The kernel releases it
   when the process dies, so a killed run never leaves a stale lock; a second run on the same directory
   while the first is alive refuses with a message naming the holder.
+* One owner at a time, also for workers: ``acquire`` writes a fresh random token into ``run.lock`` (after
+  the readable ``pid N on HOST since TIME`` line). ``run.owner`` (a ``RunOwner``) given to the
+  ``ShardWriter`` makes every writer of this driver, Ray workers included, re-check the token just before
+  it commits: a worker still running for a driver that was killed cannot commit once a new driver holds
+  the run (see ``shards.RunOwner`` for the window that remains and why it is harmless).
+* A run that stops on an error records it: ``fail(message)`` sets ``status: failed`` in ``run.json``.
 * Resume: ``run.json`` stores the config fingerprint and the digest of the source's key listing. A
   re-run with the same config skips committed shards and rebuilds interrupted ones; a re-run with a
   different config or a changed source is refused instead of mixing two datasets in one directory.
@@ -11,10 +17,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import json
 import os
 import platform
+import secrets
 import socket
 from pathlib import Path
 from typing import Any
@@ -22,7 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from layerloop.datasets.shards import FAILURE_SCHEMA, shard_stem
+from layerloop.datasets.shards import FAILURE_SCHEMA, RunOwner, format_lock, parse_lock, shard_stem
+from layerloop.samples import safe_text
 
 
 class RunLockedError(RuntimeError):
@@ -31,6 +40,13 @@ class RunLockedError(RuntimeError):
 
 class RunMismatchError(RuntimeError):
     pass
+
+
+def _path_error(error: OSError, what: str, path: Path) -> OSError:
+    """The same OSError subclass as ``error`` (same errno), saying what failed, the cause and the path:
+    ``str()`` gives ``[Errno 13] cannot create the run directory (Permission denied): '/out'``."""
+    cause = error.strerror or str(error) or type(error).__name__
+    return type(error)(error.errno, f"{what}: {cause}", str(path))
 
 
 def library_versions() -> dict[str, str]:
@@ -66,28 +82,72 @@ class RunDirectory:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock_file = None
+        self._owner: RunOwner | None = None
 
     # ------------------------------------------------------------------ lock
+    @property
+    def lock_path(self) -> Path:
+        return self.path / "run.lock"
+
     def acquire(self) -> RunDirectory:
-        self.path.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path / "run.lock"
-        handle = open(lock_path, "a+")
+        """Take the run lock and write a fresh owner token into it. Raises RunLockedError while another
+        run holds it; ``--out`` being a file, or a directory this process cannot write, raises the
+        OSError subclass the system gave (NotADirectoryError, FileExistsError, PermissionError, ...) with a
+        message that names the path."""
+        self._make_directory()
+        lock_path = self.lock_path
+        try:
+            handle = open(lock_path, "a+")
+        except OSError as error:
+            raise _path_error(error, "cannot open the run lock", lock_path) from error
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            _, holder = parse_lock(handle.read())
             handle.close()
             raise RunLockedError(
-                f"{self.path} is in use by another layerloop run ({holder}). Wait for it to finish, "
-                f"or give this run another --out directory.") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{_dt.datetime.now().isoformat(timespec='seconds')}")
-        handle.flush()
+                f"{self.path} is in use by another layerloop run ({holder or 'another process'}). Wait for it "
+                f"to finish, or give this run another --out directory.") from None
+        except OSError as error:
+            handle.close()
+            raise _path_error(error, "cannot lock the run lock", lock_path) from error
+        token = secrets.token_hex(16)
+        holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{_dt.datetime.now().isoformat(timespec='seconds')}")
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(format_lock(holder, token))
+            handle.flush()
+            os.fsync(handle.fileno())  # workers on other nodes read it through the shared filesystem
+        except OSError as error:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+            raise _path_error(error, "cannot write the run lock", lock_path) from error
         self._lock_file = handle
+        self._owner = RunOwner(token=token, lock_path=lock_path, holder=holder)
         return self
+
+    def _make_directory(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "the run directory is a file, not a directory", str(self.path))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise _path_error(error, "cannot create the run directory", self.path) from error
+        # A directory this user cannot write fails at the lock's open() below, with the lock's path (no
+        # os.access pre-check: it is wrong on some network file systems and would refuse usable ones).
+
+    @property
+    def owner(self) -> RunOwner | None:
+        """This driver's ``RunOwner`` while it holds the lock (give it to ``ShardWriter``), else None."""
+        return self._owner if self._lock_file is not None else None
+
+    @property
+    def owner_token(self) -> str | None:
+        owner = self.owner
+        return owner.token if owner is not None else None
 
     def release(self) -> None:
         if self._lock_file is not None:
@@ -107,19 +167,36 @@ class RunDirectory:
         return self.path / "run.json"
 
     def read_run_json(self) -> dict[str, Any] | None:
+        """run.json's content, None when there is none. One that is not a JSON object raises a
+        RunMismatchError naming the file (it cannot be checked against this run)."""
         if not self.run_json.exists():
             return None
-        return json.loads(self.run_json.read_text())
+        text = self.run_json.read_text(errors="replace")
+        try:
+            info = json.loads(text)
+        except ValueError as error:
+            raise RunMismatchError(f"{self.run_json} is not valid JSON ({error}); it cannot be checked against "
+                                   f"this run. Delete {self.path} to start over, or use another --out.") from None
+        if not isinstance(info, dict):
+            raise RunMismatchError(f"{self.run_json} does not hold a run record. Delete {self.path} to start over, "
+                                   f"or use another --out.")
+        return info
+
+    def check_config(self, fingerprint: str) -> None:
+        """Refuse (RunMismatchError) a directory holding a run of another config; call it before listing
+        the source (a demo source renders while listing). ``start`` checks again, with the key listing."""
+        previous = self.read_run_json()
+        if previous is not None and previous.get("fingerprint") != fingerprint:
+            raise RunMismatchError(
+                f"{self.path} holds a run of a different config (fingerprint {previous.get('fingerprint')}, "
+                f"this one {fingerprint}). Use another --out directory, or delete {self.path} to start over.")
 
     def start(self, config: dict[str, Any], fingerprint: str, keys_digest: str, num_shards: int,
               num_items: int, seed: int, name: str) -> dict[str, Any]:
         """Write run.json for a new run, or check that a resumed run is the same run."""
+        self.check_config(fingerprint)
         previous = self.read_run_json()
         if previous is not None:
-            if previous.get("fingerprint") != fingerprint:
-                raise RunMismatchError(
-                    f"{self.path} holds a run of a different config (fingerprint {previous.get('fingerprint')}, "
-                    f"this one {fingerprint}). Use another --out directory, or delete {self.path} to start over.")
             if previous.get("keys_digest") != keys_digest:
                 raise RunMismatchError(
                     f"the source of {self.path} lists different samples than when the run started "
@@ -148,9 +225,37 @@ class RunDirectory:
         info["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
         self._write_json(info)
 
+    def fail(self, error_message: str, **extra: Any) -> bool:
+        """Record that the run stopped on an error: ``status: failed``, ``error`` (the message) and
+        ``failed`` (a timestamp) in run.json, plus ``extra``; written atomically. Never raises: called
+        while another exception is being handled, it must not hide it. Returns whether run.json was
+        written (False when it could not be, e.g. the disk is full or the directory is gone, or when
+        this driver no longer owns the run: another driver's run.json is not touched)."""
+        try:
+            owner = self.owner
+            if owner is not None and owner.current()[0] != owner.token:
+                return False
+            try:
+                info = self.read_run_json() or {}
+            except Exception:  # noqa: BLE001 - an unreadable run.json is replaced by one that says why
+                info = {}
+            info.update(extra)
+            info["status"] = "failed"
+            info["error"] = str(error_message)
+            info["failed"] = _dt.datetime.now().isoformat(timespec="seconds")
+            self._write_json(info)
+            return True
+        except Exception:  # noqa: BLE001 - see the docstring
+            try:
+                self.run_json.with_name("run.json.tmp").unlink(missing_ok=True)
+            except Exception:  # noqa: BLE001
+                pass
+            return False
+
     def _write_json(self, info: dict[str, Any]) -> None:
         tmp = self.run_json.with_name("run.json.tmp")
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+        # default=str: a value of ``extra`` that JSON has no type for is recorded as text, not a crash
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
         os.replace(tmp, self.run_json)
 
     # -------------------------------------------------------------- failures
@@ -161,6 +266,8 @@ class RunDirectory:
             for key, stage, error_type, message in shard_failures[index]:
                 rows.append({"key": key, "stage": stage, "error_type": error_type, "message": message,
                              "shard": shard_stem(name, index)})
+        # Any Python str is written: lone surrogates (file names that are not UTF-8) become escapes.
+        rows = [{column: safe_text(value) for column, value in row.items()} for row in rows]
         tmp = self.path / "failures.parquet.tmp"
         pq.write_table(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), tmp)
         os.replace(tmp, self.path / "failures.parquet")

@@ -1,3 +1,5 @@
+import json
+
 import webdataset as wds
 
 import numpy as np
@@ -55,3 +57,191 @@ def test_stale_temporaries_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == ["t-000001.tar.tmp-abc"]
     assert (tmp_path / "t-000000.tar").exists()
+
+
+# ------------------------------------------------------------------------------------ integrity
+import hashlib  # noqa: E402
+import re  # noqa: E402
+import tarfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+from layerloop.datasets.shards import (TAR_SHA256_KEY, TAR_SIZE_KEY, check_shard, shard_paths,  # noqa: E402
+                                       tar_record)
+
+
+def tar_members(path):
+    with tarfile.open(path) as tar:
+        return [m.name for m in tar.getmembers()]
+
+
+def test_index_records_the_tar_size_and_sha256(tmp_path):
+    writer = ShardWriter(tmp_path, "t")
+    writer.write(0, [make_quadruple(f"t_{i}", seed=i) for i in range(2)])
+    tar, index = writer.paths(0)
+    data = tar.read_bytes()
+    metadata = pq.read_schema(index).metadata
+    assert int(metadata[TAR_SIZE_KEY]) == len(data)
+    assert metadata[TAR_SHA256_KEY].decode() == hashlib.sha256(data).hexdigest()
+    assert tar_record(index) == (len(data), hashlib.sha256(data).hexdigest())
+    assert check_shard(tar, index).status == "ok"
+
+
+def damage_truncate(tar):
+    tar.write_bytes(tar.read_bytes()[:1500])
+    return "tar is 1500 bytes, index says"
+
+
+def damage_flip_a_byte(tar):
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    return "tar's sha256 is .* \\(same size, different bytes\\)"
+
+
+def damage_delete(tar):
+    tar.unlink()
+    return "tar t-000000.tar is missing"
+
+
+def damage_index(tar):
+    tar.with_suffix(".parquet").write_bytes(b"PAR1 not really")
+    return "index t-000000.parquet is unreadable"
+
+
+def damage_old_index(tar):
+    index = tar.with_suffix(".parquet")
+    pq.write_table(pq.read_table(index).replace_schema_metadata(None), index)
+    return "records no tar size and sha256 \\(written by an older layerloop\\)"
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_a_byte, damage_delete, damage_index,
+                                    damage_old_index])
+def test_damaged_shard_is_not_committed_and_is_rebuilt_to_the_same_bytes(tmp_path, damage):
+    writer = ShardWriter(tmp_path, "t")
+    samples = [make_quadruple(f"t_{i}", seed=i) for i in range(3)]
+    writer.write(0, samples)
+    tar, index = writer.paths(0)
+    good = (tar.read_bytes(), index.read_bytes())
+    assert writer.committed_summary(0).summary.skipped
+
+    reason = damage(tar)
+    committed = writer.committed_summary(0)
+    assert committed.summary is None
+    assert committed.problem.startswith("shard t-000000 rebuilt: ")
+    assert re.search(reason, committed.problem), committed.problem
+    assert re.search(reason, writer.damaged[0])
+    assert not tar.exists() and not index.exists()  # the damaged pair is gone: nothing half-trusted
+    assert writer.committed_summary(0) == type(committed)(None)  # now simply absent
+
+    summary = writer.write(0, [make_quadruple(f"t_{i}", seed=i) for i in range(3)])
+    assert not summary.skipped and summary.ok == 3
+    assert (tar.read_bytes(), index.read_bytes()) == good
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_a_byte, damage_delete])
+def test_write_fast_path_and_is_committed_verify_the_tar(tmp_path, damage):
+    """A retried task (``is_committed`` then ``write``) finding a damaged pair rebuilds it, instead of
+    returning the recorded summary of a tar that is not there."""
+    writer = ShardWriter(tmp_path, "t")
+    writer.write(0, [make_quadruple("t_1")])
+    tar, index = writer.paths(0)
+    good = tar.read_bytes()
+    assert writer.is_committed(0)
+    damage(tar)
+    assert not writer.is_committed(0) and not index.exists()
+
+    writer.write(0, [make_quadruple("t_1")])
+    damage(tar)
+    summary = writer.write(0, [make_quadruple("t_1")])  # the fast path sees the damage and rewrites
+    assert not summary.skipped and tar.read_bytes() == good
+
+
+def test_shard_paths_lists_readable_shards_only(tmp_path):
+    writer = ShardWriter(tmp_path, "t")
+    for i in range(3):
+        writer.write(i, [make_quadruple(f"t_{i}", seed=i)])
+    damage_truncate(writer.paths(1)[0])
+    (tmp_path / "t-000003.tar").write_bytes(b"uncommitted")  # a tar without index
+    assert [p.name for p in shard_paths(tmp_path)] == ["t-000000.tar", "t-000002.tar"]
+    assert [s.key for s in read_samples(tmp_path)] == ["t_0", "t_2"]
+
+
+# ------------------------------------------------------------------------ strict samples, whole or none
+def test_sample_with_non_finite_metadata_is_a_recorded_failure_and_absent_from_the_tar(tmp_path):
+    bad = make_quadruple("t_nan", seed=1)
+    bad.meta["entry_score"] = float("nan")
+    summary = ShardWriter(tmp_path, "t").write(0, [make_quadruple("t_a"), bad, make_quadruple("t_b", seed=2)])
+    assert summary.ok == 2
+    assert summary.failures == (("t_nan", "write", "SampleError",
+                                 "metadata field entry_score is NaN: shards hold strict JSON only"),)
+    tar = tmp_path / "t-000000.tar"
+    assert not any(name.startswith("t_nan.") for name in tar_members(tar))
+    for record in wds.WebDataset(str(tar), shardshuffle=False):
+        json.loads(record["json"], parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    rows = {r["key"]: r for r in pq.read_table(tmp_path / "t-000000.parquet").to_pylist()}
+    assert rows["t_nan"]["status"] == "failed" and "entry_score is NaN" in rows["t_nan"]["message"]
+
+
+def test_member_name_too_long_for_a_tar_header_fails_the_sample_whole(tmp_path):
+    """A key of 90 characters fits ``KEY.txt`` but not ``KEY.object_mask.png`` (ustar: 100): without the
+    check the first members of the sample would be in the tar and the rest missing."""
+    long_key = "k" * 90
+    summary = ShardWriter(tmp_path, "t").write(0, [make_quadruple(long_key), make_quadruple("t_ok")])
+    assert summary.ok == 1 and summary.failures[0][:3] == (long_key, "write", "ValueError")
+    assert "does not fit a tar header" in summary.failures[0][3]
+    names = tar_members(tmp_path / "t-000000.tar")
+    assert names and all(name.startswith("t_ok.") for name in names)
+
+
+def test_io_error_while_writing_aborts_the_shard_and_leaves_nothing(tmp_path, monkeypatch):
+    """Disk full in the middle of a sample: the shard is not committed, no temporaries remain, and a
+    retry writes the same bytes as an undisturbed writer."""
+    from layerloop.datasets import shards
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    ShardWriter(clean, "t").write(0, [make_quadruple("t_a"), make_quadruple("t_b", seed=3)])
+    written = {"bytes": 0}
+    real_write = shards._HashingStream.write
+
+    def full_disk(self, data):
+        written["bytes"] += len(data)
+        if written["bytes"] > 30_000:
+            raise OSError(28, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(shards._HashingStream, "write", full_disk)
+    run = tmp_path / "run"
+    run.mkdir()
+    writer = ShardWriter(run, "t")
+    with pytest.raises(OSError, match="No space left"):
+        writer.write(0, [make_quadruple("t_a"), make_quadruple("t_b", seed=3)])
+    assert list(run.iterdir()) == []
+    monkeypatch.setattr(shards._HashingStream, "write", real_write)
+    writer.write(0, [make_quadruple("t_a"), make_quadruple("t_b", seed=3)])
+    assert (run / "t-000000.tar").read_bytes() == (clean / "t-000000.tar").read_bytes()
+    assert (run / "t-000000.parquet").read_bytes() == (clean / "t-000000.parquet").read_bytes()
+
+
+def test_index_accepts_any_python_text(tmp_path):
+    """A key, source id or message holding a lone surrogate (a file name that is not UTF-8) is written
+    escaped instead of stopping the index write."""
+    from layerloop.samples import LayeredSample
+
+    bad_name = "scan_\udcff\udcfe.png"
+    failed = LayeredSample(key="t_\udcff", meta={"source": "folder", "source_id": bad_name}).fail(
+        "read", OSError(f"cannot identify image file {bad_name}"))
+    ok = make_quadruple("t_ok")
+    ok.meta["source_id"] = "\udce9t\u00e9.png"  # not in the json member (strict), in the index (escaped)
+    ok.meta.pop("bbox")
+    summary = ShardWriter(tmp_path, "t").write(0, [failed, ok])
+    rows = pq.read_table(tmp_path / "t-000000.parquet").to_pylist()
+    assert rows[0]["key"] == "t_\\udcff" and rows[0]["source_id"] == "scan_\\udcff\\udcfe.png"
+    assert rows[0]["message"] == "cannot identify image file scan_\\udcff\\udcfe.png"
+    assert summary.failures[0][0] == "t_\\udcff"
+    # the ok sample's source_id is not valid UTF-8 either: it fails as a sample, naming the field
+    assert rows[1]["status"] == "failed" and "metadata field source_id is text that is not valid UTF-8" \
+        in rows[1]["message"]
+    assert rows[1]["source_id"] == "\\udce9t\u00e9.png"
+    assert tar_members(tmp_path / "t-000000.tar") == []  # both failed: a valid, empty tar
