@@ -1,6 +1,6 @@
 """The LayeredSample record and its WebDataset encoding.
 
-One schema serves every kind of layered example (see ARCHITECTURE.md, "The sample"):
+One schema serves every kind of layered example (docs/architecture.md, "The sample"):
 
 * ``quadruple``: F (foreground RGBA with effects), B (background), M (box mask), C (composite),
   with the invariant ``C == round(a*F_rgb + (1-a)*B)`` per pixel;

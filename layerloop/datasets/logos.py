@@ -1,6 +1,6 @@
 """Synthetic logo seed data for layer decomposition (issue 5): procedural logos printed on procedural objects.
 
-Each sample is a quadruple in the project's one schema (ARCHITECTURE.md, "The sample"):
+Each sample is a quadruple in the project's one schema (docs/architecture.md, "The sample"):
 
 * B, the clean object: a shaded mug, bottle, box or t-shirt over a plain or textured backdrop, or a
   textured surface (wood, concrete, fabric, paper) seen at an angle;

@@ -1,4 +1,4 @@
-"""Self-improvement rounds (ARCHITECTURE.md, "Self-improvement rounds"): filter policies that turn
+"""Self-improvement rounds (docs/architecture.md, "Self-improvement rounds"): filter policies that turn
 candidates' scores into accept/reject decisions with reasons (``policies.py``)."""
 
 from layerloop.selfimprove.policies import (

@@ -1,4 +1,4 @@
-"""The stage contract (ARCHITECTURE.md, "Stages").
+"""The stage contract (docs/architecture.md, "Stages").
 
 A stage is a small class that declares what it needs and does one thing:
 

@@ -18,7 +18,7 @@ A sample's distance to a reference sample is the largest Hamming distance over t
 * ``duplicate``: ``dup_distance <= threshold``.
 
 Only the reference set is compared with, never other samples of the same batch or run: a sample's score
-must not depend on which samples happen to share its batch or shard (determinism, ARCHITECTURE.md
+must not depend on which samples happen to share its batch or shard (determinism, docs/architecture.md
 "Stages"). Near-identical candidates within one round come from the same held input and are thinned by the
 filter policy's top-k per input (``layerloop/selfimprove/policies.py``).
 
