@@ -78,6 +78,7 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
     from layerloop.pipelines.preflight import check_models
 
     run_dir = run_dir_for(config, out)
+    check_run_dir(run_dir)
     pipeline = Pipeline.from_config(config, run_dir)  # validates the source and every stage; writes nothing
     check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
     runner = make_executor(executor or config.executor, config)
@@ -99,6 +100,20 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
 
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
     return result
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse an output folder that already holds something other than a layerloop run: a build writes
+    shards there and deletes its own temporaries and damaged shards, so it must not be somebody's data
+    folder given as ``--out`` by mistake. Missing, empty, or a run (``run.json`` / ``run.lock``) is fine."""
+    from layerloop.errors import UnsafePathError
+
+    if not run_dir.is_dir() or (run_dir / "run.json").exists() or (run_dir / "run.lock").exists():
+        return  # a file in the way is reported by the lock, with its errno
+    shown = sorted(p.name for _, p in zip(range(4), run_dir.iterdir()))
+    if shown:
+        raise UnsafePathError(f"--out {run_dir} is not a layerloop run directory: it holds {', '.join(shown[:3])}"
+                              f"{' ...' if len(shown) > 3 else ''} and no run.json. Give a new or empty folder.")
 
 
 def _failure_text(error: BaseException) -> str:

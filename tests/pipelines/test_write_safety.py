@@ -245,3 +245,12 @@ def test_read_only_out_is_one_line_and_resumes_when_writable(tmp_path):
     assert (out / "run.json").read_bytes() == json_before  # nothing could be written, nothing was
     assert main(["build", "demo", "--out", str(out), "--executor", "local", "--no-progress", *TINY]) == 0
     assert shard_bytes(out) == shard_bytes(reference)
+
+
+def test_out_that_holds_somebodys_files_is_refused(tmp_path, capsys):
+    data = user_rorem(tmp_path / "RORem")
+    before = snapshot(tmp_path)
+    code = main(["build", "demo", "--out", str(data), "--executor", "local", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a layerloop run directory" in err and "meta.json" in err
+    assert snapshot(tmp_path) == before
