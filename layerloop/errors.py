@@ -41,7 +41,7 @@ class ConfigError(LayerloopError, ValueError):
 
 
 class UnsafePathError(ConfigError):
-    """A path the command would write outside its output directory, or read outside its dataset."""
+    """A path a command must not write to (somebody's data given as a demo source path or as --out)."""
 
 
 class EnvironmentFailure(LayerloopError, OSError):

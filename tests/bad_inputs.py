@@ -12,14 +12,26 @@ TIFF masks holding NaN or infinity, a file that is not an image, a missing mask,
 ``meta.json`` line, a line that is JSON but not an object, entries without a mask path or with a
 non-string source, a duplicate id, ids that only differ in non-ASCII letters (must stay distinct keys),
 and non-ASCII, space and dot-laden directory and file names.
+
+Read safety (``tests/datasets/test_read_safety.py`` has the other source types): entries whose paths
+escape the root (``../outside.png``, ``/etc/hostname``, a symlink in ``source/`` to a file outside, a
+path through a symlinked directory that points outside) are listing failures keyed by their id
+("outside the dataset root: <path>", in ``Corpus.outside``), while a symlink that stays inside lands. A
+``meta.json`` line nested 200k deep, one nested 5000 deep (small enough to parse, too deep for the
+parser), one 40 deep, a 2 MiB line, NaN / Infinity / -Infinity values, an oversized entry and an integer
+beyond 64 bits and a path holding a NUL character are each one listing failure naming the line.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -37,6 +49,40 @@ class Corpus:
     failing: dict[str, str] = field(default_factory=dict)  # source id -> expected message text (load stage)
     listing: dict[str, str] = field(default_factory=dict)  # meta-line-N -> expected message text (list stage)
     duplicates: dict[str, str] = field(default_factory=dict)  # id that lands once -> text of the duplicate's failure
+    outside: dict[str, str] = field(default_factory=dict)  # id -> expected message text (list stage, OutsideRoot)
+    outside_dir: Path | None = None  # files there must never be opened
+
+
+@contextlib.contextmanager
+def record_opens(folder: Path | None) -> Iterator[list[str]]:
+    """Within the block, every ``open``/``os.open`` of a path that resolves into ``folder`` is recorded
+    (in this process: the local executor), so a test can show that files outside a root are never read."""
+    opened: list[str] = []
+    if folder is None:
+        yield opened
+        return
+    target = os.path.realpath(folder)
+    real_open, real_os_open = builtins.open, os.open
+
+    def note(path) -> None:
+        if isinstance(path, (str, bytes, os.PathLike)):
+            resolved = os.path.realpath(os.fsdecode(path))
+            if resolved == target or resolved.startswith(target + os.sep):
+                opened.append(resolved)
+
+    def open_(file, *args, **kwargs):
+        note(file)
+        return real_open(file, *args, **kwargs)
+
+    def os_open(path, *args, **kwargs):
+        note(path)
+        return real_os_open(path, *args, **kwargs)
+
+    builtins.open, io.open, os.open = open_, open_, os_open
+    try:
+        yield opened
+    finally:
+        builtins.open, io.open, os.open = real_open, real_open, real_os_open
 
 
 def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
@@ -119,7 +165,8 @@ def make_bad_rorem(root: Path) -> Corpus:
     inf_mask[-1, -1] = np.inf
     add("mask_float_inf", "mask has NaN or infinite pixel values", image_png, tiff_float_bytes(inf_mask),
         mask_name="mask_float_inf.tif")
-    add("not_an_image", "image is not an image in a known format", b"this is a text file, not a PNG\n" * 4,
+    add("not_an_image", "image is not an image file (starts with b'this is a te'",
+        b"this is a text file, not a PNG\n" * 4,
         mask_png)
     add("missing_mask", "mask file is missing", image_png, None)
 
@@ -137,8 +184,38 @@ def make_bad_rorem(root: Path) -> Corpus:
     lines.append(json.dumps({"source": "source/good_again.png", "mask": "mask/good.png", "id": "good"}).encode())
     corpus.duplicates["good"] = "already used by"
 
+    # Paths that escape the dataset root: listing failures, the files are never opened. The targets are
+    # valid images, so a read would show up as a landed sample.
+    outside = root.parent / f"{root.name}-outside"
+    corpus.outside_dir = outside
+    (outside / "dir").mkdir(parents=True, exist_ok=True)
+    (outside / "secret.png").write_bytes(image_png)
+    (outside / "dir" / "secret.png").write_bytes(image_png)
+    escapes = [
+        ("escape_dotdot", f"../{outside.name}/secret.png",
+         f"outside the dataset root: {root}/../{outside.name}/secret.png"),
+        ("escape_absolute", "/etc/hostname", "outside the dataset root: /etc/hostname"),
+        ("escape_file_link", "source/link_out.png", f"outside the dataset root: {root}/source/link_out.png"),
+        ("escape_dir_link", "source/linked_dir/secret.png",
+         f"outside the dataset root: {root}/source/linked_dir/secret.png"),
+    ]
+    (root / "source" / "link_out.png").symlink_to(outside / "secret.png")
+    (root / "source" / "linked_dir").symlink_to(outside / "dir", target_is_directory=True)
+    for sid, source_path, expected in escapes:
+        lines.append(json.dumps({"source": source_path, "mask": "mask/good.png", "id": sid}).encode())
+        corpus.outside[sid] = expected
+    lines.append(json.dumps({"source": "source/good.png", "mask": f"../{outside.name}/secret.png",
+                             "id": "escape_mask"}).encode())
+    corpus.outside["escape_mask"] = f"mask file is outside the dataset root: {root}/../{outside.name}/secret.png"
+    # a symlink that stays inside the root is fine
+    (root / "source" / "alias_inside.png").symlink_to(root / "source" / "good.png")
+    lines.append(json.dumps({"source": "source/alias_inside.png", "mask": "mask/good.png",
+                             "id": "alias_inside"}).encode())
+    corpus.good.add("alias_inside")
+
     # Unreadable or unusable meta.json lines, appended after the entries above.
     existing = (root / "meta.json").read_bytes()
+    long_line = b'{"source": "source/good.png", "mask": "mask/good.png", "pad": "' + b"x" * (2 << 20) + b'"}'
     first = len(existing.splitlines()) + len(lines) + 1
     broken = [
         (b'{"source": "source/x.png", "mask": "mask/\xff\xfe.png"}', "is not UTF-8 text"),
@@ -146,6 +223,23 @@ def make_bad_rorem(root: Path) -> Corpus:
         (json.dumps({"source": "source/good.png"}).encode(), "has no 'mask' path"),
         (json.dumps({"source": 5, "mask": "mask/good.png"}).encode(), "has no 'source' path"),
         (b'{"source": "source/good.png", "mask": "mask/good.png",', "is not valid JSON"),
+        (b"[" * 200_000 + b"]" * 200_000, "is 400000 bytes, over the 65536-byte limit for one entry"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+         "is nested too deeply to parse"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "x": ' + b"[" * 40 + b"]" * 40 + b"}",
+         "is nested more than 32 levels deep"),
+        (long_line, f"is longer than 1048576 bytes ({len(long_line)} bytes): not read"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "id": "nan", "score": NaN}',
+         "holds the non-finite number NaN (field 'score')"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "id": "inf", "stats": {"max": Infinity}}',
+         "holds the non-finite number Infinity (field 'stats'.max)"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "id": "ninf", "v": [1, -Infinity]}',
+         "holds the non-finite number -Infinity (field 'v'[1])"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "id": "big", "blob": "' + b"y" * 70_000 + b'"}',
+         "over the 65536-byte limit for one entry"),
+        (b'{"source": "source/good.png", "mask": "mask/good.png", "id": "bigint", "n": 1' + b"0" * 30 + b"}",
+         "holds an integer beyond 64 bits (field 'n')"),
+        (b'{"source": "source/good\\u0000.png", "mask": "mask/good.png"}', "has a path holding a NUL character"),
     ]
     for offset, (line, reason) in enumerate(broken):
         lines.append(line)

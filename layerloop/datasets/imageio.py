@@ -23,6 +23,13 @@ Decoding (``decode_image``)
     limit) becomes the same ``InputError``.
   * Zero-byte files, missing files, unknown formats and truncated or corrupt data each get their own
     message, prefixed by which input it was (image, mask, background).
+  * Before a file is read whole it is checked: with ``root`` given (the dataset root, from the source's
+    ``work["raw_root"]``) its path, symlinks resolved, must lie inside that root ("outside the dataset
+    root"), checked again on the opened descriptor; it must be a regular file of at most
+    ``max_file_bytes`` (default 256 MiB); and its first bytes must carry a known image signature: PNG,
+    JPEG, GIF, WebP, BMP or TIFF (the formats the sources list, plus GIF for animations), else "not an
+    image file (starts with ...)". In-memory bytes get the same size and signature checks, and a tar
+    member (``tario.TarMember``) has its size from the tar header checked before its bytes are read.
 
 Colour (``to_rgb``) -> H x W x 3 uint8
   * Transparency (RGBA, LA, PA, palette with a transparent index) is composited over neutral mid-grey
@@ -86,6 +93,13 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_FILE_BYTES = 256 << 20
+# Leading bytes of the image formats inputs may be in (see the module docstring).
+SIGNATURES: tuple[tuple[str, bytes, int], ...] = (
+    ("PNG", b"\x89PNG\r\n\x1a\n", 0), ("JPEG", b"\xff\xd8\xff", 0), ("GIF", b"GIF87a", 0),
+    ("GIF", b"GIF89a", 0), ("WebP", b"WEBP", 8), ("BMP", b"BM", 0), ("TIFF", b"II*\x00", 0),
+    ("TIFF", b"MM\x00*", 0),
+)
 MIN_SIDE = 16
 ASPECT_TOLERANCE = 0.02
 NEUTRAL_GREY = 128
@@ -96,10 +110,82 @@ class InputError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------- decoding
-def decode_image(raw: Any, *, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def image_format(head: bytes) -> str | None:
+    """The format a file's first bytes announce (``SIGNATURES``), or None."""
+    for name, magic, at in SIGNATURES:
+        if head[at : at + len(magic)] == magic and (name != "WebP" or head[:4] == b"RIFF"):
+            return name
+    return None
+
+
+def _check_signature(head: bytes, *, key: str, where: str) -> None:
+    if head and image_format(head) is None:
+        known = ", ".join(dict.fromkeys(name for name, _, _ in SIGNATURES))
+        raise InputError(f"{key} is not an image file (starts with {head[:12]!r}; not an image in a known format: "
+                         f"{known}): {where}")
+
+
+def _check_bytes(n: int, *, key: str, where: str, max_file_bytes: int | None) -> None:
+    if max_file_bytes is not None and n > max_file_bytes:
+        raise InputError(f"{key} file is too large: {n} bytes > {max_file_bytes} byte limit (max_file_bytes): {where}")
+
+
+def read_input_file(path: str | Path, *, key: str, root: str | None = None,
+                    max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of one input file, after the checks in the module docstring (root, regular file, size,
+    signature), each failing with an ``InputError`` naming the file."""
+    import os
+    import stat
+
+    from layerloop.datasets.base import OutsideRootError, check_inside_root, readable
+
+    where = readable(str(path))
+    root = os.path.realpath(root) if root is not None else None
+    try:
+        check_inside_root(path, root, f"{key} file")
+    except OutsideRootError as error:
+        raise InputError(str(error)) from None
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{key} file is missing: {where}") from None
+    except OSError as error:
+        raise InputError(f"{key} file cannot be read: {where}: {error.strerror or error}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{key} path is not a file: {where}")
+    _check_bytes(info.st_size, key=key, where=where, max_file_bytes=max_file_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as error:
+        raise InputError(f"{key} file cannot be opened: {where}: {error.strerror or error}") from None
+    with os.fdopen(fd, "rb") as f:
+        if root is not None and os.path.isdir("/proc/self/fd"):
+            # the file actually opened (a link may have been swapped since the check above)
+            opened = os.path.realpath(f"/proc/self/fd/{fd}")
+            if os.path.commonpath([opened, root]) != root:
+                raise InputError(f"{key} file is outside the dataset root: {where} (it was replaced by a link to "
+                                 f"{readable(opened)} while being opened)")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{key} path is not a file: {where}")
+        _check_bytes(info.st_size, key=key, where=where, max_file_bytes=max_file_bytes)
+        head = f.read(16)
+        _check_signature(head, key=key, where=where)
+        limit = -1 if max_file_bytes is None else max_file_bytes + 1 - len(head)
+        data = head + f.read(limit)
+    _check_bytes(len(data), key=key, where=where, max_file_bytes=max_file_bytes)  # it grew meanwhile
+    return data
+
+
+def decode_image(raw: Any, *, key: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_file_bytes: int | None = DEFAULT_MAX_FILE_BYTES, root: str | None = None) -> Image.Image:
     """Decode one input into an upright, fully loaded PIL image.
 
-    ``key`` names the input in messages ("image", "mask", "background")."""
+    ``key`` names the input in messages ("image", "mask", "background"); ``root``, when given, is the
+    dataset root a path input must lie in; ``max_file_bytes`` caps what is read (None: no cap)."""
+    from layerloop.datasets.base import readable
+    from layerloop.datasets.tario import TarMember, TarReadError
+
     if raw is None:
         raise InputError(f"{key} is missing: the source gave none")
     if isinstance(raw, np.ndarray):
@@ -111,19 +197,24 @@ def decode_image(raw: Any, *, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         check_size(raw.size, key=key, max_pixels=max_pixels)
         return _load_upright(raw, key=key, where="in-memory image")
     if isinstance(raw, (str, Path)):
-        path = Path(raw)
-        if not path.exists():
-            raise InputError(f"{key} file is missing: {path}")
-        if not path.is_file():
-            raise InputError(f"{key} path is not a file: {path}")
-        data = path.read_bytes()  # read once: no file handle stays open behind a lazy PIL image
-        where = str(path)
+        data = read_input_file(raw, key=key, root=root, max_file_bytes=max_file_bytes)
+        where = readable(str(raw))
+    elif isinstance(raw, TarMember):
+        where = readable(f"{raw.name} of {raw.url}")
+        _check_bytes(raw.size, key=key, where=where, max_file_bytes=max_file_bytes)
+        try:
+            data = raw.read(max_bytes=max_file_bytes)
+        except TarReadError as error:
+            raise InputError(f"{key}: {readable(str(error))}") from None
     elif isinstance(raw, (bytes, bytearray, memoryview)):
         data = bytes(raw)
         where = f"{len(data)} bytes in memory"
+        _check_bytes(len(data), key=key, where=where, max_file_bytes=max_file_bytes)
     else:
         raise InputError(f"{key} has an unsupported type {type(raw).__name__} (expected a path, bytes, "
                          "PIL image or numpy array)")
+    if data:
+        _check_signature(data[:16], key=key, where=where)
     if not data:
         raise InputError(f"{key} is a zero-byte file: {where}")
     try:

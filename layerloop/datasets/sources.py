@@ -12,6 +12,27 @@ what it could not list as ``listing_failures()`` (stage ``"list"``), and leaves 
 stage: ``read`` only says where the bytes are (a path, bytes from a row or a tar member). Captions come
 from the meta entry, column or ``txt`` member when there is one.
 
+Input safety (the rules every source here follows):
+
+* File-based sources (RORem, folder, HF) read only inside their dataset root: a path with ``..``, an
+  absolute path or a symlink (to a file or a directory, at any level) that resolves elsewhere is a
+  recorded failure "outside the dataset root: <path>" and is never opened. Relative paths resolve against
+  the root, never the current directory. ``allow_outside_root: true`` in the source config opts out. The
+  check runs at listing time (the item becomes a listing failure), in ``read`` and, through
+  ``work["raw_root"]``, in the ``load`` stage right before a file is opened. WebDataset sources have no
+  such option: their URLs are the data, and tar members are read by offset, never extracted to paths.
+* Everything a source emits as text is valid Unicode (``base.readable``); file names that are not UTF-8
+  keep their real bytes in ``refs``.
+* ``meta.json`` is streamed: one bad line or entry (not UTF-8, not JSON, nested too deeply, longer than
+  ``MAX_META_LINE_BYTES``, larger than ``MAX_META_ENTRY_BYTES`` as an entry, holding NaN/Infinity or an
+  integer beyond 64 bits) is one listing failure naming the file and the line or entry; the rest is read.
+* A caption file (``<stem>.txt``) that is not UTF-8, larger than ``MAX_CAPTION_BYTES``, unreadable or
+  outside the root makes its item a listing failure rather than a sample silently without its caption.
+  The same holds for a tar's ``txt`` member.
+* Tars are read with ``datasets/tario.py``: what a truncated, corrupt or non-tar input loses is a listing
+  failure naming the URL and byte offset; the samples before it are kept; a sample whose member is cut
+  short is a failure of that sample.
+
 Sources are pickled to Ray workers. Listings and opened data sets are cached on the instance under
 ``_cache_*`` attributes, which ``__getstate__`` drops: a worker only needs the item it is given, and a
 data set object is re-opened in each worker rather than shipped.
@@ -19,20 +40,27 @@ data set object is re-opened in each worker rather than shipped.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
-import tarfile
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from layerloop.datasets.base import Source, SourceItem, make_key, new_sample
+from layerloop.datasets.base import (OUTSIDE_ROOT, OutsideRootError, Source, SourceItem, check_inside_root,
+                                     make_key, new_sample, readable, real_root)
 from layerloop.samples import Failure, LayeredSample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LIST_STAGE = "list"
+MAX_META_LINE_BYTES = 1 << 20  # a meta.json line (or list entry) longer than this is not parsed
+MAX_META_ENTRY_BYTES = 64 << 10  # one meta entry, as written in the file
+MAX_META_DEPTH = 32  # nesting of one meta entry (its extra fields go to the sample metadata)
+MAX_CAPTION_BYTES = 64 << 10  # a caption file or tar txt member
+STREAM_MAX_MEMBER_BYTES = 256 << 20  # tar members larger than this are not read while streaming
 
 # Fields of a RORem meta entry that say where files are or are used as the id/caption; everything else
 # in an entry is copied into the sample's metadata.
@@ -40,6 +68,7 @@ _ENTRY_FIELDS = {"source", "mask", "GT", "gt", "caption", "id"}
 # Metadata names the pipeline itself writes; an entry field with such a name is kept as "entry_<name>".
 _RESERVED_META = {"schema_version", "kind", "key", "width", "height", "source", "source_id", "stages",
                   "bbox", "original_size", "scores", "round", "parents", "lineage"}
+_INT64 = 2 ** 63
 
 
 class _CachedSource(Source):
@@ -68,36 +97,142 @@ class _CachedSource(Source):
         return list(self._listing()[1])
 
 
+class _FileSource(_CachedSource):
+    """A source whose items are files under ``self.path`` (the dataset root)."""
+
+    path: Path
+    allow_outside_root: bool = False
+
+    def root(self) -> str | None:
+        """The resolved dataset root, or None when reading outside it is allowed."""
+        if getattr(self, "allow_outside_root", False):
+            return None
+        base = self.path if self.path.is_dir() or not self.path.exists() else self.path.parent
+        return real_root(base)
+
+    def read(self, item: SourceItem) -> LayeredSample:
+        """The paths in ``item.refs``, re-checked against the root (files may have changed since listing);
+        the ``load`` stage checks again when it opens them (``raw_root``)."""
+        root = self.root()
+        for role, path in item.refs.items():
+            check_inside_root(path, root, f"{role} file")
+        work: dict[str, Any] = {f"raw_{k}": v for k, v in item.refs.items()}
+        work["raw_root"] = root
+        return new_sample(item, work)
+
+
 def _fail(source: str, source_id: str, error_type: str, message: str) -> Failure:
-    return Failure(make_key(source, source_id), LIST_STAGE, error_type, message)
+    return Failure(make_key(source, source_id), LIST_STAGE, error_type, readable(message))
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    """The entries of a folder, or one readable error for an environment problem."""
+    try:
+        return list(folder.iterdir())
+    except PermissionError:
+        raise PermissionError(f"cannot list folder {readable(str(folder))}: permission denied") from None
+    except NotADirectoryError:
+        raise NotADirectoryError(f"{readable(str(folder))} is not a folder") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"folder {readable(str(folder))} does not exist") from None
+    except OSError as error:
+        raise OSError(f"cannot list folder {readable(str(folder))}: {error.strerror or error}") from None
+
+
+def _read_caption(image: Path, root: str | None) -> tuple[str | None, str | None]:
+    """(caption, problem) from ``<stem>.txt`` next to an image; both None when there is no such file.
+
+    The file is checked against the root before it is opened, and must be a regular file of at most
+    ``MAX_CAPTION_BYTES`` holding UTF-8 text."""
+    path = image.with_suffix(".txt")
+    shown = readable(str(path))
+    if not os.path.lexists(path):
+        return None, None
+    try:
+        check_inside_root(path, root, "caption file")
+    except OutsideRootError as error:
+        return None, str(error)
+    try:
+        with open(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return None, f"caption file {shown} is not a regular file"
+            if info.st_size > MAX_CAPTION_BYTES:
+                return None, (f"caption file {shown} is {info.st_size} bytes, over the {MAX_CAPTION_BYTES}-byte "
+                              "limit for a caption")
+            data = f.read(MAX_CAPTION_BYTES + 1)
+    except FileNotFoundError:
+        return None, f"caption file {shown} is a broken link"
+    except OSError as error:
+        return None, f"caption file {shown} cannot be read: {error.strerror or error}"
+    return _decode_caption(data, f"caption file {shown}")
+
+
+def _decode_caption(data: bytes, what: str) -> tuple[str | None, str | None]:
+    if len(data) > MAX_CAPTION_BYTES:
+        return None, f"{what} is over the {MAX_CAPTION_BYTES}-byte limit for a caption"
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        return None, (f"{what} is not UTF-8 text ({error.reason}: byte 0x{data[error.start]:02x} at position "
+                      f"{error.start})")
+    return text.strip(), None
 
 
 # ------------------------------------------------------------------------------------ folder helpers
-def _index_folder(folder: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
-    """Image files of one folder by stem, and the ambiguous stems: two files with one stem (``a.png``
-    and ``a.jpg``) cannot be told apart, so that stem is reported instead of guessed."""
+def _index_folder(folder: Path, root: str | None
+                  ) -> tuple[dict[str, Path], dict[str, list[str]], dict[str, str]]:
+    """Image files of one folder by stem, the ambiguous stems (two files with one stem, ``a.png`` and
+    ``a.jpg``, cannot be told apart, so that stem is reported instead of guessed) and the stems whose file
+    resolves outside the root (a symlink), with the reason. Outside files are not stat-ed."""
     found: dict[str, list[Path]] = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-                found.setdefault(path.stem, []).append(path)
+    outside: dict[str, str] = {}
+    for path in _list_dir(folder):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        try:
+            check_inside_root(path, root)
+        except OutsideRootError as error:
+            outside.setdefault(path.stem, str(error))
+            continue
+        if path.is_file():
+            found.setdefault(path.stem, []).append(path)
     index = {stem: paths[0] for stem, paths in sorted(found.items()) if len(paths) == 1}
-    ambiguous = {stem: sorted(p.name for p in paths) for stem, paths in sorted(found.items()) if len(paths) > 1}
-    return index, ambiguous
+    ambiguous = {stem: sorted(readable(p.name) for p in paths)
+                 for stem, paths in sorted(found.items()) if len(paths) > 1}
+    return index, ambiguous, outside
 
 
 def _pair_by_stem(source: str, image_dir: Path, mask_dir: Path, background_dir: Path | None,
-                  image_role: str = "image") -> tuple[list[SourceItem], list[Failure]]:
+                  root: str | None, image_role: str = "image") -> tuple[list[SourceItem], list[Failure]]:
     """Items from parallel folders; an image's caption may sit next to it as ``<stem>.txt``.
-    Each stem gets at most one failure, the first that applies: ambiguous file, then missing partner."""
+    Each stem gets at most one failure, the first that applies: outside the root, ambiguous file, caption
+    problem, then missing partner. A folder that itself resolves outside the root is not listed: it gets
+    one failure (``<role>-folder``) and every stem of the other folders fails with the same reason."""
     folders = {image_role: image_dir, "mask": mask_dir}
     if background_dir is not None:
         folders["background"] = background_dir
-    indexes = {role: _index_folder(folder) for role, folder in folders.items()}
+    blocked: dict[str, str] = {}
+    for role, folder in folders.items():
+        try:
+            check_inside_root(folder, root, f"{role} folder")
+        except OutsideRootError as error:
+            blocked[role] = str(error)
+    indexes = {role: _index_folder(folder, root) for role, folder in folders.items() if role not in blocked}
+    failures: dict[str, Failure] = {}
+    if blocked:
+        for role, why in blocked.items():
+            failures[f"{role}-folder"] = _fail(source, f"{role}-folder", "OutsideRoot", why)
+        reason = "; ".join(blocked.values())
+        for index, ambiguous, outside in indexes.values():
+            for stem in [*index, *ambiguous, *outside]:
+                failures.setdefault(stem, _fail(source, stem, "OutsideRoot", f"{readable(stem)}: not listed, {reason}"))
+        return [], [failures[k] for k in sorted(failures)]
     images, masks = indexes[image_role][0], indexes["mask"][0]
     backgrounds = indexes["background"][0] if background_dir is not None else {}
-    failures: dict[str, Failure] = {}
-    for role, (_, ambiguous) in indexes.items():
+    for role, (_, ambiguous, outside) in indexes.items():
+        for stem, why in outside.items():
+            failures.setdefault(stem, _fail(source, stem, "OutsideRoot", why))
         for stem, names in ambiguous.items():
             failures.setdefault(stem, _fail(source, stem, "AmbiguousFile",
                                             f"{role} folder {folders[role]} has several files with stem "
@@ -113,8 +248,11 @@ def _pair_by_stem(source: str, image_dir: Path, mask_dir: Path, background_dir: 
         refs = {"image": str(image), "mask": str(masks[stem])}
         if stem in backgrounds:
             refs["background"] = str(backgrounds[stem])
-        caption_file = image.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else None
+        caption, problem = _read_caption(image, root)
+        if problem is not None:
+            error_type = "OutsideRoot" if OUTSIDE_ROOT in problem else "BadCaption"
+            failures[stem] = _fail(source, stem, error_type, problem)
+            continue
         items.append(SourceItem(make_key(source, stem), source, stem, refs, caption))
     for stem, mask in masks.items():
         if stem not in images and stem not in failures:
@@ -129,94 +267,307 @@ def _dedupe_sorted(items: list[SourceItem], failures: list[Failure]) -> tuple[li
     for item in items:
         if item.key in seen:
             failures.append(Failure(item.key, LIST_STAGE, "DuplicateKey",
-                                    f"id {item.source_id!r} ({item.refs.get('image')}) gives key {item.key}, "
-                                    f"already used by {seen[item.key].refs.get('image')}"))
+                                    readable(f"id {item.source_id!r} ({item.refs.get('image')}) gives key {item.key}, "
+                                             f"already used by {seen[item.key].refs.get('image')}")))
         else:
             seen[item.key] = item
     return sorted(seen.values(), key=lambda i: (i.source_id, i.key)), failures
 
 
+# --------------------------------------------------------------------------------------- meta.json
+class _NonFinite:
+    """What ``NaN``/``Infinity`` parse to, so that the entry can be refused after it parsed (a hook that
+    raised would leave a JSON list impossible to resynchronise)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_DECODER = json.JSONDecoder(parse_constant=_NonFinite)
+_PARSE_ERRORS = (json.JSONDecodeError, RecursionError, ValueError)
+_UNDECODED = re.compile("[\udc80-\udcff]")  # bytes that were not UTF-8, as surrogate escapes
+
+
+def _parse_problem(error: BaseException) -> tuple[str, str]:
+    """(error_type, reason) for an exception from parsing one line or entry."""
+    if isinstance(error, RecursionError):
+        return "JSONDecodeError", "is nested too deeply to parse (a recursion limit was hit)"
+    if isinstance(error, json.JSONDecodeError):
+        return "JSONDecodeError", f"is not valid JSON: {error.msg} (column {error.colno})"
+    return "JSONDecodeError", f"is not valid JSON: {error}"
+
+
+def _entry_problem(entry: Any) -> str | None:
+    """Why a parsed meta entry cannot be used as strict JSON metadata, or None."""
+    if not isinstance(entry, dict):
+        return None
+    stack: list[tuple[Any, int, str]] = [(entry, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_META_DEPTH:
+            return f"is nested more than {MAX_META_DEPTH} levels deep (at {where or 'the top'})"
+        if isinstance(value, _NonFinite):
+            return (f"holds the non-finite number {value.name} (field {where}); shards hold strict JSON only, "
+                    "write null instead")
+        if isinstance(value, int) and not isinstance(value, bool) and not -_INT64 <= value < _INT64:
+            return f"holds an integer beyond 64 bits (field {where})"
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1, f"{where}.{k}" if where else repr(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1, f"{where}[{i}]") for i, v in enumerate(value))
+    return None
+
+
+def _read_line(f: Any) -> tuple[bytes | None, int]:
+    """(line, its length without the line end) with at most ``MAX_META_LINE_BYTES`` held in memory; line
+    None when it is longer (it is then skipped to its end); (b"", -1) at the end of the file."""
+    line = f.readline(MAX_META_LINE_BYTES + 1)
+    if not line:
+        return b"", -1
+    if len(line) <= MAX_META_LINE_BYTES or line.endswith(b"\n"):
+        return line, len(line.rstrip(b"\r\n"))
+    length = len(line)
+    while not line.endswith(b"\n"):
+        line = f.readline(MAX_META_LINE_BYTES)
+        if not line:
+            break
+        length += len(line)
+    return None, length - (1 if line.endswith(b"\n") else 0)
+
+
+class _ListEnd(Exception):
+    """A JSON list that closed on its first line with more text after it: the file is JSON lines."""
+
+
 # ------------------------------------------------------------------------------------------- RORem
-class RoremSource(_CachedSource):
+class RoremSource(_FileSource):
     """The RORem layout: ``source/``, ``mask/``, ``GT/`` and ``meta.json``.
 
     ``meta.json`` is a JSON list of ``{"source", "mask", "GT"}`` entries with paths relative to the root
     (``GT`` optional; ``caption`` and ``id`` used when present; other fields go to the metadata), or
-    JSON lines with one entry per line. An unreadable line or an entry without ``source``/``mask`` is a
-    listing failure naming the line; an entry whose files do not exist is still listed, and the ``load``
-    stage fails it with "file is missing". Without ``meta.json`` files are paired by stem across the
-    three folders. Items are sorted by id (the entry's ``id``, else the source file's stem); ``limit``
-    keeps the first ``limit`` of them.
+    JSON lines with one entry per line. It is streamed (the list entry by entry), so its size does not
+    matter; an unreadable line or entry, or one without ``source``/``mask``, is a listing failure naming
+    the line (``meta-line-N``) or entry (``meta-entry-N``). A JSON list that cannot be parsed further
+    (a broken entry: where the next one starts is unknown) ends with one failure saying so. An entry
+    whose files do not exist is still listed, and the ``load`` stage fails it with "file is missing"; one
+    whose paths resolve outside the root is a listing failure. Without ``meta.json`` files are paired by
+    stem across the three folders. Items are sorted by id (the entry's ``id``, else the source file's
+    stem); ``limit`` keeps the first ``limit`` of them.
     """
 
-    def __init__(self, path: str | Path, name: str = "rorem", limit: int | None = None):
+    def __init__(self, path: str | Path, name: str = "rorem", limit: int | None = None,
+                 allow_outside_root: bool = False):
         self.path = Path(path)
         self.name = name
         self.limit = limit
+        self.allow_outside_root = allow_outside_root
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
         meta = self.path / "meta.json"
+        root = self.root()
+        if os.path.lexists(meta):
+            try:
+                check_inside_root(meta, root, "meta.json")
+            except OutsideRootError as error:
+                return [], [_fail(self.name, "meta-json", "OutsideRoot", str(error))]
         if meta.is_file():
-            items, failures = self._list_meta(meta)
+            items, failures = self._list_meta(meta, root)
         elif (self.path / "source").is_dir():
             gt = self.path / "GT"
+            if not (self.path / "mask").is_dir():
+                raise FileNotFoundError(f"{readable(str(self.path))} is a RORem folder without meta.json, but its "
+                                        "mask/ folder does not exist")
             items, failures = _pair_by_stem(self.name, self.path / "source", self.path / "mask",
-                                            gt if gt.is_dir() else None, image_role="source image")
+                                            gt if gt.is_dir() else None, root, image_role="source image")
         else:
-            raise FileNotFoundError(f"{self.path} is not a RORem folder: it has neither meta.json nor source/")
+            raise FileNotFoundError(f"{readable(str(self.path))} is not a RORem folder: it has neither meta.json "
+                                    "nor source/")
         if self.limit is not None:
             items = items[: self.limit]
         return items, failures
 
-    def _list_meta(self, meta: Path) -> tuple[list[SourceItem], list[Failure]]:
+    def _list_meta(self, meta: Path, root: str | None) -> tuple[list[SourceItem], list[Failure]]:
         items: list[SourceItem] = []
         failures: list[Failure] = []
-        for where, entry in self._entries(meta, failures):
-            if not isinstance(entry, dict):
-                failures.append(_fail(self.name, f"meta-{where.replace(' ', '-')}", "BadMetaEntry",
-                                      f"{meta} {where} is not a JSON object: {str(entry)[:80]}"))
+        shown = readable(str(meta))
+        for where, entry, size in self._entries(meta, failures):
+            source_id = f"meta-{where.split(' (')[0].replace(' ', '-')}"
+            problem = None
+            if size > MAX_META_ENTRY_BYTES:
+                problem = f"is {size} bytes, over the {MAX_META_ENTRY_BYTES}-byte limit for one entry"
+            elif not isinstance(entry, dict):
+                problem = f"is not a JSON object: {readable(str(entry))[:80]}"
+            else:
+                problem = _entry_problem(entry)
+            if problem is None:
+                missing = [f for f in ("source", "mask") if not isinstance(entry.get(f), str) or not entry.get(f)]
+                gt = entry.get("GT", entry.get("gt"))
+                if missing:
+                    problem = f"has no {' or '.join(repr(f) for f in missing)} path"
+                elif any("\0" in v for v in (entry["source"], entry["mask"], gt) if isinstance(v, str)):
+                    problem = "has a path holding a NUL character, which no file name can"
+                elif gt is not None and not isinstance(gt, str):
+                    problem = f"has a 'GT' that is not a path: {readable(str(gt))[:80]}"
+                elif entry.get("caption") is not None and not isinstance(entry["caption"], str):
+                    problem = f"has a 'caption' that is not a string: {readable(str(entry['caption']))[:80]}"
+            if problem is not None:
+                failures.append(_fail(self.name, source_id, "BadMetaEntry", f"{shown} {where} {problem}"))
                 continue
-            missing = [f for f in ("source", "mask") if not isinstance(entry.get(f), str) or not entry.get(f)]
-            if missing:
-                failures.append(_fail(self.name, f"meta-{where.replace(' ', '-')}", "BadMetaEntry",
-                                      f"{meta} {where} has no {' or '.join(repr(f) for f in missing)} path"))
+            item, outside = self._item(entry, root)
+            if outside is not None:
+                failures.append(_fail(self.name, item.source_id if item else source_id, "OutsideRoot",
+                                      f"{shown} {where}: {outside}"))
                 continue
-            items.append(self._item(entry))
+            items.append(item)
         return _dedupe_sorted(items, failures)
 
-    def _entries(self, meta: Path, failures: list[Failure]) -> Iterator[tuple[str, Any]]:
-        """(where, entry) pairs from a JSON list or JSON lines; bad lines are recorded as failures."""
-        raw = meta.read_bytes()
+    def _entries(self, meta: Path, failures: list[Failure]) -> Iterator[tuple[str, Any, int]]:
+        """(where, entry, size in bytes) from a JSON list or JSON lines, streamed; what cannot be read is
+        recorded in ``failures``. A file whose first non-blank character is ``[`` is a JSON list, unless
+        that list ends on its first line and more follows (JSON lines whose first line is a list)."""
+        shown = readable(str(meta))
         try:
-            whole = json.loads(raw.decode("utf-8-sig"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            whole = None
-        if isinstance(whole, list):
-            for index, entry in enumerate(whole):
-                yield f"entry {index}", entry
-            return
-        for number, line in enumerate(raw.splitlines(), start=1):
+            f = open(meta, "rb")
+        except OSError as error:
+            raise OSError(f"cannot read {shown}: {error.strerror or error}") from None
+        with f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            f.seek(0)
+            if head.startswith(b"["):
+                entries: list[tuple[str, Any, int]] = []
+                list_failures: list[Failure] = []
+                try:
+                    for entry in self._list_entries(f, shown, list_failures):
+                        entries.append(entry)
+                except _ListEnd:
+                    f.seek(0)
+                else:
+                    failures.extend(list_failures)
+                    yield from entries
+                    return
+            yield from self._line_entries(f, shown, failures)
+
+    def _line_entries(self, f: Any, shown: str, failures: list[Failure]) -> Iterator[tuple[str, Any, int]]:
+        number = 0
+        while True:
+            line, length = _read_line(f)
+            if length < 0:
+                return
+            number += 1
+            if line is None:
+                failures.append(_fail(self.name, f"meta-line-{number}", "LineTooLong",
+                                      f"{shown} line {number} is longer than {MAX_META_LINE_BYTES} bytes "
+                                      f"({length} bytes): not read"))
+                continue
             if not line.strip():
                 continue
             try:
                 text = line.decode("utf-8-sig")
             except UnicodeDecodeError as error:
                 failures.append(_fail(self.name, f"meta-line-{number}", "UnicodeDecodeError",
-                                      f"{meta} line {number} is not UTF-8 text: {error.reason} at byte {error.start}"))
+                                      f"{shown} line {number} is not UTF-8 text: {error.reason} at byte {error.start}"))
+                continue
+            if length > MAX_META_ENTRY_BYTES:
+                yield f"line {number}", None, length  # refused by size, without parsing
                 continue
             try:
-                entry = json.loads(text)
-            except json.JSONDecodeError as error:
-                failures.append(_fail(self.name, f"meta-line-{number}", "JSONDecodeError",
-                                      f"{meta} line {number} is not valid JSON: {error.msg} "
-                                      f"(column {error.colno}): {text.strip()[:80]}"))
+                entry = _DECODER.decode(text)
+            except _PARSE_ERRORS as error:
+                error_type, reason = _parse_problem(error)
+                failures.append(_fail(self.name, f"meta-line-{number}", error_type,
+                                      f"{shown} line {number} {reason}: {readable(text.strip()[:80])}"))
                 continue
-            yield f"line {number}", entry
+            yield f"line {number}", entry, length
 
-    def _item(self, entry: dict[str, Any]) -> SourceItem:
+    def _list_entries(self, f: Any, shown: str, failures: list[Failure]) -> Iterator[tuple[str, Any, int]]:
+        """The entries of a JSON list, parsed one at a time with ``raw_decode`` from a buffer that holds at
+        most about ``MAX_META_LINE_BYTES`` beyond the entry being parsed."""
+        decoder = codecs.getincrementaldecoder("utf-8-sig")("surrogateescape")  # bad bytes: per entry
+        buf, pos, eof = "", 0, False
+        line = 1  # line number of buf[0]
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof, line
+            if eof:
+                return False
+            if pos > (1 << 20):
+                line += buf.count("\n", 0, pos)
+                buf, pos = buf[pos:], 0
+            chunk = f.read(1 << 20)
+            eof = not chunk
+            buf += decoder.decode(chunk, final=eof)
+            return True
+
+        def skip_ws() -> None:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return
+
+        def stop(index: int, reason: str) -> None:
+            here = line + buf.count("\n", 0, pos)
+            failures.append(_fail(self.name, f"meta-entry-{index}", "JSONDecodeError",
+                                  f"{shown} entry {index} (line {here}) {reason}; the rest of the list cannot be "
+                                  "read (where the next entry starts is unknown)"))
+
+        skip_ws()
+        pos += 1  # the "["
+        index = 0
+        skip_ws()
+        if buf[pos:pos + 1] == "]":
+            pos += 1
+        else:
+            while True:
+                skip_ws()
+                while True:
+                    try:
+                        entry, end = _DECODER.raw_decode(buf, pos)
+                    except _PARSE_ERRORS as error:
+                        if len(buf) - pos <= MAX_META_LINE_BYTES and fill():
+                            continue
+                        if len(buf) - pos > MAX_META_LINE_BYTES:
+                            stop(index, f"is longer than {MAX_META_LINE_BYTES} bytes (or not valid JSON)")
+                        else:
+                            stop(index, _parse_problem(error)[1])
+                        return
+                    if end >= len(buf) and fill():
+                        continue  # a number or literal may go on in the next chunk
+                    break
+                span = buf[pos:end]
+                bad = _UNDECODED.search(span)
+                if bad is not None:
+                    failures.append(_fail(self.name, f"meta-entry-{index}", "UnicodeDecodeError",
+                                          f"{shown} entry {index} (line {line + buf.count(chr(10), 0, pos)}) is "
+                                          f"not UTF-8 text: byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
+                                          f"{bad.start()} of the entry"))
+                else:
+                    yield f"entry {index}", entry, len(span.encode("utf-8", "surrogateescape"))
+                pos = end
+                index += 1
+                skip_ws()
+                if buf[pos:pos + 1] == ",":
+                    pos += 1
+                    continue
+                if buf[pos:pos + 1] == "]":
+                    pos += 1
+                    break
+                stop(index, f"does not follow a ',' (found {buf[pos:pos + 20]!r})")
+                return
+        first_line = line == 1 and "\n" not in buf[:pos]
+        skip_ws()
+        if pos < len(buf):
+            if first_line:
+                raise _ListEnd()
+            failures.append(_fail(self.name, "meta-after-list", "JSONDecodeError",
+                                  f"{shown} has text after its JSON list (line {line + buf.count(chr(10), 0, pos)})"
+                                  f": {buf[pos:pos + 40]!r}; it was not read"))
+
+    def _item(self, entry: dict[str, Any], root: str | None) -> tuple[SourceItem | None, str | None]:
+        """(item, None), or (item or None, why) when one of its paths resolves outside the root."""
         def resolve(value: str) -> str:
-            path = Path(value)
-            return str(path if path.is_absolute() else self.path / path)
+            return value if os.path.isabs(value) else os.path.join(self.path, value)
 
         refs = {"image": resolve(entry["source"]), "mask": resolve(entry["mask"])}
         gt = entry.get("GT", entry.get("gt"))
@@ -228,47 +579,79 @@ class RoremSource(_CachedSource):
         for field, value in entry.items():
             if field not in _ENTRY_FIELDS:
                 meta[f"entry_{field}" if field in _RESERVED_META else field] = value
-        return SourceItem(make_key(self.name, source_id), self.name, source_id, refs,
+        item = SourceItem(make_key(self.name, source_id), self.name, source_id, refs,
                           caption if isinstance(caption, str) else None, meta)
+        for role, path in refs.items():
+            try:
+                check_inside_root(path, root, f"{role} file")
+            except OutsideRootError as error:
+                return item, str(error)
+        return item, None
 
 
 # ------------------------------------------------------------------------------------------ folders
-class FolderSource(_CachedSource):
+class FolderSource(_FileSource):
     """Plain folders ``<path>/<image_dir>`` and ``<path>/<mask_dir>`` (optionally ``<background_dir>``)
     matched by file stem, any of png, jpg, jpeg, webp, bmp, tif, tiff. An image without a mask and a
-    mask without an image are listing failures; a missing background just means none. A ``<stem>.txt``
-    next to an image is its caption. Items are sorted by stem."""
+    mask without an image are listing failures; a missing background file just means none, but a
+    configured background folder that does not exist is an error, like a missing image or mask folder.
+    A ``<stem>.txt`` next to an image is its caption. Items are sorted by stem."""
 
     def __init__(self, path: str | Path, image_dir: str = "images", mask_dir: str = "masks",
-                 background_dir: str | None = None, name: str = "folder"):
+                 background_dir: str | None = None, name: str = "folder", allow_outside_root: bool = False):
         self.path = Path(path)
         self.image_dir = image_dir
         self.mask_dir = mask_dir
         self.background_dir = background_dir
         self.name = name
+        self.allow_outside_root = allow_outside_root
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
-        image_dir = self.path / self.image_dir
-        if not image_dir.is_dir():
-            raise FileNotFoundError(f"folder source: image folder {image_dir} does not exist")
-        background_dir = self.path / self.background_dir if self.background_dir else None
-        return _pair_by_stem(self.name, image_dir, self.path / self.mask_dir, background_dir)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"folder source: {readable(str(self.path))} is not a folder"
+                                    + ("" if self.path.exists() else " (it does not exist)"))
+        folders = {"image": self.path / self.image_dir, "mask": self.path / self.mask_dir}
+        if self.background_dir:
+            folders["background"] = self.path / self.background_dir
+        for role, folder in folders.items():
+            if not folder.is_dir():
+                state = "is not a folder" if os.path.lexists(folder) else "does not exist"
+                raise FileNotFoundError(f"folder source: {role} folder {readable(str(folder))} {state} (see "
+                                        f"{role}_dir in the source config)")
+        return _pair_by_stem(self.name, folders["image"], folders["mask"], folders.get("background"), self.root())
 
 
 # ------------------------------------------------------------------------------------ Hugging Face
-class HFSource(_CachedSource):
+def _cell_path(value: Any) -> str | None:
+    """The file path an image cell points at (a path string, or a ``{"bytes": None, "path": ...}``
+    struct), None when the cell carries its bytes."""
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes"):
+            return None
+        path = value.get("path")
+        return path if isinstance(path, str) and path else None
+    return value if isinstance(value, str) else None
+
+
+class HFSource(_FileSource):
     """A Hugging Face ``datasets`` data set from local files only (no Hub access).
 
     ``data_format`` (inferred when None): ``imagefolder`` (a folder of images with ``metadata.jsonl``;
     ``mask_file_name`` there gives a ``mask`` column), ``parquet`` (a file or a folder of them) or
     ``disk`` (``save_to_disk`` output). Items are row indices in order. Image columns are read with
     ``decode=False`` so that the ``load`` stage decodes the bytes itself, with its size guard and
-    readable errors, instead of ``datasets`` decoding them eagerly."""
+    readable errors, instead of ``datasets`` decoding them eagerly.
+
+    Cells that are paths (path strings, or image structs without bytes) resolve against the dataset root
+    (``path``, or its folder when ``path`` is a file), never the current directory, and must lie inside
+    it: a row with a path outside is a listing failure (``allow_outside_root`` opts out). A data set that
+    ``datasets`` cannot load (a broken ``metadata.jsonl`` line, a ``file_name`` outside the folder) is
+    one readable error."""
 
     def __init__(self, path: str | Path, split: str = "train", image_column: str = "image",
                  mask_column: str = "mask", background_column: str | None = None,
                  caption_column: str | None = None, name: str = "hf", data_format: str | None = None,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, allow_outside_root: bool = False):
         self.path = Path(path)
         self.split = split
         self.image_column = image_column
@@ -278,6 +661,11 @@ class HFSource(_CachedSource):
         self.name = name
         self.data_format = data_format
         self.cache_dir = cache_dir
+        self.allow_outside_root = allow_outside_root
+
+    def base(self) -> Path:
+        """What relative path cells are relative to."""
+        return self.path if self.path.is_dir() else self.path.parent
 
     def resolved_format(self) -> str:
         if self.data_format:
@@ -298,55 +686,124 @@ class HFSource(_CachedSource):
         import datasets
 
         if not self.path.exists():
-            raise FileNotFoundError(f"hf source: {self.path} does not exist")
+            raise FileNotFoundError(f"hf source: {readable(str(self.path))} does not exist")
         fmt = self.resolved_format()
-        if fmt == "disk":
-            loaded = datasets.load_from_disk(str(self.path))
-            if isinstance(loaded, datasets.DatasetDict):
-                loaded = loaded[self.split]
-        elif fmt == "parquet" and self.path.is_file():
-            loaded = datasets.load_dataset("parquet", data_files={self.split: str(self.path)}, split=self.split,
-                                           cache_dir=self.cache_dir)
-        elif fmt in ("parquet", "imagefolder"):
-            loaded = datasets.load_dataset(fmt, data_dir=str(self.path), split=self.split, cache_dir=self.cache_dir)
-        else:
+        if fmt not in ("disk", "parquet", "imagefolder"):
             raise ValueError(f"hf source: data_format {fmt!r} is not one of imagefolder, parquet, disk")
+        try:
+            if fmt == "disk":
+                loaded = datasets.load_from_disk(str(self.path))
+                if isinstance(loaded, datasets.DatasetDict):
+                    loaded = loaded[self.split]
+            elif fmt == "parquet" and self.path.is_file():
+                loaded = datasets.load_dataset("parquet", data_files={self.split: str(self.path)},
+                                               split=self.split, cache_dir=self.cache_dir)
+            else:
+                loaded = datasets.load_dataset(fmt, data_dir=str(self.path), split=self.split,
+                                               cache_dir=self.cache_dir)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as error:
+            raise ValueError(f"hf source {readable(str(self.path))} ({fmt}): the data set cannot be loaded: "
+                             f"{_error_chain(error)}") from None
         columns = [c for c in (self.image_column, self.mask_column, self.background_column, self.caption_column) if c]
         absent = [c for c in columns if c not in loaded.column_names]
         if absent:
-            raise ValueError(f"hf source {self.path}: column(s) {absent} not found; columns are {loaded.column_names}")
+            raise ValueError(f"hf source {readable(str(self.path))}: column(s) {absent} not found; columns are "
+                             f"{loaded.column_names}")
         for column in columns[:3]:
             if column and isinstance(loaded.features[column], datasets.Image):
                 loaded = loaded.cast_column(column, datasets.Image(decode=False))
         self._cache_dataset = loaded
         return loaded
 
+    def _image_columns(self) -> dict[str, str]:
+        columns = {"image": self.image_column, "mask": self.mask_column}
+        if self.background_column:
+            columns["background"] = self.background_column
+        return columns
+
+    def _column_paths(self, ds: Any, column: str) -> list[str | None]:
+        """The path each row's cell points at (None when it carries bytes), read from arrow without
+        materialising the bytes."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = ds.select_columns([column]).with_format("arrow")[:]
+        values = table.column(column)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            return values.to_pylist()
+        if not pa.types.is_struct(values.type):
+            return [None] * len(values)
+        names = {values.type.field(i).name for i in range(values.type.num_fields)}
+        if "path" not in names:
+            return [None] * len(values)
+        paths = pc.struct_field(values, "path").to_pylist()
+        if "bytes" in names:
+            lengths = pc.fill_null(pc.binary_length(pc.struct_field(values, "bytes")), 0).to_pylist()
+            paths = [None if n else p for p, n in zip(paths, lengths)]
+        return paths
+
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
         ds = self.dataset()
         captions = list(ds[self.caption_column]) if self.caption_column else [None] * len(ds)
-        items = [SourceItem(make_key(self.name, str(i)), self.name, str(i), {"row": i},
-                            str(captions[i]) if captions[i] is not None else None)
-                 for i in range(len(ds))]
-        return items, []
+        root = self.root()
+        outside: dict[int, str] = {}
+        if root is not None:
+            for role, column in self._image_columns().items():
+                for row, path in enumerate(self._column_paths(ds, column)):
+                    if path is None or row in outside:
+                        continue
+                    try:
+                        check_inside_root(self._resolve(path), root, f"{role} file")
+                    except OutsideRootError as error:
+                        outside[row] = f"row {row}, column {column!r}: {error}"
+        items, failures = [], []
+        for i in range(len(ds)):
+            if i in outside:
+                failures.append(_fail(self.name, str(i), "OutsideRoot", outside[i]))
+                continue
+            caption = captions[i]
+            if caption is not None and not isinstance(caption, str):
+                caption = str(caption)
+            items.append(SourceItem(make_key(self.name, str(i)), self.name, str(i), {"row": i}, caption))
+        return items, failures
 
-    def _value(self, value: Any) -> Any:
-        """A cell of an image column as something ``decode_image`` takes."""
-        if isinstance(value, dict) and ("bytes" in value or "path" in value):
-            if value.get("bytes"):
-                return value["bytes"]
-            path = value.get("path")
-            if path and not Path(path).is_absolute() and not Path(path).exists():
-                base = self.path if self.path.is_dir() else self.path.parent
-                path = str(base / path)
-            return path
-        return value
+    def _resolve(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.base(), path)
+
+    def _value(self, value: Any, role: str, root: str | None) -> Any:
+        """A cell of an image column as something ``decode_image`` takes: its bytes, or its path resolved
+        against the dataset root and checked to lie inside it."""
+        if isinstance(value, dict) and ("bytes" in value or "path" in value) and value.get("bytes"):
+            return value["bytes"]
+        path = _cell_path(value)
+        if path is None:
+            return value.get("path") if isinstance(value, dict) else value
+        resolved = self._resolve(path)
+        check_inside_root(resolved, root, f"{role} file")
+        return resolved
 
     def read(self, item: SourceItem) -> LayeredSample:
         row = self.dataset()[int(item.refs["row"])]
-        work = {"raw_image": self._value(row[self.image_column]), "raw_mask": self._value(row[self.mask_column])}
-        if self.background_column:
-            work["raw_background"] = self._value(row[self.background_column])
+        root = self.root()
+        work: dict[str, Any] = {f"raw_{role}": self._value(row[column], role, root)
+                                for role, column in self._image_columns().items()}
+        work["raw_root"] = root
         return new_sample(item, work)
+
+
+def _error_chain(error: BaseException) -> str:
+    """The messages of an exception and its causes, one line: ``datasets`` wraps the useful one."""
+    parts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = " ".join(str(error).split())
+        text = re.sub(r"Generating \w+ split:.*", "", text).strip()
+        if text and text not in parts:
+            parts.append(f"{type(error).__name__}: {text[:400]}")
+        error = error.__cause__ or error.__context__
+    return readable(" <- ".join(parts[:4]))
 
 
 # -------------------------------------------------------------------------------------- WebDataset
@@ -355,17 +812,8 @@ def _alternatives(spec: str | None) -> list[str]:
     return [part.strip().lower() for part in re.split(r"[|;]", spec or "") if part.strip()]
 
 
-def _is_plain_local_tar(url: str) -> bool:
-    """An uncompressed tar on the local disk, where member offsets can be seeked to directly."""
-    if url.startswith("pipe:") or ("://" in url and not url.startswith("file://")):
-        return False
-    path = Path(url[len("file://"):] if url.startswith("file://") else url)
-    try:
-        with open(path, "rb") as f:
-            f.seek(257)
-            return f.read(5) == b"ustar"
-    except OSError:
-        return False
+_PROBLEM_TYPES = {"not_a_tar": "NotATar", "truncated": "TruncatedTar", "corrupt": "CorruptTar",
+                  "trailing_data": "TrailingData", "no_end_marker": "TruncatedTar", "unreadable": "UnreadableTar"}
 
 
 class WebDatasetSource(_CachedSource):
@@ -376,11 +824,18 @@ class WebDatasetSource(_CachedSource):
     ``png`` ...) and shards written by layerloop (``composite.png``, ``object_mask.png`` before the box
     ``mask.png``, ``background.png`` as the ground-truth background). A ``txt`` member is the caption.
 
-    Listing streams every shard once and remembers where each member lies. Reading a plain local tar
-    seeks straight to the member's bytes; compressed or remote shards are re-streamed with webdataset,
-    keeping one open cursor per source instance, so reading a shard's items in order is one forward pass
-    and memory holds one sample at a time. Items keep the shards' order (shard by shard, then the order
-    inside each tar), which is what makes that single pass possible.
+    Listing scans every shard once with ``tario.scan_tar`` and remembers where each member lies. What a
+    shard loses (not a tar, truncated, corrupt, cut inside a header, data after the end marker) is one
+    listing failure naming the URL and byte offset; the samples before it are listed. A sample whose
+    image, mask, background or caption member is cut short is a listing failure of that sample. Reading
+    a plain local tar hands the ``load`` stage a ``tario.TarMember`` (it checks the size, then reads by
+    offset); compressed or remote shards are re-streamed with ``tario.TarWalk``, keeping one open cursor
+    per source instance, so reading a shard's items in order is one forward pass and memory holds one
+    sample at a time. Items keep the shards' order (shard by shard, then the order inside each tar), which
+    is what makes that single pass possible.
+
+    There is no dataset root and no ``allow_outside_root``: the URLs are the data, and tar members are
+    read by offset, never by their names.
 
     ``variants`` > 1 lists every tar sample that many times, as ``<key>-v0``, ``<key>-v1`` ... with
     ``meta["input_key"]`` (the plain key) and ``meta["variant"]``: several candidates per held input in a
@@ -404,44 +859,25 @@ class WebDatasetSource(_CachedSource):
 
         return expand_urls(self.urls) if isinstance(self.urls, str) else [str(u) for u in self.urls]
 
-    def _scan(self, url: str) -> Iterator[tuple[str, dict[str, tuple[int, int]], str | None]]:
-        """(key, {member: (offset, size)}, caption) per sample of one shard, in tar order."""
-        from webdataset.gopen import gopen
-        from webdataset.tariterators import base_plus_ext
-
-        stream = gopen(url, "rb")
-        try:
-            key, members, caption = None, {}, None
-            with tarfile.open(fileobj=stream, mode="r|*") as tar:
-                for info in tar:
-                    if not info.isreg():
-                        continue
-                    prefix, suffix = base_plus_ext(info.name)
-                    if prefix is None or (prefix.startswith("__") and prefix.endswith("__")):
-                        continue
-                    if prefix != key:
-                        if key is not None:
-                            yield key, members, caption
-                        key, members, caption = prefix, {}, None
-                    suffix = suffix.lower()
-                    members[suffix] = (info.offset_data, info.size)
-                    if suffix == "txt":
-                        caption = tar.extractfile(info).read().decode("utf-8", errors="replace").strip()
-            if key is not None:
-                yield key, members, caption
-        finally:
-            stream.close()
-
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
+        from layerloop.datasets.tario import is_seekable, scan_tar
+
         items, failures = [], []
         seen: dict[str, str] = {}
         for shard, url in enumerate(self.shard_urls()):
-            seekable = _is_plain_local_tar(url)
-            for position, (key, members, caption) in enumerate(self._scan(url)):
+            seekable = is_seekable(url)
+            samples, problems = scan_tar(url, keep=("txt",), keep_max=MAX_CAPTION_BYTES)
+            for problem in problems:
+                failures.append(_fail(self.name, f"{os.path.basename(url)}@{problem.offset}",
+                                      _PROBLEM_TYPES.get(problem.kind, "CorruptTar"), problem.message))
+            for position, sample in enumerate(samples):
+                key, members = sample.key, sample.members
                 item_key = make_key(self.name, key)
+                shown_key = readable(key)
                 if item_key in seen:
                     failures.append(Failure(item_key, LIST_STAGE, "DuplicateKey",
-                                            f"tar key {key!r} in {url} was already listed from {seen[item_key]}"))
+                                            readable(f"tar key {shown_key!r} in {url} was already listed from "
+                                                     f"{seen[item_key]}")))
                     continue
                 seen[item_key] = url
                 chosen = {}
@@ -452,11 +888,21 @@ class WebDatasetSource(_CachedSource):
                         chosen[role] = found
                 missing = [role for role in ("image", "mask") if role not in chosen]
                 if missing:
-                    failures.append(Failure(item_key, LIST_STAGE, "MissingMember",
-                                            f"tar key {key!r} in {url} has no {' or '.join(missing)} member "
-                                            f"(looked for image {self.image_member!r}, mask {self.mask_member!r}; "
-                                            f"it has {sorted(members)})"))
+                    failures.append(_fail_key(item_key, "MissingMember",
+                                              f"tar key {shown_key!r} in {url} has no {' or '.join(missing)} member "
+                                              f"(looked for image {self.image_member!r}, mask {self.mask_member!r}; "
+                                              f"it has {sorted(members)})"))
                     continue
+                cut = [sample.cut[m] for m in [*chosen.values(), "txt"] if m in sample.cut]
+                if cut:
+                    failures.append(_fail_key(item_key, "MemberCut", "; ".join(cut)))
+                    continue
+                caption = None
+                if "txt" in sample.kept:
+                    caption, problem = _decode_caption(sample.kept["txt"], f"member {shown_key}.txt of {url}")
+                    if problem is not None:
+                        failures.append(_fail_key(item_key, "BadCaption", problem))
+                        continue
                 refs = {"url": url, "shard": shard, "position": position, "tar_key": key, "seekable": seekable,
                         "members": {role: [m, *members[m]] for role, m in chosen.items()}}
                 if self.variants == 1:
@@ -467,40 +913,71 @@ class WebDatasetSource(_CachedSource):
                                             {"input_key": item_key, "variant": variant}))
         return items, failures
 
-    def _read_seek(self, item: SourceItem) -> dict[str, bytes]:
-        url = item.refs["url"]
-        path = url[len("file://"):] if url.startswith("file://") else url
-        out = {}
-        with open(path, "rb") as f:
-            for role, (_, offset, size) in item.refs["members"].items():
-                f.seek(offset)
-                out[role] = f.read(size)
-        return out
+    def _read_seek(self, item: SourceItem) -> dict[str, Any]:
+        """``TarMember`` references: the ``load`` stage checks their size, then reads them by offset."""
+        from layerloop.datasets.tario import TarMember
 
-    def _read_stream(self, item: SourceItem) -> dict[str, bytes]:
-        from webdataset.tariterators import tarfile_samples
+        url, key = item.refs["url"], readable(item.refs["tar_key"])
+        return {role: TarMember(url, f"member {key}.{m}", offset, size)
+                for role, (m, offset, size) in item.refs["members"].items()}
 
+    def _stream_samples(self, url: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        """(position, key, {ext: bytes, or the error/TarMember when it could not be read}) per sample."""
+        from layerloop.datasets.tario import TarMember, TarReadError, TarWalk
+
+        position, key, record = -1, None, None
+        for entry in TarWalk(url):
+            if entry.key is None or entry.ext is None:
+                continue
+            if entry.key != key:
+                if record is not None:
+                    yield position, key, record
+                position, key, record = position + 1, entry.key, {}
+            if entry.size > STREAM_MAX_MEMBER_BYTES:
+                record[entry.ext] = TarMember(url, f"member {readable(entry.name)}", entry.offset, entry.size,
+                                              seekable=False)
+                continue
+            try:
+                record[entry.ext] = entry.read()
+            except TarReadError as error:
+                record[entry.ext] = error
+        if record is not None:
+            yield position, key, record
+
+    def _read_stream(self, item: SourceItem) -> dict[str, Any]:
         url, position = item.refs["url"], item.refs["position"]
         cursor = self.__dict__.get("_cache_cursor")
         if cursor is not None and cursor[0] == url and cursor[1] == position and cursor[3] is not None:
             return dict(cursor[3])  # another variant of the sample just read
         if cursor is None or cursor[0] != url or cursor[1] >= position:
-            cursor = [url, -1, iter(tarfile_samples([{"url": url}])), None]
+            cursor = [url, -1, self._stream_samples(url), None]
         self._cache_cursor = cursor
-        for record in cursor[2]:
-            cursor[1] += 1
-            if cursor[1] == position:
-                if record["__key__"] != item.refs["tar_key"]:
-                    raise RuntimeError(f"{url} changed since it was listed: expected key "
-                                       f"{item.refs['tar_key']!r} at position {position}, found {record['__key__']!r}")
-                cursor[3] = {role: record[m] for role, (m, _, _) in item.refs["members"].items()}
-                return dict(cursor[3])
+        for at, key, record in cursor[2]:
+            cursor[1] = at
+            if at == position:
+                if key != item.refs["tar_key"]:
+                    raise RuntimeError(readable(f"{url} changed since it was listed: expected key "
+                                                f"{item.refs['tar_key']!r} at position {position}, found {key!r}"))
+                out = {}
+                for role, (m, _, _) in item.refs["members"].items():
+                    value = record.get(m)
+                    if value is None or isinstance(value, Exception):
+                        raise RuntimeError(readable(str(value) if value is not None else
+                                                    f"{url} changed since it was listed: {key}.{m} is gone"))
+                    out[role] = value
+                cursor[3] = out
+                return dict(out)
         self._cache_cursor = None
-        raise RuntimeError(f"{url} ended before sample {item.refs['tar_key']!r}: the shard changed since listing")
+        raise RuntimeError(readable(f"{url} ended before sample {item.refs['tar_key']!r}: the shard changed since "
+                                    "listing"))
 
     def read(self, item: SourceItem) -> LayeredSample:
         data = self._read_seek(item) if item.refs.get("seekable") else self._read_stream(item)
         return new_sample(item, {f"raw_{role}": value for role, value in data.items()})
+
+
+def _fail_key(key: str, error_type: str, message: str) -> Failure:
+    return Failure(key, LIST_STAGE, error_type, readable(message))
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -568,6 +1045,7 @@ class RoremConfig(_SourceConfig):
     path: str
     name: Annotated[str, _NAME] = "rorem"
     limit: Annotated[int, Field(ge=1)] | None = None
+    allow_outside_root: bool = False  # read meta.json paths and symlinks that resolve outside ``path``
 
 
 class FolderConfig(_SourceConfig):
@@ -577,6 +1055,7 @@ class FolderConfig(_SourceConfig):
     mask_dir: str = "masks"
     background_dir: str | None = None
     name: Annotated[str, _NAME] = "folder"
+    allow_outside_root: bool = False  # follow folders and symlinks that resolve outside ``path``
 
 
 class HFConfig(_SourceConfig):
@@ -590,9 +1069,11 @@ class HFConfig(_SourceConfig):
     name: Annotated[str, _NAME] = "hf"
     data_format: Literal["imagefolder", "parquet", "disk"] | None = None
     cache_dir: str | None = None
+    allow_outside_root: bool = False  # read path cells that resolve outside ``path`` (its folder for a file)
 
 
 class WebDatasetConfig(_SourceConfig):
+    # no allow_outside_root: the urls are the data, and tar members are read by offset, not by name
     type: Literal["webdataset"]
     urls: str | list[str]
     name: Annotated[str, _NAME] = "wds"

@@ -1,7 +1,7 @@
 """The ``load`` stage: decode and normalise a source's raw inputs (docs/stage-flow.md, step 1).
 
 Reads ``work["raw_image"]``, ``work["raw_mask"]`` and optional ``work["raw_background"]`` (paths, bytes,
-PIL images or arrays, as the source's ``read`` left them) and writes:
+tar member references, PIL images or arrays, as the source's ``read`` left them) and writes:
 
 * ``work["image"]``: H x W x 3 uint8 RGB, shorter side ``short_side``, both sides a multiple of
   ``multiple_of``;
@@ -9,6 +9,11 @@ PIL images or arrays, as the source's ``read`` left them) and writes:
 * ``work["gt_background"]``: H x W x 3 uint8 when the source has a ground-truth background;
 * ``meta["original_size"]``: ``[width, height]`` of the upright decoded image before resizing (PIL's
   order, like ``meta["bbox"]`` which is x first).
+
+A file source also leaves ``work["raw_root"]``, its resolved dataset root (None when it allows reading
+outside it): paths are checked against it right before they are opened. Every file or tar member is
+checked against ``max_file_bytes`` (stat / tar header) and for an image signature before it is read
+whole.
 
 The raw entries are removed from ``work`` so that undecoded bytes do not travel further down the
 pipeline. Decoding happens here rather than in the source so that a corrupt file is one sample's recorded
@@ -20,12 +25,13 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from layerloop.datasets.imageio import DEFAULT_MAX_PIXELS, InputError, decode_image, normalise, to_mask, to_rgb
+from layerloop.datasets.imageio import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image,
+                                        normalise, to_mask, to_rgb)
 from layerloop.samples import LayeredSample
 from layerloop.stages.base import Resources, Stage, StageParams
 from layerloop.stages.registry import register_stage
 
-RAW_KEYS = ("raw_image", "raw_mask", "raw_background")
+RAW_KEYS = ("raw_image", "raw_mask", "raw_background", "raw_root")
 
 
 class LoadParams(StageParams):
@@ -33,6 +39,7 @@ class LoadParams(StageParams):
     mask_threshold: int = Field(128, ge=1, le=255)  # mask value (0..255) from which a pixel is object
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)  # larger inputs are refused (decompression bombs)
     multiple_of: int = Field(8, ge=1)  # centre-crop both sides to a multiple of this; 1 disables
+    max_file_bytes: int = Field(DEFAULT_MAX_FILE_BYTES, ge=1)  # larger input files are refused unread
 
 
 @register_stage
@@ -51,13 +58,12 @@ class LoadStage(Stage):
         if raw.get("raw_mask") is None:
             raise InputError("mask is missing: the source gave none (raw_mask)")
         p = self.params
-        image = to_rgb(decode_image(raw["raw_image"], key="image", max_pixels=p.max_pixels), key="image")
-        mask = to_mask(decode_image(raw["raw_mask"], key="mask", max_pixels=p.max_pixels),
-                       p.mask_threshold, key="mask")
+        limits = {"max_pixels": p.max_pixels, "max_file_bytes": p.max_file_bytes, "root": raw.get("raw_root")}
+        image = to_rgb(decode_image(raw["raw_image"], key="image", **limits), key="image")
+        mask = to_mask(decode_image(raw["raw_mask"], key="mask", **limits), p.mask_threshold, key="mask")
         background = None
         if raw.get("raw_background") is not None:
-            background = to_rgb(decode_image(raw["raw_background"], key="background", max_pixels=p.max_pixels),
-                                key="background")
+            background = to_rgb(decode_image(raw["raw_background"], key="background", **limits), key="background")
         result = normalise(image, mask, background, short_side=p.short_side, multiple_of=p.multiple_of)
 
         sample.work["image"] = result.image

@@ -15,7 +15,7 @@ from layerloop.datasets.shards import read_samples
 from layerloop.datasets.sources import RoremSource
 from layerloop.pipelines.build import build
 from layerloop.samples import composite_error
-from tests.bad_inputs import make_bad_rorem
+from tests.bad_inputs import make_bad_rorem, record_opens
 
 NAME = "bad"
 WDS_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -29,7 +29,9 @@ def bad_run(tmp_path_factory):
                                   "report.rows=3"])
     config.source = {"type": "rorem", "path": str(corpus.root), "name": NAME}
     out = root / "run"
-    result = build(config, out=out, progress=False)
+    with record_opens(corpus.outside_dir) as opened:
+        result = build(config, out=out, progress=False)
+    corpus.opened_outside = opened
     failures = pq.read_table(out / "failures.parquet").to_pylist()
     samples = list(read_samples(out))
     index_rows = [row for path in sorted(out.glob("*.parquet")) if path.name != "failures.parquet"
@@ -84,6 +86,20 @@ def test_unreadable_meta_lines_are_listing_failures_naming_the_line(bad_run):
         number = line_id.rsplit("-", 1)[1]
         assert row["stage"] == "list" and row["shard"] == "", row
         assert expected in row["message"] and f"line {number}" in row["message"], row
+
+
+def test_paths_outside_the_root_are_listing_failures_and_never_opened(bad_run):
+    corpus, _, failures, samples, _, _ = bad_run
+    assert len(corpus.outside) >= 5
+    written = {s.meta["source_id"] for s in samples}
+    for sid, expected in corpus.outside.items():
+        rows = failures_for(failures, sid)
+        assert len(rows) == 1, (sid, rows)
+        assert rows[0]["stage"] == "list" and rows[0]["error_type"] == "OutsideRoot", rows[0]
+        assert expected in rows[0]["message"], (expected, rows[0]["message"])
+        assert sid not in written
+    assert "alias_inside" in written  # a symlink that resolves inside the root is fine
+    assert corpus.opened_outside == [], "files outside the root were opened"
 
 
 def test_duplicate_id_keeps_the_first_entry_and_reports_the_second(bad_run):

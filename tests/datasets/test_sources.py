@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import pickle
 import sys
 import types
@@ -62,7 +63,8 @@ def test_rorem_lists_every_entry_sorted_with_readable_listing_failures(tmp_path,
     sample = source.read(good)
     assert sample.key == good.key and sample.caption == good.caption
     assert sample.meta["source"] == "rorem" and sample.meta["source_id"] == "good"
-    assert set(sample.work) == {"raw_image", "raw_mask", "raw_background"}
+    assert set(sample.work) == {"raw_image", "raw_mask", "raw_background", "raw_root"}
+    assert sample.work["raw_root"] == os.path.realpath(tmp_path)  # the load stage checks paths against it
 
 
 def test_rorem_duplicates_bad_entries_extras_and_limit(tmp_path):
@@ -318,6 +320,11 @@ def test_build_source_validates_per_type(tmp_path, monkeypatch):
     wds_source = build_source({"type": "webdataset", "urls": "shards/x-{000..001}.tar"})
     assert wds_source.urls == str(tmp_path / "shards/x-{000..001}.tar")
     assert build_source({"type": "webdataset", "urls": "pipe:cat a.tar"}).urls == "pipe:cat a.tar"
+    for kind, extra in (("rorem", {"path": "r"}), ("folder", {"path": "f"}), ("hf", {"path": "h"})):
+        assert not build_source({"type": kind, **extra}).allow_outside_root
+        assert build_source({"type": kind, **extra, "allow_outside_root": True}).allow_outside_root
+    with pytest.raises(ValueError, match="allow_outside_root"):  # the urls are the data: no root to leave
+        build_source({"type": "webdataset", "urls": "x.tar", "allow_outside_root": True})
     with pytest.raises(ValueError, match=r"source type 'rorem': (.|\n)*colour"):
         build_source({"type": "rorem", "path": "x", "colour": "blue"})
     with pytest.raises(ValueError, match=r"source type 'hf': .*path"):
