@@ -999,10 +999,14 @@ class DemoSource(_CachedSource):
         rorem = RoremSource(root if root is not None else self.path, name=self.name)
         return rorem.items(), rorem.listing_failures()
 
+    def read(self, item: SourceItem) -> LayeredSample:
+        """As a RORem folder: the same root check at read time as any file source."""
+        return RoremSource(self.path, name=self.name).read(item)
+
 
 # ------------------------------------------------------------------------------------------ logos
 class LogoSource(_CachedSource):
-    """Synthetic logo quadruples (issue 5): item ``i`` is ``LogoSynthesizer(size, seed).make(i)``.
+    """Synthetic logo quadruples: item ``i`` is ``LogoSynthesizer(size, seed).make(i)``.
 
     Unlike the file sources, ``read`` returns the *complete* sample (F, B, M, C, caption, kind
     ``quadruple``; the invariant holds by construction), so a build needs no stages at all

@@ -298,7 +298,7 @@ def test_demo_source_generates_once_and_reads_as_rorem(tmp_path, monkeypatch):
     assert calls == [(tmp_path / "demo", 3, 5, 64)]  # listing twice generated once
     assert [(i.key, i.caption, i.meta) for i in items] == [
         (f"demo_{i:04d}", f"scene {i}", {"object": "box"}) for i in range(3)]
-    assert set(source.read(items[0]).work) == {"raw_image", "raw_mask", "raw_background"}
+    assert set(source.read(items[0]).work) == {"raw_image", "raw_mask", "raw_background", "raw_root"}
 
 
 def test_demo_source_with_the_real_generator(tmp_path):
