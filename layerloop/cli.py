@@ -227,7 +227,9 @@ def _user_error(error: BaseException) -> tuple[int | None, str]:
         return errors.EXIT_REFUSED, str(error)
     if isinstance(error, UnknownSampleError):
         return errors.EXIT_REFUSED, error.args[0] if error.args else str(error)
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) and error.errno is None:  # ours: "X is not a run directory", ...
+        return errors.EXIT_REFUSED, str(error)
+    if isinstance(error, OSError):  # the system's: disk full, read-only, permission denied ...
         return errors.EXIT_ENVIRONMENT, errors.describe_os_error(error)
     return None, ""
 

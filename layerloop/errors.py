@@ -6,10 +6,11 @@ Exit codes (README, "What layerloop guarantees"):
 * 1 ``models list``: some weights are missing (the list says which);
 * 2 refused before any work: an invalid config, argument or override, an unknown config name, a run
   directory in use by another live run (``run.lock``) or holding another run, model weights missing
-  while offline, a source path a source must not write to;
+  while offline, a source path a source must not write to, an input or run directory that is not what
+  the command needs (no such run, no committed shards, not a checkpoint);
 * 3 the run stopped because another run took its directory over (its lock's owner changed);
-* 4 the environment failed: a file or folder could not be read or written (disk full, read-only file
-  system, permission denied, a path that is a file where a folder is needed, an I/O error). The message
+* 4 the environment failed: the system could not read or write a file or folder (disk full, read-only
+  file system, permission denied, a path that is a file where a folder is needed, an I/O error). The message
   names the path and the cause; ``run.json`` records the failure; re-running the same command after the
   cause is fixed resumes the run;
 * 130 interrupted (Ctrl-C).
