@@ -21,6 +21,12 @@ from its ``concurrency`` parameter). Rows carry the pickled samples of one group
 restarts (``ray.max_task_retries`` / ``ray.actor_restarts``) cover dead workers and nodes; a shard written
 twice by a retried task is written under a temporary name and committed by rename, so it is never
 duplicated.
+
+The pools hold their CPUs for the whole run, so the plan is sized (``plan_cpus``) on the alive nodes
+without the largest one: when a node dies and Ray restarts its actors on the others, a task still finds a
+CPU. A build that nonetheless makes no progress for ``LAYERLOOP_RAY_STALL_TIMEOUT_S`` (600 s; Ray Data's
+no-progress guard) is planned again for the remaining shard groups when the cluster changed meanwhile,
+and otherwise fails with ``BuildStalledError``, one message saying what the plan waits for.
 """
 
 from __future__ import annotations
@@ -139,6 +145,108 @@ def stage_groups(stages: list[Stage]) -> list[tuple[str, list[int]]]:
     return groups
 
 
+# --------------------------------------------------------------------------- planning the CPUs of a Ray Data plan
+STALL_TIMEOUT_ENV = "LAYERLOOP_RAY_STALL_TIMEOUT_S"
+DEFAULT_STALL_TIMEOUT_S = 600.0
+
+
+class BuildStalledError(RuntimeError):
+    """A Ray Data build made no progress for the stall timeout and the cluster cannot run its plan."""
+
+
+def _stall_timeout() -> float:
+    """Seconds without any progress after which a Ray Data build gives up instead of waiting forever
+    (``LAYERLOOP_RAY_STALL_TIMEOUT_S``; it also bounds how long a model may take to load in an actor)."""
+    return float(os.environ.get(STALL_TIMEOUT_ENV) or DEFAULT_STALL_TIMEOUT_S)
+
+
+def alive_node_cpus() -> list[float]:
+    """CPUs of each alive node that has any, from the GCS's node table (``ray.nodes()``). A killed node
+    stays in ``ray.cluster_resources()`` until the GCS declares it dead, and a plan sized on it asks for
+    CPUs that are gone."""
+    import ray
+
+    return sorted((float(n["Resources"].get("CPU", 0)) for n in ray.nodes()
+                   if n.get("Alive") and n["Resources"].get("CPU", 0) > 0), reverse=True)
+
+
+def _pools(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> list[tuple[str, int, float]]:
+    return [(stages[i[0]].name, stages[i[0]].params.concurrency or 1, stages[i[0]].resources.cpus)
+            for kind, i in groups if kind == "actor"]
+
+
+def _task_cpus(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float:
+    return max((stages[i].resources.cpus for kind, idx in groups if kind == "tasks" for i in idx), default=1.0)
+
+
+def plan_cpus(stages: list[Stage], groups: list[tuple[str, list[int]]], node_cpus: list[float]) -> float | None:
+    """The CPU fraction every op of a Ray Data plan asks for, or None to ask for the stages' own CPUs.
+
+    Every actor pool holds its actors' CPUs for the whole run, and Ray restarts an actor whose node died
+    on the nodes that are left. The pools plus one task to feed them must therefore fit the cluster
+    *without its largest node* (all of it when it has one node): sized on every CPU, a plan that used
+    them all (generator + scorer + dedupe actors and a task on three 1-CPU nodes) had, after a node died,
+    its restarted actor take the last free CPU, and the tasks between the pools waited forever for one.
+    When the pools do not fit, every op, tasks and actors alike, asks for the same fraction of a CPU, 1/m,
+    with m the smallest integer that fits them all: equal fractions of whole-CPU nodes cannot fragment (a
+    node's free share is always a multiple of 1/m), so whatever is left anywhere can run the next task."""
+    pools = _pools(stages, groups)
+    if not pools:
+        return None
+    actors = sum(n for _, n, _ in pools)
+    wanted = sum(n * cpus for _, n, cpus in pools)
+    task = _task_cpus(stages, groups)
+    total = sum(node_cpus)
+    budget = total - max(node_cpus) if len(node_cpus) > 1 else total
+    if wanted + task <= budget:
+        return None
+    quantum = 1.0 / math.ceil((actors + 1) / max(budget, 1.0))
+    logger.warning("the stage actor pools ask for %.1f CPUs and a task for %.1f more; the cluster has %.0f CPUs on "
+                   "%d node(s)%s: every op asks for %.2f CPU instead, so that every pool can start and a task "
+                   "still finds room%s", wanted, task, total, len(node_cpus),
+                   f", {budget:.0f} without its largest" if len(node_cpus) > 1 else "", quantum,
+                   " after a node dies" if len(node_cpus) > 1 else "")
+    return quantum
+
+
+def _is_stall(error: BaseException) -> bool:
+    seen = 0
+    while error is not None and seen < 10:
+        if type(error).__name__ == "ExecutionTimeoutError":
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def stall_message(stages: list[Stage], groups: list[tuple[str, list[int]]], quantum: float | None,
+                  planned: list[float], alive: list[float], timeout: float, detail: str = "") -> str:
+    """One line that says why a build stopped (what the plan waits for, what the cluster has), then
+    Ray Data's list of the operators still running."""
+    try:
+        import ray
+
+        free = ray.available_resources()
+        gpus_alive = sum(float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001 - only for the message
+        free, gpus_alive = {}, float("nan")
+    pools = _pools(stages, groups)
+    gpu = {stages[i[0]].name: stages[i[0]].resources.gpus for kind, i in groups if kind == "actor"}
+    described = ", ".join(f"{name} {n} x {quantum or cpus:g} CPU" + (f" + {gpu[name]:g} GPU" if gpu[name] else "")
+                          for name, n, cpus in pools)
+    task = quantum or _task_cpus(stages, groups)
+    need = sum(n * (quantum or cpus) for _, n, cpus in pools) + task
+    need_gpus = sum(n * gpu[name] for name, n, _ in pools)
+    change = ("unchanged" if alive == planned else
+              f"now {sum(alive):g} CPUs on {len(alive)} nodes alive")
+    head = (f"Ray Data build made no progress for {timeout:.0f} s: its actor pools ({described}) and a task "
+            f"({task:g} CPU) need {need:g} CPUs" + (f" and {need_gpus:g} GPUs" if need_gpus else "") +
+            f"; the cluster had {sum(planned):g} CPUs on {len(planned)} nodes when planned ({change}), "
+            f"{float(free.get('CPU', 0)):g} CPU free" +
+            (f", {gpus_alive:g} GPUs alive ({float(free.get('GPU', 0)):g} free)" if need_gpus else ""))
+    ops = [line.strip() for line in detail.splitlines() if line.strip().startswith("- ")]
+    return "\n".join([head, *ops[:8]])
+
+
 class RayExecutor:
     name = "ray"
 
@@ -172,9 +280,39 @@ class RayExecutor:
         if len(groups) == 1 and groups[0][0] == "tasks":
             yield from self._run_tasks(pipeline, tasks, stages)
             return
+        remaining = {task.index: task for task in tasks}
+        replans = 0
+        while remaining:
+            nodes = alive_node_cpus()
+            plan = plan_cpus(stages, groups, nodes)
+            done_before = len(remaining)
+            try:
+                for summary in self._run_dataset(pipeline, list(remaining.values()), stages, groups, plan):
+                    remaining.pop(summary.index, None)
+                    yield summary
+            except Exception as error:
+                if not _is_stall(error):
+                    raise
+                now = alive_node_cpus()
+                message = stall_message(stages, groups, plan, nodes, now, _stall_timeout(), str(error))
+                if now == nodes or not now or replans >= 3:
+                    raise BuildStalledError(message) from None
+                # The cluster changed under the plan (a node died or joined): plan again for what it has now
+                # and run the shard groups not committed yet (a committed one is skipped by its writer).
+                replans += 1
+                logger.warning("%s; planning again for the %d shard groups left (%d done in that attempt)",
+                               message.splitlines()[0], len(remaining), done_before - len(remaining))
+
+    def _run_dataset(self, pipeline: Pipeline, tasks: list[ShardTask], stages: list[Stage],
+                     groups: list[tuple[str, list[int]]], quantum: float | None) -> Iterator[ShardSummary]:
+        import ray
+        import ray.data
+
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI shows one bar over shards instead
         context.max_errored_blocks = 0
+        if hasattr(context, "execution_no_progress_timeout_s"):  # Ray >= 2.5x: fail instead of waiting forever
+            context.execution_no_progress_timeout_s = _stall_timeout()
         task_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy",
                                      "compute": ray.data.TaskPoolStrategy(size=self._task_concurrency(len(tasks)))}
         actor_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}
@@ -183,7 +321,6 @@ class RayExecutor:
             actor_args["max_task_retries"] = self.config.max_task_retries
         if self.config.actor_restarts is not None:
             actor_args["max_restarts"] = self.config.actor_restarts
-        quantum = self._cpu_quantum(stages, groups)
 
         dataset = ray.data.from_items(
             [{"shard": task.index, "payload": _dumps(task.items)} for task in tasks],
@@ -235,30 +372,6 @@ class RayExecutor:
                 yield ray.get(ref)
 
     @staticmethod
-    def _cpu_quantum(stages: list[Stage], groups: list[tuple[str, list[int]]]) -> float | None:
-        """Every actor pool holds its actors' CPUs for the whole run. When the pools, plus one task to feed
-        them, ask for more CPUs than the cluster has (generate + score + dedupe on 2 cores), Ray Data would
-        wait forever for the last pool. Then every op of the plan, tasks and actors alike, asks for the same
-        fraction of a CPU, 1/m, with m the smallest integer that fits them all: equal fractions of whole-CPU
-        nodes cannot fragment (a node's free share is always a multiple of 1/m), so whatever is left over
-        anywhere can run the next task. Returns None when the requests fit as declared."""
-        import ray
-
-        cpus = float(ray.cluster_resources().get("CPU", 1))
-        actors = sum(stages[i[0]].params.concurrency or 1 for kind, i in groups if kind == "actor")
-        wanted = sum(stages[i[0]].resources.cpus * (stages[i[0]].params.concurrency or 1)
-                     for kind, i in groups if kind == "actor")
-        task = max((stages[i].resources.cpus for kind, idx in groups if kind == "tasks" for i in idx), default=1.0)
-        if not actors or wanted + task <= cpus:
-            return None
-        quantum = 1.0 / math.ceil((actors + 1) / max(cpus, 1.0))
-        logger.warning("the stage actor pools ask for %.1f CPUs and a task for %.1f more, the cluster has %.0f: "
-                       "every op asks for %.2f CPU instead, so that every pool can start", wanted, task, cpus, quantum)
-        return quantum
-
-    @staticmethod
     def _task_concurrency(num_tasks: int) -> int:
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(sum(alive_node_cpus()) or 1)
         return max(1, min(num_tasks, cpus))

@@ -484,6 +484,24 @@ def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, *upstream
     return {"round": k, "step": name, **Step(cfg, Path(out), k, name)()}
 
 
+def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int) -> list[dict[str, Any]]:
+    """Every step in this process, each starting with the torch thread count the loop started with.
+
+    A step may change it behind the loop's back: pymatting's numba kernels (the data step's matting) set
+    OpenMP's thread count, which torch reads. Training and generation outputs depend on the thread count,
+    so without this a resumed loop (its data step skipped) could train with other threads than an
+    uninterrupted one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    results = []
+    for k, name in plan_steps(rounds):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        results.append(_run_one(cfg.model_dump(mode="json"), str(out_dir), k, name))
+    return results
+
+
 def _set_torch_threads() -> None:
     """In a Ray worker, give the trainer's libraries as many threads as the CPUs its task holds."""
     import ray
@@ -531,6 +549,42 @@ def _pin_ray_data_singletons() -> None:
         _Noop, batch_size=1, num_cpus=0, compute=ray.data.ActorPoolStrategy(size=1)).take_all()
 
 
+class StepCannotRunError(RuntimeError):
+    """The step the loop waits for asks for resources that no alive node of the cluster has."""
+
+
+def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]]) -> Any:
+    """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
+    pending (an autoscaler may still add one), so when the step that runs now (the first without its
+    marker) asks for more than any alive node offers for longer than the stall timeout
+    (``LAYERLOOP_RAY_STALL_TIMEOUT_S``), the loop stops with one message; a re-run resumes at that step."""
+    import ray
+
+    from layerloop.pipelines.executors import _stall_timeout
+
+    timeout, since = _stall_timeout(), None
+    while True:
+        ready, _ = ray.wait([ref], timeout=5.0)
+        if ready:
+            return ray.get(ref)
+        current = next(((k, name) for k, name in plan_steps(rounds)
+                        if name not in ALWAYS_RUN and not _marker(out, k, name).exists()), None)
+        need = {key: value for key, value in requests.get(current, {}).items() if value > 0}
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if not need or any(all(r.get(key, 0) >= value for key, value in need.items()) for r in nodes):
+            since = None
+            continue
+        since = since or time.monotonic()
+        if time.monotonic() - since >= timeout:
+            k, name = current
+            raise StepCannotRunError(
+                f"step {name} of {'the data' if k < 0 else f'round {k}'} has waited {timeout:.0f} s for "
+                f"{', '.join(f'{v:g} {key}' for key, v in need.items())} on one node; none of the "
+                f"{len(nodes)} alive nodes has that (the cluster has "
+                f"{sum(r.get('CPU', 0) for r in nodes):g} CPUs, {sum(r.get('GPU', 0) for r in nodes):g} GPUs). "
+                f"Add a node and run the same command again: it resumes at this step.")
+
+
 def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, Any]]:
     """Submit every step as a Ray task whose argument is its predecessor's result (an ObjectRef): Ray
     starts a step when the previous one finished, retries it when its worker or node dies (the step then
@@ -546,14 +600,16 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, A
     defaults = {"num_cpus": 0, "max_retries": retries, "retry_exceptions": False}
     config_json = ray.put(cfg.model_dump(mode="json"))
     ref = None
+    requests: dict[tuple[int, str], dict[str, float]] = {}
     for k, name in plan_steps(rounds):
         options: dict[str, Any] = {**defaults, "name": f"selfimprove:{'data' if k < 0 else f'round-{k:03d}'}:{name}"}
         if name == "train":
             options.update(_train_resources(cfg, out))
+        requests[(k, name)] = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
         args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        ray.get(ref)
+        _wait_for_steps(ref, out, rounds, requests)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
     return [json.loads(_marker(out, k, name).read_text()) for k, name in plan_steps(rounds) if name != "summary"]
@@ -580,7 +636,7 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
         if cfg.executor == "ray":
             results = _run_ray(cfg, out_dir, rounds)
         else:
-            results = [_run_one(cfg.model_dump(mode="json"), str(out_dir), k, name) for k, name in plan_steps(rounds)]
+            results = _run_local(cfg, out_dir, rounds)
         _event(out_dir, -1, "loop", "done", seconds=round(time.perf_counter() - started, 2))
     per_round = []
     for k in range(rounds):

@@ -57,9 +57,18 @@ def bfs_config(data: dict[str, str] | None = None, **extra) -> dict:
 
 @pytest.fixture(scope="module")
 def loop3(tmp_path_factory):
-    """Three rounds of the tiny BFS loop (local executor), built once for the module."""
+    """Three rounds of the tiny BFS loop (local executor), built once for the module, with one torch
+    thread: the Ray executor's train step holds one CPU and runs one thread, and CPU training outputs
+    depend on the thread count (the Ray test below compares checkpoint hashes)."""
+    import torch
+
     out = tmp_path_factory.mktemp("si") / "loop"
-    result = self_improve(bfs_config(), rounds=3, out=out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = self_improve(bfs_config(), rounds=3, out=out)
+    finally:
+        torch.set_num_threads(threads)
     return out, result
 
 
@@ -201,8 +210,9 @@ def test_killed_in_round_1_resumes_without_redoing_finished_steps(tmp_path, loop
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "layerloop.cli", "self-improve", str(config_path), "--rounds", "2",
                "--out", str(out)]
+    # one torch thread, as loop3 (CPU training outputs depend on the thread count)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     checkpoints = round_dir(out, 1) / "train" / "checkpoints"
     while time.time() < deadline and process.poll() is None:
@@ -217,7 +227,14 @@ def test_killed_in_round_1_resumes_without_redoing_finished_steps(tmp_path, loop
 
     before = len(read_events(out))
     config_from_file = load_selfimprove_config(config_path)
-    result = self_improve(config_from_file, rounds=2, out=out)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = self_improve(config_from_file, rounds=2, out=out)
+    finally:
+        torch.set_num_threads(threads)
     events = [(e["round"], e["step"], e["event"]) for e in read_events(out)[before:] if e["step"] != "loop"]
     assert [e for e in events if e[0] <= 0] == [(-1, "data", "skip")] + [(0, s, "skip") for s in
                                                                         ("mix", "train", "generate", "filter", "report")]
@@ -335,3 +352,27 @@ def test_failed_candidates_are_rejected_with_the_generation_error(tmp_path):
     assert not scores[1]["accepted"] and scores[1]["recomposition_mean"] is None
     assert scores[1]["reasons"] == ["generation failed: generate-bfs: MissingInput: needs a background and the "
                                     "box mask"]
+
+
+def test_local_steps_start_with_the_loops_thread_count(monkeypatch, tmp_path):
+    """A step that changes torch's thread count (pymatting's numba kernels do, through OpenMP) must not
+    change the threads later steps train and generate with."""
+    import torch
+
+    from layerloop.selfimprove import loop as loop_module
+
+    seen = []
+
+    def fake_run_one(config_json, out, k, name):
+        seen.append((name, torch.get_num_threads()))
+        torch.set_num_threads(2 if name == "data" else 3)
+        return {"round": k, "step": name}
+
+    monkeypatch.setattr(loop_module, "_run_one", fake_run_one)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loop_module._run_local(loop_module.SelfImproveConfig.model_validate(bfs_config()), tmp_path, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and all(count == 1 for _, count in seen), seen
