@@ -2,9 +2,11 @@
 that exchange information through trainable cross-branch attention in every block.
 
 What lives here: the generator wrapper (`BFSGenerator`), its loading (`from_pretrained`, `tiny`,
-`load_generator`), LoRA checkpoints (`save_lora` / `load_lora`), the training losses as pure functions,
-the stage-2 branch sampler, and a short Euler sampler (`generate`). The trainer, data loader and
-stages are elsewhere; the pieces this file builds on are in `bfs_modules.py`.
+`load_generator`), LoRA checkpoints (`save_lora` / `load_lora`) and the two-branch Euler sampler
+(`sample_latents`, `generate`; the schedule and loop are `sampling.py`'s). Elsewhere: the pieces this file
+builds on (`bfs_modules.py`), the training losses (`bfs_losses.py`, re-exported here), the frozen
+components around the generator (`bfs_components.py`: VAEs, Phi, text encoders) and the inference pipeline
+(`bfs_pipeline.BFSPipeline`, what the `generate-bfs` stage calls).
 
 Latent conventions: spatial latents are (B, C, h, w) and normalised as Flux expects
 (`encode_latents`); the transformer sees packed tokens (B, h/2 * w/2, 4C) (`pack_latents`).
@@ -20,20 +22,28 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from safetensors.torch import load_file, save_file
 
 from layerloop.models import hub
+from layerloop.models.bfs_losses import (  # noqa: F401  (re-exported)
+    composition_loss,
+    compositor_loss,
+    denoised_estimate,
+    flow_matching_loss,
+    flow_matching_target,
+    noisy_latents,
+    stage1_loss,
+    stage2_branch,
+    stage2_loss,
+)
 from layerloop.models.bfs_modules import (
     TEXT_TOKENS_KWARG,
     InformationSharingProcessor,
@@ -49,6 +59,7 @@ from layerloop.models.bfs_modules import (
     unpack_latents,
     vae_scale_factor,
 )
+from layerloop.models.sampling import euler_sample, sigma_schedule
 
 __all__ = [
     "BFSConfig",
@@ -66,6 +77,7 @@ __all__ = [
     "load_generator",
     "lora_checkpoint_hash",
     "generate",
+    "sample_latents",
     "flux_sigmas",
     "read_lora_config",
     "tiny_transformer",
@@ -451,112 +463,6 @@ def lora_checkpoint_hash(path: str | os.PathLike) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Losses (pure functions; the trainer owns sampling t, noise and the optimiser)
-# --------------------------------------------------------------------------------------------------
-
-
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, device=like.device, dtype=like.dtype)
-    return t.reshape(-1, *([1] * (like.ndim - 1))) if t.ndim else t
-
-
-def noisy_latents(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """z_t = (1 - t) z0 + t z1: z0 data, z1 noise, t per sample (B,) or scalar."""
-    t = _per_sample(t, z0)
-    return (1 - t) * z0 + t * z1
-
-
-def flow_matching_target(z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    return z1 - z0
-
-
-def denoised_estimate(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """One-step estimate of the data: z0_hat = z_t - t v (exact when v is the true velocity)."""
-    return z_t - _per_sample(t, z_t) * v
-
-
-def flow_matching_loss(v: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(v.float(), flow_matching_target(z0, z1).float())
-
-
-def composition_loss(
-    compositor: nn.Module, z_f_hat: torch.Tensor, z_b: torch.Tensor, z_c_hat: torch.Tensor
-) -> torch.Tensor:
-    """L_comp = L1(Phi(z_F_hat, z_B), z_C_hat) on spatial latents; gradients reach both branches
-    through the two estimates (Phi itself is expected frozen by the caller once trained)."""
-    return F.l1_loss(compositor(z_f_hat, z_b).float(), z_c_hat.float())
-
-
-def compositor_loss(compositor: nn.Module, z_f: torch.Tensor, z_b: torch.Tensor, z_c: torch.Tensor) -> torch.Tensor:
-    """Training loss of Phi itself, on encoded quadruples: L1(Phi(z_F, z_B), z_C)."""
-    return F.l1_loss(compositor(z_f, z_b).float(), z_c.float())
-
-
-def stage1_loss(
-    compositor: nn.Module,
-    *,
-    v_c: torch.Tensor,
-    v_f: torch.Tensor,
-    z0_c: torch.Tensor,
-    z0_f: torch.Tensor,
-    z1_c: torch.Tensor,
-    z1_f: torch.Tensor,
-    z_b: torch.Tensor,
-    t: torch.Tensor,
-    comp_weight: float = 0.1,
-) -> dict[str, torch.Tensor]:
-    """Stage 1 on quadruples: FM(C) + FM(F) + comp_weight * L_comp. All latents spatial (B, C, h, w);
-    the velocities are the generator's outputs unpacked. The branches' inputs must have been
-    `noisy_latents(z0, z1, t)` with these very tensors."""
-    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
-    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
-    fm_c = flow_matching_loss(v_c, z0_c, z1_c)
-    fm_f = flow_matching_loss(v_f, z0_f, z1_f)
-    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
-    return {"loss": fm_c + fm_f + comp_weight * comp, "fm_c": fm_c, "fm_f": fm_f, "comp": comp}
-
-
-def stage2_loss(
-    branch: str,
-    compositor: nn.Module,
-    *,
-    v_c: torch.Tensor,
-    v_f: torch.Tensor,
-    z0_c: torch.Tensor,
-    z0_f: torch.Tensor,
-    z1_c: torch.Tensor,
-    z1_f: torch.Tensor,
-    z_b: torch.Tensor,
-    t: torch.Tensor,
-    comp_weight: float = 0.5,
-) -> dict[str, torch.Tensor]:
-    """Stage 2, one of two objectives chosen per step by `stage2_branch`:
-    - "real" (kind=pair samples): L_real = FM on the composite branch only; z0_f is the surrogate
-      foreground S the F branch was fed (no ground-truth F exists), used only to form z_F_hat.
-    - "reg" (quadruples): L_reg = FM on the foreground branch only.
-    Both add comp_weight * L_comp."""
-    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
-    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
-    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
-    if branch == "real":
-        fm = flow_matching_loss(v_c, z0_c, z1_c)
-    elif branch == "reg":
-        fm = flow_matching_loss(v_f, z0_f, z1_f)
-    else:
-        raise ValueError(f"stage-2 branch must be 'real' or 'reg', got {branch!r}")
-    return {"loss": fm + comp_weight * comp, "fm": fm, "comp": comp}
-
-
-def stage2_branch(step: int, seed: int, p_real: float = 0.8) -> str:
-    """"real" with probability p_real, else "reg"; a pure function of (seed, step), so a resumed run
-    or any Ray worker draws the same branch for the same step without sharing RNG state."""
-    if step < 0 or seed < 0:
-        raise ValueError("step and seed must be non-negative")
-    u = np.random.default_rng([seed, step]).random()
-    return "real" if u < p_real else "reg"
-
-
-# --------------------------------------------------------------------------------------------------
 # Inference
 # --------------------------------------------------------------------------------------------------
 
@@ -570,15 +476,46 @@ class BFSGeneration:
 
 
 def flux_sigmas(num_steps: int, image_seq_len: int, shift: bool = True) -> torch.Tensor:
-    """num_steps + 1 noise levels from 1 to 0: FluxFillPipeline's linspace(1, 1/n, n), resolution-shifted
-    as FlowMatchEulerDiscreteScheduler does for Flux (mu from the token count), then a final 0."""
-    sigmas = np.linspace(1.0, 1.0 / num_steps, num_steps)
-    if shift:
-        # calculate_shift with Flux's scheduler defaults (256 -> 0.5, 4096 -> 1.15 tokens -> mu).
-        m = (1.15 - 0.5) / (4096 - 256)
-        mu = image_seq_len * m + (0.5 - m * 256)
-        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
-    return torch.tensor(np.append(sigmas, 0.0), dtype=torch.float32)
+    """num_steps + 1 noise levels from 1 to 0 (float32): FluxFillPipeline's grid, resolution-shifted as
+    FlowMatchEulerDiscreteScheduler does for Flux (`sampling.sigma_schedule`)."""
+    return torch.tensor(sigma_schedule(num_steps, image_seq_len, shift=shift), dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_latents(
+    generator: BFSGenerator,
+    background_latents: torch.Tensor,
+    mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    noise_c: torch.Tensor,
+    noise_f: torch.Tensor,
+    *,
+    num_steps: int = 28,
+    guidance: float | None = 30.0,
+    shift: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both branches from the given noise (each (B, C, h, w), like the latents) to data with the shared
+    Euler sampler (`sampling.py`); returns the spatial (latents_c, latents_f).
+
+    background_latents: (B, C, h, w) normalised RGB-VAE latents of B; mask: (B, 1, H, W) pixel box
+    mask (1 inside); text embeddings as in `BFSGenerator.forward`, on the latents' device.
+    """
+    _, _, h, w = background_latents.shape
+    device = background_latents.device
+    dtype = next(generator.transformer.parameters()).dtype
+    cond = fill_condition(background_latents, mask).to(dtype)
+    img_ids = latent_image_ids(h, w, device=device)
+    txt_ids = text_ids(text_embeds.shape[1], device=device)
+    z_c = pack_latents(noise_c).to(device=device, dtype=torch.float32)
+    z_f = pack_latents(noise_f).to(device=device, dtype=torch.float32)
+
+    def velocity(latents: list[torch.Tensor], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        z_c, z_f = latents
+        return generator(z_c.to(dtype), z_f.to(dtype), cond, sigma, text_embeds, pooled, guidance, img_ids, txt_ids)
+
+    z_c, z_f = euler_sample(velocity, [z_c, z_f], sigma_schedule(num_steps, z_c.shape[1], shift=shift))
+    return unpack_latents(z_c, h, w), unpack_latents(z_f, h, w)
 
 
 @torch.no_grad()
@@ -596,28 +533,16 @@ def generate(
     vae: AutoencoderKL | None = None,
     rgba_vae: AutoencoderKL | None = None,
 ) -> BFSGeneration:
-    """Euler flow-matching sampler for both branches from noise.
-
-    background_latents: (B, C, h, w) normalised RGB-VAE latents of B; mask: (B, 1, H, W) pixel box
-    mask (1 inside); text embeddings as in `BFSGenerator.forward`. Guidance 30 is FluxFillPipeline's
-    default. Noise comes from a CPU generator seeded with `seed`, so results do not depend on device.
-    """
-    b, c, h, w = background_latents.shape
-    device = background_latents.device
-    dtype = next(generator.transformer.parameters()).dtype
-    cond = fill_condition(background_latents, mask).to(dtype)
-    img_ids = latent_image_ids(h, w, device=device)
-    txt_ids = text_ids(text_embeds.shape[1], device=device)
+    """`sample_latents` from noise drawn for the whole batch from a CPU generator seeded with `seed` (so
+    results do not depend on device), decoded when VAEs are given. Guidance 30 is FluxFillPipeline's
+    default. (`BFSPipeline` draws noise per sample instead, so that a sample's output does not depend on
+    its batch mates.)"""
     rng = torch.Generator(device="cpu").manual_seed(seed)
-    z_c = pack_latents(torch.randn(b, c, h, w, generator=rng)).to(device=device, dtype=torch.float32)
-    z_f = pack_latents(torch.randn(b, c, h, w, generator=rng)).to(device=device, dtype=torch.float32)
-    sigmas = flux_sigmas(num_steps, z_c.shape[1], shift=shift)
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        v_c, v_f = generator(z_c.to(dtype), z_f.to(dtype), cond, sigma, text_embeds, pooled, guidance, img_ids, txt_ids)
-        # Integrate in fp32: dz/dt = v, stepping t from 1 (noise) down to 0 (data).
-        z_c = z_c + (sigma_next - sigma) * v_c.float()
-        z_f = z_f + (sigma_next - sigma) * v_f.float()
-    result = BFSGeneration(latents_c=unpack_latents(z_c, h, w), latents_f=unpack_latents(z_f, h, w))
+    noise_c = torch.randn(background_latents.shape, generator=rng)
+    noise_f = torch.randn(background_latents.shape, generator=rng)
+    latents_c, latents_f = sample_latents(generator, background_latents, mask, text_embeds, pooled, noise_c,
+                                          noise_f, num_steps=num_steps, guidance=guidance, shift=shift)
+    result = BFSGeneration(latents_c=latents_c, latents_f=latents_f)
     if vae is not None:
         result.image_c = decode_latents(vae, result.latents_c).float()
     if rgba_vae is not None:

@@ -1,4 +1,4 @@
-"""Where model weights come from (ARCHITECTURE.md, "Models").
+"""Where model weights come from (docs/architecture.md, "Models").
 
 ``resolve(model_id)`` turns a config's model reference into a path on this machine, in this order:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import huggingface_hub
 from filelock import FileLock
@@ -137,6 +138,27 @@ def resolve(
             raise ModelNotAvailable(model_id, revision, f"the Hub refused the download ({error})", cache,
                                     filename) from error
     return Path(path)
+
+
+def resolve_folder(
+    model_id: str | os.PathLike,
+    subfolders: Sequence[str],
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    allow_download: bool = True,
+) -> Path:
+    """A model folder in the diffusers layout holding every one of ``subfolders`` (e.g. ``transformer``,
+    ``vae``): ``resolve`` limited to ``model_index.json`` and those subfolders, then checked, so a local
+    folder or a partial snapshot that lacks one is a ``ModelNotAvailable`` naming what is missing."""
+    patterns = ["model_index.json"] + [f"{name}/*" for name in subfolders]
+    root = resolve(model_id, revision=revision, cache_dir=cache_dir, allow_download=allow_download,
+                   allow_patterns=patterns)
+    missing = [name for name in subfolders if not (root / name).is_dir()]
+    if missing:
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        raise ModelNotAvailable(str(model_id), revision, f"the folder {root} lacks {missing} (expected the "
+                                f"diffusers layout with {', '.join(subfolders)})", cache)
+    return root
 
 
 def is_available(

@@ -19,6 +19,15 @@ from layerloop.models import hub
 DTYPES = ("float16", "bfloat16", "float32")
 
 
+def is_tiny(model: str) -> bool:
+    """``tiny`` or ``tiny:SEED``: the random tiny instance of a model family."""
+    return model == "tiny" or model.startswith("tiny:")
+
+
+def tiny_seed(model: str) -> int:
+    return int(model.split(":", 1)[1]) if ":" in model else 0
+
+
 @dataclass(frozen=True)
 class ModelRef:
     stage: str  # the stage (and backend) that needs it, for messages
@@ -30,11 +39,11 @@ class ModelRef:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == "tiny" or self.model.startswith("tiny:")
+        return is_tiny(self.model)
 
     @property
     def tiny_seed(self) -> int:
-        return int(self.model.split(":", 1)[1]) if ":" in self.model else 0
+        return tiny_seed(self.model)
 
     def label(self) -> str:
         what = self.model + (f" / {self.open_clip_tag}" if self.open_clip_tag else "")
@@ -58,6 +67,15 @@ def torch_dtype(name: str | None) -> Any:
     import torch
 
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[name]
+
+
+def inference_dtype(name: str, device: Any) -> Any:
+    """A stage's ``dtype`` parameter as a torch dtype: ``auto`` is bfloat16 on CUDA and float32 elsewhere."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch_dtype(name)
 
 
 def load_wrapper(wrapper: Any, ref: ModelRef, device: str, dtype: str | None = None, **kwargs: Any) -> Any:

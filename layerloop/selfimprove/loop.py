@@ -33,7 +33,7 @@ GPU), and the builds inside ``data`` and ``generate`` run on Ray Data as
 
 Accepted samples: a candidate's composite is the generator's own C; the accepted sample keeps the
 generated F and B and recomputes ``C = a*F + (1-a)*B`` so that it is a valid ``quadruple`` (the
-ARCHITECTURE.md invariant) that every training task reads. The filter's recomposition score bounds how far
+docs/architecture.md invariant) that every training task reads. The filter's recomposition score bounds how far
 that is from the generator's composite; the candidate itself stays in ``candidates/``.
 """
 

@@ -2,7 +2,7 @@
 
 Reads the composite (``work["image"]`` from ``load``, else ``sample.composite``) and the binary region
 mask (``sample.mask``, e.g. a logo shard's region or ``box-mask``'s box, else ``object_mask`` from
-``load``); runs the in-context LoRA's decomposition (``InContextLoRA.decompose``, a short Euler sampler
+``load``); runs the in-context LoRA's decomposition (``InContextPipeline.decompose``, a short Euler sampler
 over the canvas); writes ``foreground`` (the predicted layer, RGBA), ``background`` (the predicted clean
 object), ``composite`` (the input), ``mask`` (the region, 0/255), ``kind = "candidate"`` and
 ``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, recomposition_error}; with
@@ -13,7 +13,7 @@ pipeline::
     source: {type: webdataset, urls: <held logo shards>}   -> load -> decompose-incontext
 
 ``checkpoint`` is the ``final/`` directory (or a ``checkpoints/step-N/weights``) of an ``incontext``
-training run; ``setup`` loads it once per actor (``training/incontext_task.load_model``), on CUDA when the
+training run; ``setup`` loads it once per actor (``models/incontext_pipeline.InContextPipeline``), on CUDA when the
 stage declares GPUs and CUDA exists, else on CPU. Panels are decomposed at their own size, which must be
 a multiple of 2 x the VAE scale (4 for the tiny model, 16 for FLUX): set ``load``'s ``multiple_of``.
 
@@ -24,11 +24,9 @@ the prediction, in 1/255 steps: how well the predicted layers explain the input,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from layerloop.samples import LayeredSample
@@ -54,34 +52,26 @@ class DecomposeInContext(Stage):
     batch_size = 4
 
     def models(self) -> list:
-        from layerloop.models import incontext as ic
+        from layerloop.models.incontext import FILL_SUBFOLDERS
+        from layerloop.models.incontext_pipeline import base_model
         from layerloop.models.refs import ModelRef
-        from layerloop.training.incontext_task import read_task_info
 
-        config_file = Path(self.params.checkpoint) / ic.LORA_CONFIG_FILE
-        if not config_file.is_file():
+        try:
+            model, revision = base_model(self.params.checkpoint)
+        except FileNotFoundError:
             return []  # setup() reports the missing checkpoint with its path
-        saved = json.loads(config_file.read_text())["config"]
-        model = read_task_info(self.params.checkpoint).get("model") or saved["base_model"]
-        if str(saved["base_model"]).startswith("tiny-") or Path(model).is_dir():
+        if model.startswith("tiny:") or Path(model).is_dir():
             return []
-        return [ModelRef(stage=self.name, model=model, revision=saved.get("base_revision"),
-                         allow_patterns=("model_index.json",) + tuple(f"{s}/*" for s in ic.FILL_SUBFOLDERS))]
+        return [ModelRef(stage=self.name, model=model, revision=revision,
+                         allow_patterns=("model_index.json",) + tuple(f"{s}/*" for s in FILL_SUBFOLDERS))]
 
     def setup(self) -> None:
-        from layerloop.models import incontext as ic
-        from layerloop.training.incontext_task import DTYPES, load_model
+        from layerloop.models.incontext_pipeline import InContextPipeline
+        from layerloop.models.refs import inference_dtype
 
-        checkpoint = Path(self.params.checkpoint)
-        device = torch.device(self.device)
-        if self.params.dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        else:
-            dtype = DTYPES[self.params.dtype]
-        self._model = load_model(checkpoint, device=device, dtype=dtype)
-        hash_file = checkpoint / "checkpoint_hash.txt"
-        self._hash = hash_file.read_text().strip() if hash_file.is_file() else ic.checkpoint_hash(checkpoint)
-        self._step = 2 * self._model.vae_scale
+        self._pipe = InContextPipeline.from_checkpoint(self.params.checkpoint, device=self.device,
+                                                       dtype=inference_dtype(self.params.dtype, self.device))
+        self._step = self._pipe.size_multiple
 
     @classmethod
     def score_columns(cls, params: dict) -> tuple[str, ...]:
@@ -108,18 +98,18 @@ class DecomposeInContext(Stage):
         if not region.any():
             return sample.fail(self.name, "the region mask is empty: nothing to decompose", "EmptyMask")
         seed = int(self.rng(sample).integers(2**63 - 1))
-        result = self._model.decompose(image, region, caption=sample.caption, steps=self.params.steps, seed=seed)
+        result = self._pipe.decompose(image, region, caption=sample.caption, steps=self.params.steps, seed=seed)
         sample.composite = np.ascontiguousarray(image)
         sample.foreground, sample.background = result.layer, result.background
         sample.mask = region
         sample.kind = "candidate"
         sample.meta["generator"] = {
             "family": "incontext", "checkpoint": str(Path(self.params.checkpoint).resolve()),
-            "checkpoint_hash": self._hash, "steps": self.params.steps, "seed": seed,
+            "checkpoint_hash": self._pipe.checkpoint_hash, "steps": self.params.steps, "seed": seed,
             "recomposition_error": round(float(result.recomposition_error), 4),
         }
         if self.params.cycle:
-            recomposed = self._model.compose(result.layer, result.background, region, caption=sample.caption,
+            recomposed = self._pipe.compose(result.layer, result.background, region, caption=sample.caption,
                                              steps=self.params.steps, seed=seed + 1)
             error = round(float(np.abs(recomposed.astype(np.float64) - image.astype(np.float64)).mean()), 4)
             sample.meta["generator"]["cycle_error"] = error

@@ -16,10 +16,11 @@ gives the same latent; only the loop's generator adds randomness). Images are cr
 contains the box (so the object is never cut away), then resized to `resolution`.
 
 Text: the caption, through the Fill repository's CLIP + T5 for real models, or `ByteTextEncoder`
-(seeded random byte embeddings, from `models/incontext.py`) for tiny ones, which cannot understand a
+(seeded random byte embeddings, from `models/text_encoders.py`) for tiny ones, which cannot understand a
 caption but gives each one a distinct, fixed embedding.
 
-What a stage saves (`save_weights`), and what `stages/generate.py` loads:
+What a stage saves (`save_weights`), and what `models/bfs_pipeline.BFSPipeline` (the `generate-bfs` stage)
+and the loaders of `models/bfs_components.py` read:
 - `phi`: `compositor.safetensors` + `compositor.json`;
 - `rgba-vae`: `rgba_vae.safetensors` + `rgba_vae.json`;
 - `stage1` / `stage2`: `save_lora` (`bfs_lora.safetensors` + `bfs_lora.json`) + `bfs_task.json`
@@ -43,7 +44,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from layerloop.models import bfs
+from layerloop.models.bfs_components import (  # noqa: F401  (re-exported: the stage-file names and loaders)
+    COMPOSITOR_CONFIG, COMPOSITOR_WEIGHTS, RGBA_VAE_CONFIG, RGBA_VAE_WEIGHTS, TASK_FILE, load_compositor,
+    load_rgb_vae, load_rgba_vae, make_text_encoder, text_encoder_kind,
+)
 from layerloop.models.bfs_modules import LatentCompositor
+from layerloop.models.refs import is_tiny, tiny_seed, torch_dtype
 from layerloop.samples import LayeredSample
 from layerloop.training.config import TrainConfig
 from layerloop.training.loop import register_task
@@ -51,9 +57,6 @@ from layerloop.training.loop import register_task
 logger = logging.getLogger(__name__)
 
 STAGES = ("phi", "rgba-vae", "stage1", "stage2")
-COMPOSITOR_WEIGHTS, COMPOSITOR_CONFIG = "compositor.safetensors", "compositor.json"
-RGBA_VAE_WEIGHTS, RGBA_VAE_CONFIG = "rgba_vae.safetensors", "rgba_vae.json"
-TASK_FILE = "bfs_task.json"
 UNTRAINED = "untrained"  # phi_checkpoint value: keep Phi at its init (the even blend); smoke tests only
 
 
@@ -80,14 +83,6 @@ class BFSParams(BaseModel):
     vae_l1_weight: float = Field(1.0, ge=0)
     vae_mse_weight: float = Field(1.0, ge=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
-
-
-def is_tiny(model: str) -> bool:
-    return model == "tiny" or model.startswith("tiny:")
-
-
-def tiny_seed(model: str) -> int:
-    return int(model.split(":", 1)[1]) if ":" in model else 0
 
 
 # --------------------------------------------------------------------------- pixels
@@ -133,52 +128,8 @@ def batch_pixels(samples: list[LayeredSample], resolution: int) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- loading helpers
-def load_rgb_vae(model: str, revision: str | None, dtype: torch.dtype, device: torch.device):
-    """The frozen RGB VAE: `tiny_vae(seed)` for tiny models, else the `vae` subfolder of the Fill repo."""
-    if is_tiny(model):
-        vae = bfs.tiny_vae(tiny_seed(model))
-    else:
-        from diffusers import AutoencoderKL
-
-        from layerloop.models import hub
-
-        root = hub.resolve(model, revision=revision, allow_patterns=["model_index.json", "vae/*"])
-        vae = AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
-    return vae.to(device).eval().requires_grad_(False)
-
-
-def load_compositor(path: str | Path, device: torch.device | str = "cpu") -> LatentCompositor:
-    meta = json.loads((Path(path) / COMPOSITOR_CONFIG).read_text())
-    phi = LatentCompositor(meta["latent_channels"], meta["hidden_channels"], meta["num_layers"])
-    phi.load_state_dict(load_file(str(Path(path) / COMPOSITOR_WEIGHTS)), strict=True)
-    return phi.to(device)
-
-
-def load_rgba_vae(path: str | Path, rgb_vae) -> nn.Module:
-    """An RGBA VAE with the weights of an `rgba-vae` run, built on (a copy of) `rgb_vae`'s config."""
-    rgba = bfs.make_rgba_vae(rgb_vae)
-    state = load_file(str(Path(path) / RGBA_VAE_WEIGHTS), device=str(next(rgba.parameters()).device))
-    rgba.load_state_dict({k: v.to(next(rgba.parameters()).dtype) for k, v in state.items()}, strict=True)
-    return rgba
-
-
-def make_text_encoder(kind: str, model: str, revision: str | None, tokens: int, dtype: torch.dtype,
-                      device: torch.device, transformer_config) -> nn.Module:
-    """ByteTextEncoder sized for the transformer (tiny), or Fill's CLIP + T5 (`FluxTextEncoder`)."""
-    from layerloop.models.incontext import ByteTextEncoder, FluxTextEncoder, resolve_model_folder
-
-    if kind == "byte":
-        return ByteTextEncoder(transformer_config.joint_attention_dim, transformer_config.pooled_projection_dim,
-                               max_length=tokens, seed=tiny_seed(model) if is_tiny(model) else 0).to(device)
-    folder = resolve_model_folder(model, revision, ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
-    encoder = FluxTextEncoder.from_folder(folder, dtype, str(device))
-    encoder.max_sequence_length = tokens
-    return encoder
-
-
 def resolved_text(params: BFSParams, model: str) -> tuple[str, int]:
-    kind = params.text_encoder if params.text_encoder != "auto" else ("byte" if is_tiny(model) else "flux")
-    return kind, params.text_tokens or (32 if kind == "byte" else 512)
+    return text_encoder_kind(params.text_encoder, model, params.text_tokens)
 
 
 def _file_hash(path: Path) -> str:
@@ -207,7 +158,7 @@ class BFSTask:
         self.scale_step = 4 if tiny else 16  # VAE scale x 2x2 token packing
         if self.params.resolution % self.scale_step:
             raise ValueError(f"task.resolution {self.params.resolution} must be a multiple of {self.scale_step}")
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        self.dtype = torch_dtype(cfg.dtype)
         self.comp_weight = self.params.comp_weight
         if self.comp_weight is None:
             self.comp_weight = 0.5 if self.stage == "stage2" else 0.1

@@ -17,9 +17,10 @@ Pixels: each sample is cropped to the largest square around its region mask (`bf
 resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real) and, for quadruples, its
 composite is recomputed from the resized F and B, so C = a F + (1 - a) B holds exactly at training size.
 
-What `save_weights` writes, and what `stages/decompose.py` loads with `load_model`: the LoRA
-(`lora.safetensors` + `lora.json`, which names the base model and the LoRA shape) and `incontext_task.json`
-(resolution, text tokens, the base model and revision).
+What `save_weights` writes, and what `stages/decompose.py` loads with
+`models/incontext_pipeline.InContextPipeline.from_checkpoint`: the LoRA (`lora.safetensors` + `lora.json`,
+which names the base model and the LoRA shape) and `incontext_task.json` (resolution, text tokens, the base
+model and revision). `build_model` / `load_model` live in `models/incontext_pipeline.py` (re-exported here).
 """
 
 from __future__ import annotations
@@ -35,15 +36,16 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from layerloop.models import incontext as ic
+from layerloop.models.incontext_checkpoint import TASK_FILE, read_task_info  # noqa: F401  (re-exported)
+from layerloop.models.incontext_pipeline import build_model, load_model  # noqa: F401  (re-exported)
+from layerloop.models.refs import is_tiny, torch_dtype
 from layerloop.samples import KINDS, LayeredSample, composite
-from layerloop.training.bfs_task import is_tiny, square_crop, tiny_seed
+from layerloop.training.bfs_task import square_crop
 from layerloop.training.config import TrainConfig
 from layerloop.training.loop import register_task
 
-TASK_FILE = "incontext_task.json"
 TASK_FORMAT = "layerloop-incontext-train"
 STREAM = "quadruple"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class InContextParams(BaseModel):
@@ -99,54 +101,6 @@ def prepare_sample(sample: LayeredSample, resolution: int) -> LayeredSample:
                          foreground=foreground, mask=mask, caption=sample.caption)
 
 
-# --------------------------------------------------------------------------- models
-def build_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | str,
-                config: dict[str, Any], text_tokens: int | None = None, lora_seed: int = 0) -> ic.InContextLoRA:
-    """A fresh ``InContextLoRA``: the tiny random instance for ``tiny`` / ``tiny:SEED`` (fp32 always), else
-    FLUX.1-Fill-dev from ``model`` (hub id or folder) in ``dtype``. The LoRA's random init comes from
-    ``lora_seed`` without touching the caller's global RNG."""
-    config = dict(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(lora_seed)
-        if is_tiny(model) or str(config.get("base_model", "")).startswith("tiny-"):
-            seed = tiny_seed(model) if is_tiny(model) else int(str(config["base_model"]).split("-", 1)[1])
-            config.pop("base_revision", None)
-            rank, alpha = config.pop("rank", 4), config.pop("alpha", 4.0)
-            net = ic.InContextLoRA.tiny(seed=seed, rank=rank, alpha=alpha, **config).to(device)
-        else:
-            config.pop("base_model", None)
-            config.pop("base_revision", None)
-            net = ic.InContextLoRA.from_pretrained(model, revision, dtype=dtype, device=str(device), **config)
-            if text_tokens is not None and hasattr(net.text_encoder, "max_sequence_length"):
-                net.text_encoder.max_sequence_length = text_tokens
-    return net
-
-
-def read_task_info(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / TASK_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def load_model(checkpoint: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> ic.InContextLoRA:
-    """The model of a saved in-context run (``final/`` or ``checkpoints/step-N/weights``): the base it names
-    in ``lora.json`` with the LoRA loaded. Raises FileNotFoundError naming the folder when it is not one."""
-    checkpoint = Path(checkpoint)
-    config_file = checkpoint / ic.LORA_CONFIG_FILE
-    if not config_file.is_file() or not (checkpoint / ic.LORA_FILE).is_file():
-        raise FileNotFoundError(f"{checkpoint} is not an in-context LoRA checkpoint (no {ic.LORA_FILE} + "
-                                f"{ic.LORA_CONFIG_FILE}); pass the final/ directory of an `incontext` training run")
-    saved = ic.InContextConfig.from_json(json.loads(config_file.read_text())["config"]).to_json()
-    saved["target_modules"] = tuple(saved["target_modules"])
-    info = read_task_info(checkpoint)
-    model = info.get("model") or saved["base_model"]
-    if str(saved["base_model"]).startswith("tiny-"):
-        model = "tiny:" + str(saved["base_model"]).split("-", 1)[1]
-    net = build_model(model, saved.get("base_revision"), dtype, device, saved, info.get("text_tokens"))
-    net.load_lora(checkpoint)
-    return net.eval()
-
-
 # --------------------------------------------------------------------------- the task
 @register_task("incontext")
 class InContextTask:
@@ -162,7 +116,7 @@ class InContextTask:
         if self.params.resolution % step:
             raise ValueError(f"task.resolution {self.params.resolution} must be a multiple of {step} "
                              f"(VAE scale x 2x2 token packing)")
-        self.dtype = DTYPES[cfg.dtype]
+        self.dtype = torch_dtype(cfg.dtype)
         rank = self.params.rank or (4 if tiny else 32)
         self.lora_config: dict[str, Any] = {
             "rank": rank, "alpha": self.params.alpha if self.params.alpha is not None else float(rank),

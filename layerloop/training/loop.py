@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from layerloop.datasets.stream import ShardStream, WeightedShards
+from layerloop.models.checkpoints import HASH_FILE
 from layerloop.samples import LayeredSample
 from layerloop.training import checkpoint as ckpt
 from layerloop.training.config import TrainConfig
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
 FINAL = "final"
-HASH_FILE = "checkpoint_hash.txt"
 
 
 @runtime_checkable
@@ -187,6 +187,65 @@ def export_final(task: TrainTask, out_dir: Path) -> tuple[Path, str]:
 
 
 # --------------------------------------------------------------------------- the loop
+def _resume(task: TrainTask, optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardStream],
+            cfg: TrainConfig, out_dir: Path, rank: int) -> int | None:
+    """Restore weights, optimiser, streams and RNGs from the newest checkpoint in ``out_dir`` and return its
+    step; with none, seed the global RNGs for step 0 and return None."""
+    latest = ckpt.latest_checkpoint(out_dir)
+    if latest is None:
+        _seed_global_rngs(derived_seed(cfg.seed, "global", rank, 0))
+        return None
+    state = ckpt.read_trainer_state(latest)
+    fingerprint = cfg.fingerprint()
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(f"{latest} was written by a different training config (fingerprint "
+                         f"{state['fingerprint']}, this one {fingerprint}); use another --out directory")
+    task.load_weights(latest / ckpt.WEIGHTS)
+    optimizer.load_state_dict(state["optimizer"])
+    for name, stream in streams.items():
+        stream.load_state_dict(state["streams"][name])
+    start_step = int(state["step"])
+    if rank == 0:
+        ckpt.set_rng_states(state["rng"])
+        _truncate_metrics(out_dir / METRICS, start_step)
+    else:  # only rank 0's states are saved; the others continue from a seed of (seed, rank, step)
+        _seed_global_rngs(derived_seed(cfg.seed, "global", rank, start_step))
+    logger.info("resuming %s from step %d (%s)", out_dir, start_step, latest.name)
+    return start_step
+
+
+def _accumulate_gradients(task: TrainTask, stream: ShardStream, cfg: TrainConfig, rank: int,
+                          step: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Forward and backward ``cfg.grad_accum`` micro-batches of ``step``; returns the logs averaged over
+    them (numbers) and the last value of the others (text)."""
+    numeric: dict[str, float] = {}
+    text: dict[str, Any] = {}
+    for micro in range(cfg.grad_accum):
+        batch = stream.next_batch()
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "step", rank, step, micro))
+        loss, logs = task.loss(batch, step, generator)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower lr or check the data")
+        (loss / cfg.grad_accum).backward()
+        for key, value in {"loss": loss, **logs}.items():
+            if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
+                value = value.detach() if isinstance(value, torch.Tensor) else value
+                numeric[key] = numeric.get(key, 0.0) + float(value) / cfg.grad_accum
+            else:
+                text[key] = value
+    return numeric, text
+
+
+def _save_checkpoint(task: TrainTask, optimizer: torch.optim.Optimizer, streams: Mapping[str, ShardStream],
+                     cfg: TrainConfig, out_dir: Path, done: int) -> Path:
+    """Rank 0's checkpoint after ``done`` steps: the task's weights plus the trainer state."""
+    trainer_state = {
+        "step": done, "fingerprint": cfg.fingerprint(), "optimizer": optimizer.state_dict(),
+        "streams": {name: s.state_dict() for name, s in streams.items()}, "rng": ckpt.rng_states(),
+    }
+    return ckpt.write_checkpoint(out_dir, done, task.save_weights, trainer_state, cfg.keep)
+
+
 def train(
     task: TrainTask,
     streams: ShardStream | Mapping[str, ShardStream],
@@ -211,39 +270,11 @@ def train(
     if missing:
         raise ValueError(f"the task draws from streams {sorted(task.streams())}; missing {sorted(missing)}")
     leader = rank == 0
-    if leader:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_partial_checkpoints(out_dir)
-    if _distributed(world_size):
-        torch.distributed.barrier()  # nobody reads checkpoints while rank 0 cleans up
-
-    task.setup(device)
-    params = task.trainable_parameters()
-    if not params or not all(p.requires_grad for p in params):
-        raise ValueError("the task's trainable parameters must be non-empty and require grad")
+    params = _prepare(task, out_dir, leader, world_size, device)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fingerprint = cfg.fingerprint()
 
-    start_step, resumed_from = 0, None
-    latest = ckpt.latest_checkpoint(out_dir)
-    if latest is not None:
-        state = ckpt.read_trainer_state(latest)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(f"{latest} was written by a different training config (fingerprint "
-                             f"{state['fingerprint']}, this one {fingerprint}); use another --out directory")
-        task.load_weights(latest / ckpt.WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
-        for name, stream in streams.items():
-            stream.load_state_dict(state["streams"][name])
-        start_step = resumed_from = int(state["step"])
-        if leader:
-            ckpt.set_rng_states(state["rng"])
-            _truncate_metrics(out_dir / METRICS, start_step)
-        else:  # only rank 0's states are saved; the others continue from a seed of (seed, rank, step)
-            _seed_global_rngs(derived_seed(cfg.seed, "global", rank, start_step))
-        logger.info("resuming %s from step %d (%s)", out_dir, start_step, latest.name)
-    else:
-        _seed_global_rngs(derived_seed(cfg.seed, "global", rank, 0))
+    resumed_from = _resume(task, optimizer, streams, cfg, out_dir, rank)
+    start_step = resumed_from or 0
 
     metrics_file = open(out_dir / METRICS, "a", encoding="utf-8") if leader else None
     started = time.perf_counter()
@@ -257,21 +288,7 @@ def train(
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
             stream_name = task.stream_for_step(step)
-            numeric: dict[str, float] = {}
-            text: dict[str, Any] = {}
-            for micro in range(cfg.grad_accum):
-                batch = streams[stream_name].next_batch()
-                generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "step", rank, step, micro))
-                loss, logs = task.loss(batch, step, generator)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower lr or check the data")
-                (loss / cfg.grad_accum).backward()
-                for key, value in {"loss": loss, **logs}.items():
-                    if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
-                        value = value.detach() if isinstance(value, torch.Tensor) else value
-                        numeric[key] = numeric.get(key, 0.0) + float(value) / cfg.grad_accum
-                    else:
-                        text[key] = value
+            numeric, text = _accumulate_gradients(task, streams[stream_name], cfg, rank, step)
             if _distributed(world_size):
                 _average_gradients(params, world_size)
             max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
@@ -288,13 +305,7 @@ def train(
                 metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                 metrics_file.flush()
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                path = None
-                if leader:
-                    trainer_state = {
-                        "step": done, "fingerprint": fingerprint, "optimizer": optimizer.state_dict(),
-                        "streams": {name: s.state_dict() for name, s in streams.items()}, "rng": ckpt.rng_states(),
-                    }
-                    path = ckpt.write_checkpoint(out_dir, done, task.save_weights, trainer_state, cfg.keep)
+                path = _save_checkpoint(task, optimizer, streams, cfg, out_dir, done) if leader else None
                 if _distributed(world_size):
                     torch.distributed.barrier()
                 if on_checkpoint is not None:
@@ -310,6 +321,26 @@ def train(
     summary: dict[str, Any] = {"out_dir": str(out_dir), "step": cfg.steps, "stopped": False,
                                "resumed_from": resumed_from, "last": last, "seconds": round(seconds, 3),
                                "samples_per_s": round(samples_seen / seconds, 3) if seconds > 0 else None}
+    return _finish(task, out_dir, summary, leader, world_size)
+
+
+def _prepare(task: TrainTask, out_dir: Path, leader: bool, world_size: int, device: torch.device) -> list:
+    """Rank 0 creates ``out_dir`` and removes partial checkpoints; then the task is set up on ``device``.
+    Returns its trainable parameters."""
+    if leader:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial_checkpoints(out_dir)
+    if _distributed(world_size):
+        torch.distributed.barrier()  # nobody reads checkpoints while rank 0 cleans up
+    task.setup(device)
+    params = task.trainable_parameters()
+    if not params or not all(p.requires_grad for p in params):
+        raise ValueError("the task's trainable parameters must be non-empty and require grad")
+    return params
+
+
+def _finish(task: TrainTask, out_dir: Path, summary: dict[str, Any], leader: bool, world_size: int) -> dict[str, Any]:
+    """Rank 0 exports ``final/`` and writes ``summary.json``; every rank returns the summary."""
     if leader:
         final, digest = export_final(task, out_dir)
         summary.update(final=str(final), checkpoint_hash=digest)

@@ -424,3 +424,30 @@ def test_from_pretrained_loads_a_local_flux_fill_folder(tmp_path):
         expected = _velocities(bfs.tiny(0).generator, d)  # untrained sharing: equal to the same backbone
     for got, want in zip(loaded, expected):
         torch.testing.assert_close(got, want)
+
+
+def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path):
+    from layerloop.models.bfs_pipeline import BFSPipeline, to_uint8
+
+    models = bfs.tiny(0)
+    _randomise_trainables(models.generator, scale=0.05)
+    models.generator.save_lora(tmp_path / "ckpt")
+    pipe = BFSPipeline.from_checkpoint(tmp_path / "ckpt", dtype=torch.float32, guidance=30.0)
+    assert pipe.checkpoint_hash == bfs.lora_checkpoint_hash(tmp_path / "ckpt") and pipe.size_multiple == 4
+    g = torch.Generator().manual_seed(0)
+    backgrounds = torch.randint(0, 256, (2, 16, 12, 3), generator=g, dtype=torch.uint8).numpy()
+    masks = torch.zeros(2, 16, 12, dtype=torch.uint8)
+    masks[:, 4:12, 2:10] = 255
+    out = pipe(backgrounds, masks.numpy(), ["a", "b"], [5, 6], steps=2)
+    assert out.composite.shape == (2, 16, 12, 3) and out.foreground.shape == (2, 16, 12, 4)
+    alone = pipe(backgrounds[1:], masks[1:].numpy(), ["b"], [6], steps=2)
+    assert (alone.composite[0] == out.composite[1]).all() and (alone.foreground[0] == out.foreground[1]).all()
+    # the same numbers as bfs.sample_latents with that sample's noise
+    with torch.no_grad():
+        pixels = torch.from_numpy(backgrounds[1:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        z_b = bfs.encode_latents(pipe.vae, pixels)
+        noise = torch.randn(2, *z_b.shape[1:], generator=torch.Generator().manual_seed(6))
+        text = pipe.text_encoder(["b"])
+        _, latents_f = bfs.sample_latents(pipe.generator, z_b, (masks[1:, None] > 0).float(), text.embeds,
+                                          text.pooled, noise[:1], noise[1:], num_steps=2, guidance=30.0)
+    assert (to_uint8(bfs.decode_latents(pipe.rgba_vae, latents_f))[0] == out.foreground[1]).all()

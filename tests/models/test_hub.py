@@ -137,3 +137,16 @@ def _local_only(real, on_download):
         return real(*args, local_files_only=True, **kwargs)
 
     return wrapper
+
+
+def test_resolve_folder_checks_the_diffusers_subfolders(tmp_path, offline_home):
+    folder = tmp_path / "fill"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    assert hub.resolve_folder(folder, ("transformer", "vae")) == folder.resolve()
+    with pytest.raises(ModelNotAvailable, match=r"lacks \['text_encoder'\]"):
+        hub.resolve_folder(folder, ("transformer", "text_encoder"))
+    snapshot = _fake_snapshot(offline_home, "owner/fill", {"model_index.json": "{}", "vae/config.json": "{}"})
+    assert hub.resolve_folder("owner/fill", ("vae",)) == snapshot
+    with pytest.raises(ModelNotAvailable, match="(?s)owner/other.*layerloop models pull"):
+        hub.resolve_folder("owner/other", ("vae",))

@@ -243,7 +243,7 @@ def test_from_pretrained_missing_offline_is_a_clear_error(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelNotAvailableError, match="FLUX.1-Fill-dev.*layerloop models pull"):
+    with pytest.raises(ModelNotAvailableError, match="(?s)FLUX.1-Fill-dev.*layerloop models pull"):
         InContextLoRA.from_pretrained("black-forest-labs/FLUX.1-Fill-dev")
     with pytest.raises(ModelNotAvailableError, match="lacks"):
         InContextLoRA.from_pretrained(str(tmp_path))
@@ -271,3 +271,21 @@ def test_from_pretrained_local_folder(tmp_path, batch_samples):
         got = loaded.one_step(COMPOSE, batch.x0, batch.x0, batch.region, batch.captions, t, noise, H, W)[0]
     assert torch.allclose(want, got, atol=1e-6)
     assert loaded.config.base_model == str(tmp_path)
+
+
+def test_pipeline_from_checkpoint_is_the_model_with_its_lora(model, batch_samples, tmp_path):
+    from layerloop.models.incontext_pipeline import InContextPipeline
+
+    perturb_lora(model)
+    model.save_lora(tmp_path / "ckpt")
+    pipe = InContextPipeline.from_checkpoint(tmp_path / "ckpt")
+    assert pipe.checkpoint_hash == checkpoint_hash(tmp_path / "ckpt") and pipe.size_multiple == 4
+    sample = batch_samples[0]
+    got = pipe(sample.composite, sample.mask, sample.caption, steps=2, seed=3)
+    want = model.decompose(sample.composite, sample.mask, sample.caption, steps=2, seed=3)
+    assert np.array_equal(got.canvas, want.canvas) and got.recomposition_error == want.recomposition_error
+    composed = pipe.compose(got.layer, got.background, sample.mask, sample.caption, steps=2, seed=4)
+    assert np.array_equal(composed, model.compose(got.layer, got.background, sample.mask, sample.caption,
+                                                  steps=2, seed=4))
+    with pytest.raises(FileNotFoundError, match="not an in-context LoRA"):
+        InContextPipeline.from_checkpoint(tmp_path)
