@@ -46,10 +46,10 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal
+from typing import Any, Iterator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
+from layerloop.config import (SOURCE_CONFIGS, DemoConfig, FolderConfig, HFConfig, LogoConfig,  # noqa: F401
+                              RoremConfig, WebDatasetConfig, _SourceConfig, validate_model)
 from layerloop.datasets.base import (OUTSIDE_ROOT, OutsideRootError, Source, SourceItem, check_inside_root,
                                      make_key, new_sample, readable, real_root)
 from layerloop.samples import Failure, LayeredSample
@@ -1037,77 +1037,9 @@ class LogoSource(_CachedSource):
 
 
 # ------------------------------------------------------------------------------------------ configs
-_NAME = Field(pattern=r"^[A-Za-z0-9_-]+$")  # becomes the key prefix, so it must be key-safe
-
-
-class _SourceConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RoremConfig(_SourceConfig):
-    type: Literal["rorem"]
-    path: str
-    name: Annotated[str, _NAME] = "rorem"
-    limit: Annotated[int, Field(ge=1)] | None = None
-    allow_outside_root: bool = False  # read meta.json paths and symlinks that resolve outside ``path``
-
-
-class FolderConfig(_SourceConfig):
-    type: Literal["folder"]
-    path: str
-    image_dir: str = "images"
-    mask_dir: str = "masks"
-    background_dir: str | None = None
-    name: Annotated[str, _NAME] = "folder"
-    allow_outside_root: bool = False  # follow folders and symlinks that resolve outside ``path``
-
-
-class HFConfig(_SourceConfig):
-    type: Literal["hf"]
-    path: str
-    split: str = "train"
-    image_column: str = "image"
-    mask_column: str = "mask"
-    background_column: str | None = None
-    caption_column: str | None = None
-    name: Annotated[str, _NAME] = "hf"
-    data_format: Literal["imagefolder", "parquet", "disk"] | None = None
-    cache_dir: str | None = None
-    allow_outside_root: bool = False  # read path cells that resolve outside ``path`` (its folder for a file)
-
-
-class WebDatasetConfig(_SourceConfig):
-    # no allow_outside_root: the urls are the data, and tar members are read by offset, not by name
-    type: Literal["webdataset"]
-    urls: str | list[str]
-    name: Annotated[str, _NAME] = "wds"
-    image_member: str = "composite.png|jpg|jpeg|png|webp|image.png|image.jpg"
-    mask_member: str = "object_mask.png|mask.png|mask.jpg|mask|seg.png"
-    background_member: str | None = "background.png|gt.png|gt.jpg"
-    variants: Annotated[int, Field(ge=1)] = 1  # items per tar sample (<key>-v0, -v1 ...): candidates per input
-
-
-class DemoConfig(_SourceConfig):
-    type: Literal["demo"]
-    path: str
-    n: Annotated[int, Field(ge=1)]
-    seed: int = 0
-    size: Annotated[int, Field(ge=16)] = 256
-    name: Annotated[str, _NAME] = "demo"
-
-
-class LogoConfig(_SourceConfig):
-    type: Literal["logos"]
-    n: Annotated[int, Field(ge=1)]
-    seed: int = 0
-    size: Annotated[int, Field(ge=64)] = 256
-    name: Annotated[str, _NAME] = "logos"
-
-
-SOURCE_CONFIGS: dict[str, type[_SourceConfig]] = {
-    "rorem": RoremConfig, "folder": FolderConfig, "hf": HFConfig, "webdataset": WebDatasetConfig,
-    "demo": DemoConfig, "logos": LogoConfig,
-}
+# The source config classes (RoremConfig ... LogoConfig, SOURCE_CONFIGS) live with the other configs in
+# ``layerloop/config.py``, where ``BuildConfig.source`` is a discriminated union of them on ``type``; they
+# are imported at the top of this module, so ``from layerloop.datasets.sources import RoremConfig`` works.
 
 
 def _absolute(path: str) -> str:
@@ -1120,18 +1052,21 @@ def _absolute_url(url: str) -> str:
     return url if url.startswith("pipe:") or "://" in url else _absolute(url)
 
 
-def build_source(cfg: dict[str, Any]) -> Source:
-    """A source from its config section: ``{"type": "rorem"|"folder"|"hf"|"webdataset"|"demo"|"logos", ...}``."""
+def build_source(cfg: dict[str, Any] | _SourceConfig) -> Source:
+    """A source from its config section: ``{"type": "rorem"|"folder"|"hf"|"webdataset"|"demo"|"logos", ...}``
+    (a mapping or a validated source config)."""
+    from layerloop.errors import ConfigError
+
+    if isinstance(cfg, _SourceConfig):
+        cfg = cfg.as_written()
     cfg = dict(cfg)
     kind = cfg.get("type")
     if kind not in SOURCE_CONFIGS:
-        raise ValueError(f"source type {kind!r} is not one of {', '.join(SOURCE_CONFIGS)}")
-    try:
-        config = SOURCE_CONFIGS[kind].model_validate(cfg)
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'source'}: {e['msg']}" for e in error.errors())
-        raise ValueError(f"source type {kind!r}: {problems}") from None
-    params = config.model_dump(exclude={"type"})
+        raise ConfigError(f"source type {kind!r} is not one of {', '.join(SOURCE_CONFIGS)}")
+    config = validate_model(SOURCE_CONFIGS[kind], cfg, title=f"source type {kind!r}")
+    if isinstance(config, DemoConfig) and not config.path:
+        raise ConfigError("source type 'demo': path is missing (a build renders the scenes into <run dir>/demo-data)")
+    params = {key: value for key, value in config if key != "type"}
     if "path" in params:
         params["path"] = _absolute(params["path"])
     if isinstance(config, RoremConfig):

@@ -103,7 +103,7 @@ class Pipeline:
         return self.write(task.index, self.process(self.read(task.items), stages))
 
 
-def source_config(source: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+def source_config(source: Any, out_dir: str | Path) -> dict[str, Any]:
     """The source section a build reads from, with the paths only the run directory decides.
 
     * ``demo``: the scenes are rendered inside the run directory (``OUT/demo-data``), never elsewhere.
@@ -112,11 +112,14 @@ def source_config(source: dict[str, Any], out_dir: str | Path) -> dict[str, Any]
       empty or missing one is ignored (rendered inside the run directory); anything else is refused
       before any write, because it is somebody's data.
     * ``hf`` without ``cache_dir``: ``datasets``' cache goes to ``OUT/.cache/hf``, not the user's home.
+
+    ``source`` is the config's typed section (``BuildConfig.source``) or a mapping; the result is a
+    mapping of the keys as written plus the paths decided here, which ``build_source`` validates.
     """
     from layerloop.datasets.demo_scenes import demo_folder_state
     from layerloop.errors import UnsafePathError
 
-    source = dict(source)
+    source = source.as_written() if hasattr(source, "as_written") else dict(source)
     out = Path(os.path.abspath(out_dir))
     if source.get("type") == "hf" and not source.get("cache_dir"):
         source["cache_dir"] = str(out / ".cache" / "hf")

@@ -16,25 +16,21 @@ A self-improvement config composes configs that already exist rather than repeat
 * ``policy``: the filter (``selfimprove/policies.py``); ``accepted_weight``: the sampling weight of every
   round's accepted shards in the following rounds' mixes.
 
-Overrides use the dotted syntax of builds: ``accepted_weight=3``, ``generate.variants=4``,
+Overrides use the one dialect of ``layerloop/config.py``: ``accepted_weight=3``, ``generate.variants=4``,
 ``train.overrides=[steps=40]``, ``stages`` entries of ``generate``/``scoring`` by stage name
 (``scoring.dedupe.threshold=4``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from layerloop.config import RayConfig, apply_entry_override, load_yaml, resolve_config_path
+from layerloop.config import ConfigModel, RayConfig, apply_override
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = ConfigModel
 
 
 class DataSpec(_Strict):
@@ -68,6 +64,11 @@ class GenerateSpec(_Strict):
 
 
 class SelfImproveConfig(_Strict):
+    config_label: ClassVar[str] = "a self-improvement config"
+    # What changes the results (not the executor, Ray settings, output directory or the round count:
+    # more rounds may be added to a finished loop).
+    FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = ("executor", "ray", "out", "rounds")
+
     name: str = "selfimprove"
     profile: str = "demo"
     family: Literal["bfs", "incontext"]
@@ -130,27 +131,15 @@ class SelfImproveConfig(_Strict):
             raise ValueError(f"the policy reads scores that no generation or scoring stage writes: {wanted}. "
                              f"Written: {', '.join(sorted(produced))}")
 
-    def fingerprint(self) -> str:
-        """What changes the results (not the executor, Ray settings, output directory or the round count:
-        more rounds may be added to a finished loop)."""
-        relevant = self.model_dump(mode="json", exclude={"executor", "ray", "out", "rounds"})
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
     def out_dir(self, out: str | Path | None = None) -> Path:
         return Path(out or self.out or Path("runs") / self.name)
 
 
 def apply_selfimprove_override(data: dict[str, Any], override: str) -> None:
-    """``key.sub=value``; list entries are addressed by their ``stage`` (generate.stages, scoring) or ``name``
-    (base) field, or by index."""
-    apply_entry_override(data, override, ("stage", "name"))
+    """One override in the one dialect; list entries by their ``stage`` (generate.stages, scoring) or
+    ``name`` (base) field, or by index."""
+    apply_override(data, override, SelfImproveConfig)
 
 
 def load_selfimprove_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> SelfImproveConfig:
-    if isinstance(config, dict):
-        data = json.loads(json.dumps(config))
-    else:
-        data = load_yaml(resolve_config_path(config))
-    for override in overrides or []:
-        apply_selfimprove_override(data, override)
-    return SelfImproveConfig.model_validate(data)
+    return SelfImproveConfig.load(config, overrides)

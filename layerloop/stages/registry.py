@@ -52,12 +52,22 @@ def stage_class(name: str) -> type[Stage]:
     return STAGES[name]
 
 
-def build_stage(spec: dict[str, Any], seed: int = 0) -> Stage:
-    """Build a stage from its config entry: ``{"stage": NAME, **params}``."""
+def build_stage(spec: dict[str, Any], seed: int = 0, where: str = "stages") -> Stage:
+    """Build a stage from its config entry: ``{"stage": NAME, **params}``; ``where`` is the list it is an
+    entry of (``stages``, ``generate.stages``, ``scoring``), for error messages."""
     spec = dict(spec)
     try:
         name = spec.pop("stage")
     except KeyError:
         raise ValueError(f"stage entry {spec} has no 'stage' name") from None
     cls = stage_class(name)
-    return cls(cls.Params(**spec), seed=seed)
+    return cls(stage_params(cls, spec, where=where), seed=seed)
+
+
+def stage_params(cls: type[Stage], params: dict[str, Any], where: str = "stages") -> Any:
+    """A stage's ``Params`` from the rest of its config entry. Problems are one ``ConfigError`` (also a
+    pydantic ``ValidationError``) naming the entry as overrides address it; an unknown key lists the
+    valid ones: ``stages.matting.bakend: unknown key; valid keys for the matting stage: backend, ...``."""
+    from layerloop.config import validate_model
+
+    return validate_model(cls.Params, params, prefix=(*where.split("."), cls.name), label=f"the {cls.name} stage")

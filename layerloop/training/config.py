@@ -2,24 +2,21 @@
 
 One ``TrainConfig`` serves every model family; what only one family understands lives in ``task`` and is
 validated by that family's task (``BFSTask.Params``, ...), the way stage parameters are validated by their
-stage. Overrides use the same dotted syntax as builds (``steps=200``, ``task.phi_checkpoint=runs/phi/final``,
-``data.accepted.weight=2``).
+stage. Overrides use the one dialect of ``layerloop/config.py`` (``steps=200``, ``task.phi_checkpoint=runs/phi/final``,
+``data.accepted.weight=2``, ``data.0.run_dir=runs/x``); loading, errors and the fingerprint are those of
+``ConfigModel``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from layerloop.config import apply_entry_override, load_yaml, resolve_config_path
+from layerloop.config import ConfigModel, apply_override
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = ConfigModel
 
 
 class DataSourceConfig(_Strict):
@@ -45,6 +42,8 @@ class RayTrainConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    config_label: ClassVar[str] = "a training config"
+
     name: str = "train"
     family: Literal["bfs", "incontext"]
     stage: str = "stage1"  # family-specific: bfs has phi | rgba-vae | stage1 | stage2
@@ -73,10 +72,7 @@ class TrainConfig(_Strict):
 
     # Settings that do not change what a step computes: a resumed run may change them.
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "keep", "log_every", "out", "ray", "executor")
-
-    def fingerprint(self) -> str:
-        relevant = self.model_dump(mode="json", exclude=set(self.RESUMABLE_CHANGES))
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = RESUMABLE_CHANGES
 
     def out_dir(self, out: str | Path | None = None) -> Path:
         return Path(out or self.out or Path("runs") / self.name)
@@ -85,21 +81,15 @@ class TrainConfig(_Strict):
 def load_train_dict(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
     """The raw mapping of a config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus
     overrides; a fresh copy that callers may edit before validating."""
-    if isinstance(config, dict):
-        data = json.loads(json.dumps(config))  # a deep copy that overrides may edit
-    else:
-        data = load_yaml(resolve_config_path(config))
-    for override in overrides or []:
-        apply_train_override(data, override)
-    return data
+    return TrainConfig.load_data(config, overrides)
 
 
 def load_train_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None) -> TrainConfig:
     """A config from a YAML path, a packaged name (``train_bfs_demo``) or a dict, plus overrides."""
-    return TrainConfig.model_validate(load_train_dict(config, overrides))
+    return TrainConfig.load(config, overrides)
 
 
 def apply_train_override(data: dict[str, Any], override: str) -> None:
-    """``key.sub=value`` with YAML scalars, as for builds; list entries (``data``) are addressed by their
-    ``name`` or by index: ``data.accepted.weight=2``, ``data.0.run_dir=runs/x``."""
-    apply_entry_override(data, override, ("name",))
+    """One override in the one dialect; list entries (``data``) by their ``name`` or by index:
+    ``data.accepted.weight=2``, ``data.0.run_dir=runs/x``."""
+    apply_override(data, override, TrainConfig)
