@@ -10,6 +10,10 @@
     layerloop report DIR                           (re)write DIR/report/
 
 CONFIG is a YAML path or the name of a packaged config (``demo`` = configs/demo.yaml).
+
+-v / --verbose (before or after the command): the package's INFO lines and Ray's own output on the terminal;
+without it Ray's output goes to OUT/logs/ray.log and the package's full log to OUT/logs/layerloop.log.
+Progress bars go to stderr when it is a terminal (--no-progress turns them off).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import sys
 from pathlib import Path
 
 from pydantic import ValidationError
+
+from layerloop import logs
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -32,12 +38,13 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from layerloop.config import load_config
-    from layerloop.pipelines.build import build
+    from layerloop.pipelines.build import build, run_dir_for
 
     overrides = list(args.overrides)
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
+    logs.set_run_dir(run_dir_for(config, args.out))
     result = build(config, out=args.out, executor=args.executor, progress=not args.no_progress)
     print(result.summary())
     return 0
@@ -63,18 +70,40 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from layerloop.training import train_from_config
+    from layerloop.training import load_train_config, run_training
 
-    summary = train_from_config(args.config, list(args.overrides), args.out)
+    cfg = load_train_config(args.config, list(args.overrides))
+    logs.set_run_dir(cfg.out_dir(args.out))
+    summary = run_training(cfg, args.out)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    print(_train_line(summary), file=sys.stderr)
     return 0
 
 
+def _train_line(summary: dict) -> str:
+    """One line for a person: what the run did and where the weights are (stdout keeps the JSON summary)."""
+    last = summary.get("last") or {}
+    loss = f", final loss {last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else ""
+    resumed = summary.get("resumed_from")
+    start = f" (resumed from step {resumed})" if resumed else ""
+    if summary.get("stopped"):
+        return f"layerloop: stopped after step {summary.get('step')}{start}{loss}; re-run to resume"
+    if summary.get("final"):
+        seconds = summary.get("seconds")
+        took = f" in {seconds:.1f} s" if isinstance(seconds, (int, float)) else ""
+        return (f"layerloop: trained {summary.get('step')} steps{start}{took}{loss}; weights in {summary['final']}"
+                f" (checkpoint {str(summary.get('checkpoint_hash', ''))[:12]})")
+    return f"layerloop: training finished at step {summary.get('step')}{loss}; output in {summary.get('out_dir')}"
+
+
 def _cmd_self_improve(args: argparse.Namespace) -> int:
+    from layerloop.selfimprove.config import load_selfimprove_config
     from layerloop.selfimprove.loop import self_improve
 
-    result = self_improve(args.config, rounds=args.rounds, out=args.out, overrides=list(args.overrides),
-                          executor=args.executor)
+    cfg = load_selfimprove_config(args.config, list(args.overrides))
+    logs.set_run_dir(cfg.out_dir(args.out).resolve())
+    result = self_improve(cfg, rounds=args.rounds, out=args.out, executor=args.executor,
+                          progress=not args.no_progress)
     for r in result["rounds"]:
         rate = f"{100 * r['acceptance_rate']:.1f}%" if r["acceptance_rate"] is not None else "n/a"
         print(f"round {r['round']}: {r['candidates']} candidates, {r['ok']} ok, {r['accepted']} accepted ({rate}), "
@@ -120,6 +149,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", default=False, help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="render demo scenes in the RORem layout")
@@ -142,6 +172,7 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training config (train_bfs_demo, train_bfs, or a YAML path)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.accepted.weight=2")
     train.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, final/)")
+    train.add_argument("--no-progress", action="store_true")
     train.set_defaults(func=_cmd_train)
 
     generate = commands.add_parser(
@@ -162,6 +193,7 @@ def make_parser() -> argparse.ArgumentParser:
                          "extend a finished loop")
     improve.add_argument("--out", help="output directory (default: runs/<config name>)")
     improve.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
+    improve.add_argument("--no-progress", action="store_true")
     improve.set_defaults(func=_cmd_self_improve)
 
     models = commands.add_parser("models", help="list or pull the model weights a config needs")
@@ -181,7 +213,14 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("dir")
     report.add_argument("--rows", type=int, default=8)
     report.set_defaults(func=_cmd_report)
+    for sub in commands.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before
+        sub.add_argument(*VERBOSE_FLAGS, action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+VERBOSE_HELP = ("show the package's INFO lines and Ray's own output (by default Ray's output goes to "
+                "OUT/logs/ray.log)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "command", None) not in ("build", "generate", "models", "train", "self-improve") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    logs.configure(verbose=args.verbose, progress=not getattr(args, "no_progress", False))
     try:
         return args.func(args)
     except BrokenPipeError:  # `layerloop inspect DIR | head`: the reader left, nothing is wrong
@@ -210,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"layerloop: {message}", file=sys.stderr)
         return code
+    finally:
+        logs.restore()
 
 
 def _user_error(error: BaseException) -> tuple[int | None, str]:

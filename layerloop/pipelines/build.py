@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from layerloop import logs
 from layerloop.config import BuildConfig
 from layerloop.errors import attach_path, describe_os_error, unwrap
 from layerloop.datasets.shards import ShardSummary, remove_stale_temporaries
@@ -125,32 +126,60 @@ def _failure_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _listing_text(config: BuildConfig, run_dir: Path) -> str:
+    source = config.source
+    kind = getattr(source, "type", "")
+    if kind == "demo" and getattr(source, "path", None) is None and not (run_dir / "demo-data").exists():
+        return f"listing the source (rendering {source.n} demo scenes)"
+    return f"listing the {kind} source" if kind else "listing the source"
+
+
+def _status(bar: tqdm, text: str) -> None:
+    """What the build does now: the bar's postfix on a terminal, a DEBUG line in the run's log."""
+    logger.debug("%s", text)
+    bar.set_postfix_str(text + "...")
+
+
 def _build_locked(config: BuildConfig, run: RunDirectory, pipeline: Pipeline, runner, started: float,
                   progress: bool) -> BuildResult:
     run_dir = run.path
     remove_stale_temporaries(run_dir)
     pipeline.writer.owner = run.owner  # a worker of a dead driver must not commit into this run
-    plan = pipeline.plan()
-    run.start(config.model_dump(mode="json"), config.fingerprint(), plan.keys_digest, len(plan.tasks),
-              plan.num_items, config.seed, config.name)
+    # One bar from the start: its postfix says what the build waits for before the first shard (listing or
+    # rendering the source, checking committed shards, starting Ray); stderr, only on a terminal.
+    bar = tqdm(total=None, unit="shard", disable=not logs.progress_enabled(progress), file=logs.TERMINAL,
+               desc=f"build {config.name} ({runner.name})", dynamic_ncols=True)
+    with bar:
+        _status(bar, _listing_text(config, run_dir))
+        plan = pipeline.plan()
+        run.start(config.model_dump(mode="json"), config.fingerprint(), plan.keys_digest, len(plan.tasks),
+                  plan.num_items, config.seed, config.name)
 
-    summaries: dict[int, ShardSummary] = {}
-    pending = []
-    rebuilt: list[str] = []
-    for task in plan.tasks:
-        committed = pipeline.writer.committed_summary(task.index)
-        if committed.summary is not None:
-            summaries[task.index] = committed.summary
-        else:
-            pending.append(task)
-            if committed.problem:
-                rebuilt.append(committed.problem)
-    for problem in rebuilt:
-        logger.warning("%s", problem)
-    skipped = len(summaries)
-
-    with tqdm(total=len(plan.tasks), initial=skipped, unit="shard", disable=not progress,
-              desc=f"build {config.name} ({runner.name})") as bar:
+        _status(bar, f"checking {len(plan.tasks)} committed shard(s)")
+        summaries: dict[int, ShardSummary] = {}
+        pending = []
+        rebuilt: list[str] = []
+        for task in plan.tasks:
+            committed = pipeline.writer.committed_summary(task.index)
+            if committed.summary is not None:
+                summaries[task.index] = committed.summary
+            else:
+                pending.append(task)
+                if committed.problem:
+                    rebuilt.append(committed.problem)
+        for problem in rebuilt:
+            logger.warning("%s", problem)
+        skipped = len(summaries)
+        bar.reset(total=len(plan.tasks))
+        bar.initial = bar.n = bar.last_print_n = skipped  # as tqdm(initial=skipped): not in the rate
+        bar.refresh()
+        logger.info("%s: %d shard group(s), %d already committed, %d to build on the %s executor", run_dir,
+                    len(plan.tasks), skipped, len(pending), runner.name)
+        if pending and hasattr(runner, "init_ray"):
+            _status(bar, "starting Ray")
+            runner.init_ray()
+        if pending:
+            _status(bar, f"building {len(pending)} shard group(s)")
         for summary in runner.run(pipeline, pending):
             summaries[summary.index] = summary
             bar.update(1)

@@ -258,15 +258,23 @@ class RayExecutor:
 
         if ray.is_initialized():
             return
+        from layerloop import logs
+
         address = self.config.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": True}
+        # From the CLI without -v, Ray's driver-side output (its loggers, the core worker's C++ lines on the
+        # stderr descriptor, the workers' output) goes to OUT/logs/ray.log instead of the terminal
+        # (layerloop/logs.py); the workers' own logs stay in Ray's session directory, which that file names.
+        quiet = logs.quiet_ray() is not None
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": not quiet}
         if address:
             kwargs["address"] = address
         else:
             kwargs["include_dashboard"] = False
             if self.config.num_cpus:
                 kwargs["num_cpus"] = self.config.num_cpus
+        logger.info("starting Ray%s", f" (connecting to {address})" if address else " (a local instance)")
         ray.init(**kwargs)
+        logs.note_ray_session()
 
     def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:
         if not tasks:

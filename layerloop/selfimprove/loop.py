@@ -484,7 +484,44 @@ def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, *upstream
     return {"round": k, "step": name, **Step(cfg, Path(out), k, name)()}
 
 
-def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int) -> list[dict[str, Any]]:
+def _step_label(k: int, name: str) -> str:
+    return name if k < 0 else f"round {k}: {name}"
+
+
+class _StepBar:
+    """A bar over the loop's steps on a terminal's stderr (``round k: step`` as its postfix); the steps
+    already finished (their markers exist) count as done."""
+
+    def __init__(self, out: Path, rounds: int, enabled: bool):
+        from tqdm import tqdm
+
+        from layerloop import logs
+
+        self.out, self.rounds = out, rounds
+        self.steps = [(k, name) for k, name in plan_steps(rounds) if name not in ALWAYS_RUN]
+        self.bar = tqdm(total=len(plan_steps(rounds)), unit="step", desc="self-improve", file=logs.TERMINAL,
+                        disable=not logs.progress_enabled(enabled), dynamic_ncols=True)
+        self.enabled = not self.bar.disable
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Count the finished steps from their markers; show the first one not finished."""
+        if not self.enabled:
+            return
+        done = sum(1 for k, name in self.steps if _marker(self.out, k, name).exists())
+        current = next(((k, name) for k, name in self.steps if not _marker(self.out, k, name).exists()),
+                       (self.rounds - 1, "summary"))
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
+        self.bar.set_postfix_str(_step_label(*current), refresh=True)
+
+    def close(self, finished: bool = False) -> None:
+        if finished and self.enabled:
+            self.bar.update(self.bar.total - self.bar.n)
+        self.bar.close()
+
+
+def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int, bar: _StepBar | None = None) -> list[dict[str, Any]]:
     """Every step in this process, each starting with the torch thread count the loop started with.
 
     A step may change it behind the loop's back: pymatting's numba kernels (the data step's matting) set
@@ -498,6 +535,8 @@ def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int) -> list[dict[
     for k, name in plan_steps(rounds):
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        if bar is not None:
+            bar.refresh()
         results.append(_run_one(cfg.model_dump(mode="json"), str(out_dir), k, name))
     return results
 
@@ -553,7 +592,8 @@ class StepCannotRunError(RuntimeError):
     """The step the loop waits for asks for resources that no alive node of the cluster has."""
 
 
-def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]]) -> Any:
+def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]],
+                    bar: _StepBar | None = None) -> Any:
     """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
     pending (an autoscaler may still add one), so when the step that runs now (the first without its
     marker) asks for more than any alive node offers for longer than the stall timeout
@@ -564,7 +604,9 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
 
     timeout, since = _stall_timeout(), None
     while True:
-        ready, _ = ray.wait([ref], timeout=5.0)
+        ready, _ = ray.wait([ref], timeout=1.0 if bar is not None and bar.enabled else 5.0)
+        if bar is not None:
+            bar.refresh()
         if ready:
             return ray.get(ref)
         current = next(((k, name) for k, name in plan_steps(rounds)
@@ -585,7 +627,7 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
                 f"Add a node and run the same command again: it resumes at this step.")
 
 
-def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, Any]]:
+def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | None = None) -> list[dict[str, Any]]:
     """Submit every step as a Ray task whose argument is its predecessor's result (an ObjectRef): Ray
     starts a step when the previous one finished, retries it when its worker or node dies (the step then
     resumes from its own files), and the driver only waits for the last one."""
@@ -593,6 +635,11 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, A
 
     from layerloop.pipelines.executors import RayExecutor
 
+    from layerloop import logs
+
+    if bar is not None:
+        bar.bar.set_postfix_str("starting Ray...", refresh=True)
+    logs.status("starting Ray", enabled=bar is None or not bar.enabled)
     RayExecutor(cfg.ray).init_ray()
     _pin_ray_data_singletons()
     step_task = ray.remote(_run_one)
@@ -609,7 +656,7 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, A
         args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        _wait_for_steps(ref, out, rounds, requests)
+        _wait_for_steps(ref, out, rounds, requests, bar)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
     return [json.loads(_marker(out, k, name).read_text()) for k, name in plan_steps(rounds) if name != "summary"]
@@ -617,8 +664,9 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int) -> list[dict[str, A
 
 def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds: int | None = None,
                  out: str | Path | None = None, overrides: list[str] | None = None,
-                 executor: str | None = None) -> dict[str, Any]:
-    """Run (or resume, or extend) a self-improvement loop; returns a summary with per-round counts."""
+                 executor: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, or extend) a self-improvement loop; returns a summary with per-round counts.
+    ``progress``: a bar over the loop's steps on stderr when it is a terminal."""
     from layerloop.pipelines.runs import RunDirectory, write_config_record
 
     cfg = config if isinstance(config, SelfImproveConfig) else load_selfimprove_config(config, overrides)
@@ -633,10 +681,15 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
         write_config_record(out_dir / "selfimprove.json", "a self-improvement loop", cfg.model_dump(mode="json"),
                             cfg.fingerprint(), rounds=rounds)
         _event(out_dir, -1, "loop", "start", rounds=rounds, executor=cfg.executor)
-        if cfg.executor == "ray":
-            results = _run_ray(cfg, out_dir, rounds)
-        else:
-            results = _run_local(cfg, out_dir, rounds)
+        bar = _StepBar(out_dir, rounds, progress)
+        try:
+            if cfg.executor == "ray":
+                results = _run_ray(cfg, out_dir, rounds, bar)
+            else:
+                results = _run_local(cfg, out_dir, rounds, bar)
+            bar.close(finished=True)
+        finally:
+            bar.close()
         _event(out_dir, -1, "loop", "done", seconds=round(time.perf_counter() - started, 2))
     per_round = []
     for k in range(rounds):

@@ -55,6 +55,9 @@ def run_training(cfg: TrainConfig, out: str | Path | None = None, stop_at: int |
                 device = torch.device("cuda")
             else:
                 logger.warning("use_gpu is set but CUDA is not available: training on CPU")
+        from layerloop import logs
+
+        logs.status(f"train {cfg.name}: setting up the {cfg.family} models on {device}")
         task = build_task(cfg)
         return train(task, make_streams(task, cfg), cfg, out_dir, device=device, stop_at=stop_at)
 

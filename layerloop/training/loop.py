@@ -280,6 +280,8 @@ def train(
     started = time.perf_counter()
     samples_seen = 0
     last: dict[str, Any] = {}
+    # A bar over the optimiser steps (loss in the postfix) on a terminal's stderr; rank 0 only.
+    bar = _step_bar(cfg, out_dir, start_step, enabled=leader)
     try:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -301,6 +303,9 @@ def train(
             elapsed = time.perf_counter() - t0
             last = {"step": done, **{k: round(v, 6) for k, v in numeric.items()}, **text, "stream": stream_name,
                     "lr": lr, "grad_norm": round(grad_norm, 6), "samples_per_s": round(samples / elapsed, 3)}
+            bar.update(1)
+            if "loss" in numeric:
+                bar.set_postfix(loss=f"{numeric['loss']:.4g}", refresh=False)
             if metrics_file is not None and (done % cfg.log_every == 0 or done == cfg.steps):
                 metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                 metrics_file.flush()
@@ -314,6 +319,7 @@ def train(
                 return {"out_dir": str(out_dir), "step": done, "stopped": True, "resumed_from": resumed_from,
                         "last": last}
     finally:
+        bar.close()
         if metrics_file is not None:
             metrics_file.close()
 
@@ -322,6 +328,15 @@ def train(
                                "resumed_from": resumed_from, "last": last, "seconds": round(seconds, 3),
                                "samples_per_s": round(samples_seen / seconds, 3) if seconds > 0 else None}
     return _finish(task, out_dir, summary, leader, world_size)
+
+
+def _step_bar(cfg: TrainConfig, out_dir: Path, start_step: int, enabled: bool):
+    from tqdm import tqdm
+
+    from layerloop import logs
+
+    return tqdm(total=cfg.steps, initial=start_step, unit="step", desc=f"train {cfg.name}", file=logs.TERMINAL,
+                disable=not (enabled and logs.progress_enabled()), dynamic_ncols=True)
 
 
 def _prepare(task: TrainTask, out_dir: Path, leader: bool, world_size: int, device: torch.device) -> list:
