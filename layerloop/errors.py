@@ -64,9 +64,14 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def attach_path(error: OSError, path: str | os.PathLike) -> OSError:
-    """``error`` itself when it names a path; else the same OSError type and errno naming ``path`` (a
-    failed ``write()`` on an open file, or pyarrow's writer, says "No space left on device" and no file)."""
+def attach_path(error: OSError, path: str | os.PathLike, what: str | None = None) -> OSError:
+    """``error`` naming ``path``. Without ``what``: ``error`` itself when it names a path, else the same
+    OSError type and errno naming ``path`` (a failed ``write()`` on an open file, or pyarrow's writer, says
+    "No space left on device" and no file). With ``what`` ("cannot open the run lock"): always the same
+    type and errno, saying what failed: ``[Errno 13] cannot open the run lock: Permission denied: '/out/run.lock'``."""
+    if what is not None:
+        cause = error.strerror or str(error) or type(error).__name__
+        return type(error)(error.errno, f"{what}: {cause}", os.fspath(path))
     if error.filename is not None:
         return error
     code = error.errno

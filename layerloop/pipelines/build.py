@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from layerloop import logs
 from layerloop.config import BuildConfig
-from layerloop.errors import attach_path, describe_os_error, unwrap
 from layerloop.datasets.shards import ShardSummary, remove_stale_temporaries
+from layerloop.errors import attach_path, describe_os_error, unwrap
 from layerloop.pipelines.executors import LocalExecutor, RayExecutor
 from layerloop.pipelines.pipeline import Pipeline
 from layerloop.pipelines.runs import RunDirectory
@@ -90,12 +90,12 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
             result = _build_locked(config, run, pipeline, runner, started, progress)
         except BaseException as error:
             cause = unwrap(error)
-            if isinstance(cause, OSError) and cause.filename is None:
-                cause = attach_path(cause, run_dir)  # at least the run directory it was writing
-                run.fail(_failure_text(cause))
-                raise cause from error
-            run.fail(_failure_text(error))
-            raise
+            # an OSError that names no file gets the run directory it was writing
+            named = attach_path(cause, run_dir) if isinstance(cause, OSError) else cause
+            run.fail(_failure_text(named))
+            if named is cause:
+                raise
+            raise named from error
         if report if report is not None else config.report.enabled:
             from layerloop.report import write_report
 

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from layerloop.datasets.shards import FAILURE_SCHEMA, RunOwner, format_lock, parse_lock, shard_stem
+from layerloop.errors import attach_path
 from layerloop.samples import safe_text
 
 
@@ -40,13 +41,6 @@ class RunLockedError(RuntimeError):
 
 class RunMismatchError(RuntimeError):
     pass
-
-
-def _path_error(error: OSError, what: str, path: Path) -> OSError:
-    """The same OSError subclass as ``error`` (same errno), saying what failed, the cause and the path:
-    ``str()`` gives ``[Errno 13] cannot create the run directory (Permission denied): '/out'``."""
-    cause = error.strerror or str(error) or type(error).__name__
-    return type(error)(error.errno, f"{what}: {cause}", str(path))
 
 
 def library_versions() -> dict[str, str]:
@@ -99,7 +93,7 @@ class RunDirectory:
         try:
             handle = open(lock_path, "a+")
         except OSError as error:
-            raise _path_error(error, "cannot open the run lock", lock_path) from error
+            raise attach_path(error, lock_path, "cannot open the run lock") from error
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,7 +105,7 @@ class RunDirectory:
                 f"to finish, or give this run another --out directory.") from None
         except OSError as error:
             handle.close()
-            raise _path_error(error, "cannot lock the run lock", lock_path) from error
+            raise attach_path(error, lock_path, "cannot lock the run lock") from error
         token = secrets.token_hex(16)
         holder = (f"pid {os.getpid()} on {socket.gethostname()} since "
                   f"{_dt.datetime.now().isoformat(timespec='seconds')}")
@@ -124,7 +118,7 @@ class RunDirectory:
         except OSError as error:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
             handle.close()
-            raise _path_error(error, "cannot write the run lock", lock_path) from error
+            raise attach_path(error, lock_path, "cannot write the run lock") from error
         self._lock_file = handle
         self._owner = RunOwner(token=token, lock_path=lock_path, holder=holder)
         return self
@@ -135,7 +129,7 @@ class RunDirectory:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise _path_error(error, "cannot create the run directory", self.path) from error
+            raise attach_path(error, self.path, "cannot create the run directory") from error
         # A directory this user cannot write fails at the lock's open() below, with the lock's path (no
         # os.access pre-check: it is wrong on some network file systems and would refuse usable ones).
 
