@@ -360,12 +360,6 @@ def _switch_variant(node: dict[str, Any], slot: _Slot, tag: Any, where: str, ove
                  model_label(new, where))
 
 
-def apply_entry_override(data: dict[str, Any], override: str, entry_fields: tuple[str, ...] = ENTRY_FIELDS,
-                         model: type[BaseModel] | None = None) -> None:
-    """The former training/self-improvement dialect, now the one dialect (kept for callers)."""
-    apply_override(data, override, model or ConfigModel, entry_fields)
-
-
 # -------------------------------------------------------------------------------------- the base
 class ConfigModel(BaseModel):
     """Base of every config: unknown keys are errors that list the valid ones, one loader, one dialect,

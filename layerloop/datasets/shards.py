@@ -423,12 +423,6 @@ def summary_from_rows(index: int, rows: list[dict], skipped: bool = False) -> Sh
                         skipped=skipped)
 
 
-def summary_from_index(index: int, index_path: Path, skipped: bool = True) -> ShardSummary:
-    """The summary an index records, unverified: callers deciding whether to skip a shard use
-    ``ShardWriter.committed_summary``."""
-    return summary_from_rows(index, pq.read_table(index_path).to_pylist(), skipped=skipped)
-
-
 def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     """Delete temporary files left by an interrupted run (call only while holding the run lock)."""
     removed = []
