@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -146,6 +147,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_command(commands: Any, name: str, help_text: str, config_help: str, overrides_help: str,
+                    out_help: str) -> argparse.ArgumentParser:
+    """A command that runs a config: ``NAME CONFIG [key=value ...] --out DIR --no-progress``."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("config", help=config_help)
+    command.add_argument("overrides", nargs="*", help=overrides_help)
+    command.add_argument("--out", help=out_help)
+    command.add_argument("--no-progress", action="store_true")
+    return command
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerloop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,41 +171,34 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=256)
     demo.set_defaults(func=_cmd_demo_data)
 
-    build = commands.add_parser("build", help="run a synthesis pipeline into a run directory (resumable)")
-    build.add_argument("config", help="YAML config path or packaged config name (demo, rorem)")
-    build.add_argument("overrides", nargs="*", help="key=value overrides, e.g. source.n=16")
-    build.add_argument("--out", help="run directory (default: runs/<config name>)")
+    build = _config_command(commands, "build", "run a synthesis pipeline into a run directory (resumable)",
+                            "YAML config path or packaged config name (demo, rorem)",
+                            "key=value overrides, e.g. source.n=16", "run directory (default: runs/<config name>)")
     build.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
     build.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    build.add_argument("--no-progress", action="store_true")
     build.set_defaults(func=_cmd_build)
 
-    train = commands.add_parser("train", help="train a LoRA (BFS generator, ...) from shards, resumably")
-    train.add_argument("config", help="training config (train_bfs_demo, train_bfs, or a YAML path)")
-    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.accepted.weight=2")
-    train.add_argument("--out", help="output directory (checkpoints, metrics.jsonl, final/)")
-    train.add_argument("--no-progress", action="store_true")
+    train = _config_command(commands, "train", "train a LoRA (BFS generator, ...) from shards, resumably",
+                            "training config (train_bfs_demo, train_bfs, or a YAML path)",
+                            "key=value overrides, e.g. steps=200 data.accepted.weight=2",
+                            "output directory (checkpoints, metrics.jsonl, final/)")
     train.set_defaults(func=_cmd_train)
 
-    generate = commands.add_parser(
-        "generate", help="generate candidates with a trained LoRA (a build whose config has a generate stage)")
-    generate.add_argument("config", help="generation config (e.g. generate_bfs_demo)")
-    generate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.generate-bfs.checkpoint=DIR")
-    generate.add_argument("--out", help="run directory for the candidate shards")
+    generate = _config_command(
+        commands, "generate", "generate candidates with a trained LoRA (a build whose config has a generate stage)",
+        "generation config (e.g. generate_bfs_demo)", "key=value overrides, e.g. stages.generate-bfs.checkpoint=DIR",
+        "run directory for the candidate shards")
     generate.add_argument("--executor", choices=("local", "ray"))
     generate.add_argument("--address", help="Ray cluster address")
-    generate.add_argument("--no-progress", action="store_true")
     generate.set_defaults(func=_cmd_build)
 
-    improve = commands.add_parser(
-        "self-improve", help="rounds of train -> generate -> score -> filter -> feed back (resumable)")
-    improve.add_argument("config", help="self-improvement config (selfimprove_bfs_demo, or a YAML path)")
-    improve.add_argument("overrides", nargs="*", help="key=value overrides, e.g. accepted_weight=3")
+    improve = _config_command(
+        commands, "self-improve", "rounds of train -> generate -> score -> filter -> feed back (resumable)",
+        "self-improvement config (selfimprove_bfs_demo, or a YAML path)",
+        "key=value overrides, e.g. accepted_weight=3", "output directory (default: runs/<config name>)")
     improve.add_argument("--rounds", type=int, help="number of rounds (default: the config's); more rounds "
                          "extend a finished loop")
-    improve.add_argument("--out", help="output directory (default: runs/<config name>)")
     improve.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
-    improve.add_argument("--no-progress", action="store_true")
     improve.set_defaults(func=_cmd_self_improve)
 
     models = commands.add_parser("models", help="list or pull the model weights a config needs")

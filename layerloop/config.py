@@ -34,7 +34,6 @@ entry stays a mapping, validated by its stage's ``Params`` model when the stage 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import types
@@ -46,6 +45,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
 from layerloop.errors import ConfigError
+from layerloop.files import sha256_text
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENTRY_FIELDS = ("stage", "name")  # the fields that identify a list entry, in order of preference
@@ -229,7 +229,7 @@ def validate_model(model: type[BaseModel], data: Any, *, prefix: tuple[str, ...]
 # ------------------------------------------------------------------------------------- fingerprint
 def fingerprint_of(data: Any) -> str:
     """The 16-hex-digit hash of a JSON-able mapping (sorted keys): what run directories record."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps(data, sort_keys=True), 16)
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -19,12 +19,12 @@ velocity target `z1 - z0`, and the transformer's `timestep` argument is t itself
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxAttention
 from safetensors.torch import load_file, save_file
 
+from layerloop.files import atomic_path, sha256_file, write_json_atomic
 from layerloop.models import hub
 from layerloop.models.bfs_losses import (  # noqa: F401  (re-exported)
     composition_loss,
@@ -203,18 +204,15 @@ class BFSGenerator(nn.Module):
         tensors = {k: v.contiguous().cpu() for k, v in self.lora_state_dict().items()}
         # Write under temporary names and rename, so a crash never leaves a half-written checkpoint
         # that load_lora would accept.
-        tmp_weights = out / (LORA_WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp_weights), metadata={"format": LORA_FORMAT})
+        with atomic_path(out / LORA_WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": LORA_FORMAT})
         meta = {
             "format": LORA_FORMAT,
             "format_version": LORA_FORMAT_VERSION,
             **dataclasses.asdict(self.config),
             "num_tensors": len(tensors),
         }
-        tmp_config = out / (LORA_CONFIG_NAME + ".tmp")
-        tmp_config.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp_weights, out / LORA_WEIGHTS_NAME)
-        os.replace(tmp_config, out / LORA_CONFIG_NAME)
+        write_json_atomic(out / LORA_CONFIG_NAME, meta)
         return out
 
     def load_lora(self, path: str | os.PathLike) -> None:
@@ -455,11 +453,7 @@ def load_generator(
 
 def lora_checkpoint_hash(path: str | os.PathLike) -> str:
     """sha256 of the saved LoRA + g weights: the generator checkpoint id recorded in candidate metadata."""
-    digest = hashlib.sha256()
-    with open(Path(path) / LORA_WEIGHTS_NAME, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(Path(path) / LORA_WEIGHTS_NAME)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,22 +520,20 @@ def generate(
     text_embeds: torch.Tensor,
     pooled: torch.Tensor,
     *,
-    num_steps: int = 28,
-    guidance: float | None = 30.0,
     seed: int = 0,
-    shift: bool = True,
     vae: AutoencoderKL | None = None,
     rgba_vae: AutoencoderKL | None = None,
+    **sampling: Any,
 ) -> BFSGeneration:
     """`sample_latents` from noise drawn for the whole batch from a CPU generator seeded with `seed` (so
-    results do not depend on device), decoded when VAEs are given. Guidance 30 is FluxFillPipeline's
-    default. (`BFSPipeline` draws noise per sample instead, so that a sample's output does not depend on
-    its batch mates.)"""
+    results do not depend on device), decoded when VAEs are given. ``sampling``: `sample_latents`'s
+    keywords (num_steps, guidance, shift). (`BFSPipeline` draws noise per sample instead, so that a
+    sample's output does not depend on its batch mates.)"""
     rng = torch.Generator(device="cpu").manual_seed(seed)
     noise_c = torch.randn(background_latents.shape, generator=rng)
     noise_f = torch.randn(background_latents.shape, generator=rng)
     latents_c, latents_f = sample_latents(generator, background_latents, mask, text_embeds, pooled, noise_c,
-                                          noise_f, num_steps=num_steps, guidance=guidance, shift=shift)
+                                          noise_f, **sampling)
     result = BFSGeneration(latents_c=latents_c, latents_f=latents_f)
     if vae is not None:
         result.image_c = decode_latents(vae, result.latents_c).float()

@@ -6,6 +6,8 @@ velocity target `z1 - z0`. All latents are spatial (B, C, h, w).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "noisy_latents", "flow_matching_target", "denoised_estimate", "flow_matching_loss", "composition_loss",
-    "compositor_loss", "stage1_loss", "stage2_loss", "stage2_branch",
+    "compositor_loss", "BranchLatents", "stage1_loss", "stage2_loss", "stage2_branch",
 ]
 
 
@@ -54,58 +56,54 @@ def compositor_loss(compositor: nn.Module, z_f: torch.Tensor, z_b: torch.Tensor,
     return F.l1_loss(compositor(z_f, z_b).float(), z_c.float())
 
 
-def stage1_loss(
-    compositor: nn.Module,
-    *,
-    v_c: torch.Tensor,
-    v_f: torch.Tensor,
-    z0_c: torch.Tensor,
-    z0_f: torch.Tensor,
-    z1_c: torch.Tensor,
-    z1_f: torch.Tensor,
-    z_b: torch.Tensor,
-    t: torch.Tensor,
-    comp_weight: float = 0.1,
-) -> dict[str, torch.Tensor]:
-    """Stage 1 on quadruples: FM(C) + FM(F) + comp_weight * L_comp. All latents spatial (B, C, h, w);
-    the velocities are the generator's outputs unpacked. The branches' inputs must have been
-    `noisy_latents(z0, z1, t)` with these very tensors."""
-    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
-    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
-    fm_c = flow_matching_loss(v_c, z0_c, z1_c)
-    fm_f = flow_matching_loss(v_f, z0_f, z1_f)
-    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
+@dataclass(frozen=True)
+class BranchLatents:
+    """What the two branches saw and predicted at one training step, all spatial (B, C, h, w) except
+    ``t`` (B,): velocities ``v_c``/``v_f`` (the generator's outputs unpacked), data ``z0_*`` and noise ``z1_*`` (this module's
+    convention), the background latent ``z_b``. The branches' inputs must have been ``noisy_latents(z0, z1, t)``."""
+
+    v_c: torch.Tensor
+    v_f: torch.Tensor
+    z0_c: torch.Tensor
+    z0_f: torch.Tensor
+    z1_c: torch.Tensor
+    z1_f: torch.Tensor
+    z_b: torch.Tensor
+    t: torch.Tensor
+
+    def composition(self, compositor: nn.Module) -> torch.Tensor:
+        """L_comp on the one-step estimates of both branches."""
+        z_c_hat = denoised_estimate(noisy_latents(self.z0_c, self.z1_c, self.t), self.v_c, self.t)
+        z_f_hat = denoised_estimate(noisy_latents(self.z0_f, self.z1_f, self.t), self.v_f, self.t)
+        return composition_loss(compositor, z_f_hat, self.z_b, z_c_hat)
+
+    def flow_matching(self, branch: str) -> torch.Tensor:
+        if branch == "c":
+            return flow_matching_loss(self.v_c, self.z0_c, self.z1_c)
+        return flow_matching_loss(self.v_f, self.z0_f, self.z1_f)
+
+
+def stage1_loss(compositor: nn.Module, *, comp_weight: float = 0.1, **latents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Stage 1 on quadruples: FM(C) + FM(F) + comp_weight * L_comp. ``latents``: the fields of
+    ``BranchLatents`` by name (all required)."""
+    step = BranchLatents(**latents)
+    fm_c, fm_f = step.flow_matching("c"), step.flow_matching("f")
+    comp = step.composition(compositor)
     return {"loss": fm_c + fm_f + comp_weight * comp, "fm_c": fm_c, "fm_f": fm_f, "comp": comp}
 
 
-def stage2_loss(
-    branch: str,
-    compositor: nn.Module,
-    *,
-    v_c: torch.Tensor,
-    v_f: torch.Tensor,
-    z0_c: torch.Tensor,
-    z0_f: torch.Tensor,
-    z1_c: torch.Tensor,
-    z1_f: torch.Tensor,
-    z_b: torch.Tensor,
-    t: torch.Tensor,
-    comp_weight: float = 0.5,
-) -> dict[str, torch.Tensor]:
+def stage2_loss(branch: str, compositor: nn.Module, *, comp_weight: float = 0.5,
+                **latents: torch.Tensor) -> dict[str, torch.Tensor]:
     """Stage 2, one of two objectives chosen per step by `stage2_branch`:
     - "real" (kind=pair samples): L_real = FM on the composite branch only; z0_f is the surrogate
       foreground S the F branch was fed (no ground-truth F exists), used only to form z_F_hat.
     - "reg" (quadruples): L_reg = FM on the foreground branch only.
-    Both add comp_weight * L_comp."""
-    z_c_hat = denoised_estimate(noisy_latents(z0_c, z1_c, t), v_c, t)
-    z_f_hat = denoised_estimate(noisy_latents(z0_f, z1_f, t), v_f, t)
-    comp = composition_loss(compositor, z_f_hat, z_b, z_c_hat)
-    if branch == "real":
-        fm = flow_matching_loss(v_c, z0_c, z1_c)
-    elif branch == "reg":
-        fm = flow_matching_loss(v_f, z0_f, z1_f)
-    else:
+    Both add comp_weight * L_comp. ``latents`` as for ``stage1_loss``."""
+    if branch not in ("real", "reg"):
         raise ValueError(f"stage-2 branch must be 'real' or 'reg', got {branch!r}")
+    step = BranchLatents(**latents)
+    comp = step.composition(compositor)
+    fm = step.flow_matching("c" if branch == "real" else "f")
     return {"loss": fm + comp_weight * comp, "fm": fm, "comp": comp}
 
 

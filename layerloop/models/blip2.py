@@ -15,7 +15,6 @@ Precision: ``dtype`` defaults to fp16 on CUDA (the 2.7B model's usual inference 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +29,7 @@ from transformers import (
 )
 
 from layerloop.models import hub
+from layerloop.models.wrappers import ModelWithProcessor
 
 DEFAULT_ID = "Salesforce/blip2-opt-2.7b"
 # Only what transformers loads: Hub repositories of this size ship the same weights as .bin and as
@@ -45,14 +45,8 @@ _TINY_WORDS = (
 _TINY_SPECIAL = ["<pad>", "</s>", "<unk>", "<image>"]
 
 
-class Blip2Captioner:
-    def __init__(self, model: Blip2ForConditionalGeneration, processor: Blip2Processor, device: str = "cpu",
-                 model_id: str = "tiny", revision: str | None = None):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
-        self.model_id = model_id
-        self.revision = revision
+class Blip2Captioner(ModelWithProcessor):
+    """BLIP-2 captioning (``Blip2ForConditionalGeneration`` + ``Blip2Processor``)."""
 
     @classmethod
     def from_pretrained(cls, id_or_path: str | os.PathLike = DEFAULT_ID, revision: str | None = None,
@@ -95,15 +89,6 @@ class Blip2Captioner:
         processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
                                    num_query_tokens=num_query_tokens)
         return cls(model, processor, device=device)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
-        return path
-
-    def describe(self) -> dict:
-        return {"model": self.model_id, "revision": self.revision}
 
     @torch.no_grad()
     def caption(self, images: Sequence[np.ndarray], prompt: str | None = None, max_new_tokens: int = 30,

@@ -8,7 +8,6 @@ resolution, text tokens, ...). Files are written under temporary names and renam
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from layerloop.files import atomic_path, sha256_file, write_json_atomic
 from layerloop.models.incontext_canvas import MATTE
 
 FILL_MODEL_ID = "black-forest-labs/FLUX.1-Fill-dev"
@@ -62,15 +62,11 @@ class InContextConfig:
 
 
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """sha256 (first 16 hex digits) of a LoRA file, or of ``lora.safetensors`` inside a checkpoint folder."""
+    """The in-context checkpoint id: the first 16 hex digits of the sha256 of a LoRA file, or of
+    ``lora.safetensors`` inside a checkpoint folder (candidate metadata of earlier runs records this
+    short form, so it stays; BFS records the full digest of its weights file)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / LORA_FILE
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return sha256_file(path / LORA_FILE if path.is_dir() else path)[:16]
 
 
 def read_task_info(checkpoint: str | os.PathLike) -> dict[str, Any]:
@@ -100,10 +96,9 @@ def save_lora(model: nn.Module, folder: str | os.PathLike) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model.transformer).items()}
     meta = {"format": LORA_FORMAT, "config": model.config.to_json(), "targets": model.lora_targets}
     weights, config = folder / LORA_FILE, folder / LORA_CONFIG_FILE
-    save_file(state, str(weights) + ".tmp", metadata={"format": str(LORA_FORMAT)})
-    (folder / (LORA_CONFIG_FILE + ".tmp")).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(str(weights) + ".tmp", weights)
-    os.replace(folder / (LORA_CONFIG_FILE + ".tmp"), config)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": str(LORA_FORMAT)})
+    write_json_atomic(config, meta, newline=False)
     return weights
 
 

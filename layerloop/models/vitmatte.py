@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,20 +28,17 @@ import torch
 from transformers import VitDetConfig, VitMatteConfig, VitMatteForImageMatting, VitMatteImageProcessor
 
 from layerloop.models import hub
+from layerloop.models.wrappers import ModelWithProcessor
 
 DEFAULT_ID = "hustvl/vitmatte-small-composition-1k"
 
 
-class VitMatte:
+class VitMatte(ModelWithProcessor):
     def __init__(self, model: VitMatteForImageMatting, processor: VitMatteImageProcessor, device: str = "cpu",
                  dtype: torch.dtype | None = None, model_id: str = "tiny", revision: str | None = None):
-        self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
-        self.processor = processor
+        super().__init__(model, processor, device=device, model_id=model_id, revision=revision)
         # Autocast only exists to save GPU time; see the module docstring.
         self.autocast_dtype = (dtype or torch.float16) if self.device.type == "cuda" else None
-        self.model_id = model_id
-        self.revision = revision
 
     @classmethod
     def from_pretrained(cls, id_or_path: str | os.PathLike = DEFAULT_ID, revision: str | None = None,
@@ -64,15 +60,6 @@ class VitMatte:
                                 fusion_hidden_sizes=[16, 8, 8, 4])
         torch.manual_seed(seed)
         return cls(VitMatteForImageMatting(config), VitMatteImageProcessor(), device=device)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        self.model.save_pretrained(path)
-        self.processor.save_pretrained(path)
-        return path
-
-    def describe(self) -> dict:
-        return {"model": self.model_id, "revision": self.revision}
 
     @torch.no_grad()
     def predict(self, images: Sequence[np.ndarray], trimaps: Sequence[np.ndarray],

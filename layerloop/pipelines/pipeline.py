@@ -11,7 +11,6 @@ To follow one sample: ``datasets/sources.py`` (read) -> the stage files named in
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 from layerloop.config import BuildConfig
 from layerloop.datasets.base import Source, SourceItem
 from layerloop.datasets.shards import ShardSummary, ShardWriter
+from layerloop.files import sha256_text
 from layerloop.samples import Failure, LayeredSample
 from layerloop.stages.base import Stage, run_stage
 from layerloop.stages.registry import build_stage
@@ -70,7 +70,7 @@ class Pipeline:
         items = self.source.items()
         size = self.samples_per_shard
         tasks = tuple(ShardTask(i // size, tuple(items[i : i + size])) for i in range(0, len(items), size))
-        digest = hashlib.sha256("\n".join(item.key for item in items).encode()).hexdigest()[:16]
+        digest = sha256_text("\n".join(item.key for item in items), 16)
         return Plan(tasks, tuple(self.source.listing_failures()), digest)
 
     # ------------------------------------------------------------ the parts

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from layerloop.datasets.shards import FAILURE_SCHEMA, RunOwner, format_lock, parse_lock, shard_stem
 from layerloop.errors import attach_path
+from layerloop.files import atomic_path, write_json_atomic
 from layerloop.samples import safe_text
 
 
@@ -67,9 +68,7 @@ def write_config_record(path: Path, what: str, config: dict[str, Any], fingerpri
                              f"{previous.get('fingerprint')}, this one {fingerprint}). Use another --out "
                              f"directory, or delete {path.parent} to start over.")
     info = {"config": config, "fingerprint": fingerprint, "versions": library_versions(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, info)
 
 
 class RunDirectory:
@@ -239,18 +238,12 @@ class RunDirectory:
             info["failed"] = _dt.datetime.now().isoformat(timespec="seconds")
             self._write_json(info)
             return True
-        except Exception:  # noqa: BLE001 - see the docstring
-            try:
-                self.run_json.with_name("run.json.tmp").unlink(missing_ok=True)
-            except Exception:  # noqa: BLE001
-                pass
+        except Exception:  # noqa: BLE001 - see the docstring (the temporary is removed by write_json_atomic)
             return False
 
     def _write_json(self, info: dict[str, Any]) -> None:
-        tmp = self.run_json.with_name("run.json.tmp")
         # default=str: a value of ``extra`` that JSON has no type for is recorded as text, not a crash
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, self.run_json)
+        write_json_atomic(self.run_json, info, default=str, newline=False)
 
     # -------------------------------------------------------------- failures
     def write_failures(self, name: str, shard_failures: dict[int, tuple], listing_failures: tuple) -> int:
@@ -262,7 +255,6 @@ class RunDirectory:
                              "shard": shard_stem(name, index)})
         # Any Python str is written: lone surrogates (file names that are not UTF-8) become escapes.
         rows = [{column: safe_text(value) for column, value in row.items()} for row in rows]
-        tmp = self.path / "failures.parquet.tmp"
-        pq.write_table(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), tmp)
-        os.replace(tmp, self.path / "failures.parquet")
+        with atomic_path(self.path / "failures.parquet") as tmp:
+            pq.write_table(pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA), tmp)
         return len(rows)

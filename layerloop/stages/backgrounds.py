@@ -39,7 +39,7 @@ import numpy as np
 from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 MISSING_GT = "no ground-truth background for this sample; use backend: opencv"
@@ -135,7 +135,6 @@ class BackgroundStage(Stage):
 
     name = "background"
     Params = BackgroundParams
-    resources = Resources(cpus=1)
     batch_size = 8
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -20,7 +20,6 @@ depend on workers, batch composition or order.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from layerloop.samples import LayeredSample
+from layerloop.seeds import rng_for
 
 
 @dataclass(frozen=True)
@@ -123,8 +123,8 @@ class Stage:
 
 
 def sample_rng(seed: int, key: str, stage: str) -> np.random.Generator:
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{stage}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+    """The generator of one (run seed, sample key, stage): the same draws on any executor and resume."""
+    return rng_for(seed, key, stage)
 
 
 def run_stage(stage: Stage, samples: list[LayeredSample]) -> list[LayeredSample]:

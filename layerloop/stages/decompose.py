@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 
@@ -48,7 +48,6 @@ class DecomposeParams(StageParams):
 class DecomposeInContext(Stage):
     name = "decompose-incontext"
     Params = DecomposeParams
-    resources = Resources(cpus=1, gpus=0)
     batch_size = 4
 
     def models(self) -> list:

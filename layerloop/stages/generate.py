@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from layerloop.samples import LayeredSample, composite as composite_layers
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 
@@ -42,7 +42,6 @@ class GenerateParams(StageParams):
 class GenerateBFS(Stage):
     name = "generate-bfs"
     Params = GenerateParams
-    resources = Resources(cpus=1, gpus=0)
     batch_size = 4
 
     def models(self) -> list:

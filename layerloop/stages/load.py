@@ -28,7 +28,7 @@ from pydantic import Field
 from layerloop.datasets.imageio import (DEFAULT_MAX_FILE_BYTES, DEFAULT_MAX_PIXELS, InputError, decode_image,
                                         normalise, to_mask, to_rgb)
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 RAW_KEYS = ("raw_image", "raw_mask", "raw_background", "raw_root")
@@ -48,7 +48,6 @@ class LoadStage(Stage):
 
     name = "load"
     Params = LoadParams
-    resources = Resources(cpus=1)
     batch_size = 8
 
     def process_sample(self, sample: LayeredSample) -> LayeredSample:

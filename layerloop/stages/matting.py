@@ -67,7 +67,7 @@ import numpy as np
 from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 # trimap codes, as written by the trimap stage
@@ -288,7 +288,6 @@ class MattingStage(Stage):
 
     name = "matting"
     Params = MattingParams
-    resources = Resources(cpus=1)
     batch_size = 4
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Resources, Stage, StageParams
+from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
 
 BACKGROUND, UNKNOWN, FOREGROUND = 0, 128, 255
@@ -80,7 +80,6 @@ class TrimapStage(Stage):
 
     name = "trimap"
     Params = TrimapParams
-    resources = Resources(cpus=1)
     batch_size = 16
 
     def process_sample(self, sample: LayeredSample) -> LayeredSample:

@@ -29,7 +29,6 @@ and the loaders of `models/bfs_components.py` read:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -43,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from layerloop.files import sha256_file
 from layerloop.models import bfs
 from layerloop.models.bfs_components import (  # noqa: F401  (re-exported: the stage-file names and loaders)
     COMPOSITOR_CONFIG, COMPOSITOR_WEIGHTS, RGBA_VAE_CONFIG, RGBA_VAE_WEIGHTS, TASK_FILE, load_compositor,
@@ -130,14 +130,6 @@ def batch_pixels(samples: list[LayeredSample], resolution: int) -> dict[str, Any
 # --------------------------------------------------------------------------- loading helpers
 def resolved_text(params: BFSParams, model: str) -> tuple[str, int]:
     return text_encoder_kind(params.text_encoder, model, params.text_tokens)
-
-
-def _file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the task
@@ -361,7 +353,7 @@ class BFSTask:
 
     def weights_hash(self, path: Path) -> str:
         if self.stage == "phi":
-            return _file_hash(Path(path) / COMPOSITOR_WEIGHTS)
+            return sha256_file(Path(path) / COMPOSITOR_WEIGHTS)
         if self.stage == "rgba-vae":
-            return _file_hash(Path(path) / RGBA_VAE_WEIGHTS)
+            return sha256_file(Path(path) / RGBA_VAE_WEIGHTS)
         return bfs.lora_checkpoint_hash(path)

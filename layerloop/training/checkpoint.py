@@ -14,17 +14,16 @@ sees a half-written checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from layerloop.files import atomic_path
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer.pt"
@@ -86,17 +85,11 @@ def write_checkpoint(out_dir: str | Path, step: int, save_weights, trainer_state
     root = checkpoints_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
-    tmp = root / f"{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    # the same step written again (a retried worker) is replaced whole
+    with atomic_path(final) as tmp:
         tmp.mkdir()
         save_weights(tmp / WEIGHTS)
         torch.save(trainer_state, tmp / TRAINER_STATE)
-        if final.exists():  # the same step written again (a retried worker): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     for _, old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -106,14 +99,3 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
     # weights_only=False: the state holds numpy RNG tuples and python's random state, written by us.
     return torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
 
-
-def hash_directory(path: str | Path, exclude: tuple[str, ...] = ()) -> str:
-    """sha256 over the names and bytes of every file below ``path`` (sorted)."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
-        digest.update(str(file.relative_to(root)).encode() + b"\x00")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()

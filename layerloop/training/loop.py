@@ -20,15 +20,11 @@ some of them unused, which DDP rejects without ``find_unused_parameters``).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
@@ -37,8 +33,10 @@ import torch
 import torch.nn as nn
 
 from layerloop.datasets.stream import ShardStream, WeightedShards
+from layerloop.files import atomic_path, write_atomic
 from layerloop.models.checkpoints import HASH_FILE
 from layerloop.samples import LayeredSample
+from layerloop.seeds import seed63
 from layerloop.training import checkpoint as ckpt
 from layerloop.training.config import TrainConfig
 
@@ -118,8 +116,7 @@ def make_streams(task: TrainTask, cfg: TrainConfig, rank: int = 0, world_size: i
 
 def derived_seed(*parts: Any) -> int:
     """A 63-bit seed from mixed parts; independent streams for independent purposes."""
-    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return seed63(*parts)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -168,21 +165,16 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def export_final(task: TrainTask, out_dir: Path) -> tuple[Path, str]:
     """``<out>/final/``: the task's weights plus ``checkpoint_hash.txt``, replaced atomically."""
     final = out_dir / FINAL
-    tmp = out_dir / f"{FINAL}.tmp-{uuid.uuid4().hex[:8]}"
-    task.save_weights(tmp)
-    digest = task.weights_hash(tmp)
-    (tmp / HASH_FILE).write_text(digest + "\n")
-    old = out_dir / f"{FINAL}.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_path(final) as tmp:
+        task.save_weights(tmp)
+        digest = task.weights_hash(tmp)
+        (tmp / HASH_FILE).write_text(digest + "\n")
     return final, digest
 
 
@@ -246,6 +238,30 @@ def _save_checkpoint(task: TrainTask, optimizer: torch.optim.Optimizer, streams:
     return ckpt.write_checkpoint(out_dir, done, task.save_weights, trainer_state, cfg.keep)
 
 
+def _optimizer_step(task: TrainTask, optimizer: torch.optim.Optimizer, params: list,
+                    streams: Mapping[str, ShardStream], cfg: TrainConfig, step: int, rank: int, world_size: int,
+                    device: torch.device) -> dict[str, Any]:
+    """One optimiser step (``step`` counts from 0): learning rate, accumulated gradients, averaging across
+    ranks, clipping. Returns the metrics line of the step."""
+    t0 = time.perf_counter()
+    lr = learning_rate(cfg, step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    stream_name = task.stream_for_step(step)
+    numeric, text = _accumulate_gradients(task, streams[stream_name], cfg, rank, step)
+    if _distributed(world_size):
+        _average_gradients(params, world_size)
+    max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    numeric = _average_logs(numeric, world_size, device)
+    samples = cfg.batch_size * cfg.grad_accum * world_size
+    elapsed = time.perf_counter() - t0
+    return {"step": step + 1, **{k: round(v, 6) for k, v in numeric.items()}, **text, "stream": stream_name,
+            "lr": lr, "grad_norm": round(grad_norm, 6), "samples_per_s": round(samples / elapsed, 3)}
+
+
 def train(
     task: TrainTask,
     streams: ShardStream | Mapping[str, ShardStream],
@@ -284,28 +300,12 @@ def train(
     bar = _step_bar(cfg, out_dir, start_step, enabled=leader)
     try:
         for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            stream_name = task.stream_for_step(step)
-            numeric, text = _accumulate_gradients(task, streams[stream_name], cfg, rank, step)
-            if _distributed(world_size):
-                _average_gradients(params, world_size)
-            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            optimizer.step()
+            last = _optimizer_step(task, optimizer, params, streams, cfg, step, rank, world_size, device)
             done = step + 1
-            numeric = _average_logs(numeric, world_size, device)
-            samples = cfg.batch_size * cfg.grad_accum * world_size
-            samples_seen += samples
-            elapsed = time.perf_counter() - t0
-            last = {"step": done, **{k: round(v, 6) for k, v in numeric.items()}, **text, "stream": stream_name,
-                    "lr": lr, "grad_norm": round(grad_norm, 6), "samples_per_s": round(samples / elapsed, 3)}
+            samples_seen += cfg.batch_size * cfg.grad_accum * world_size
             bar.update(1)
-            if "loss" in numeric:
-                bar.set_postfix(loss=f"{numeric['loss']:.4g}", refresh=False)
+            if "loss" in last:
+                bar.set_postfix(loss=f"{last['loss']:.4g}", refresh=False)
             if metrics_file is not None and (done % cfg.log_every == 0 or done == cfg.steps):
                 metrics_file.write(json.dumps(last, sort_keys=True) + "\n")
                 metrics_file.flush()
@@ -359,7 +359,7 @@ def _finish(task: TrainTask, out_dir: Path, summary: dict[str, Any], leader: boo
     if leader:
         final, digest = export_final(task, out_dir)
         summary.update(final=str(final), checkpoint_hash=digest)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     if _distributed(world_size):
         torch.distributed.barrier()
     return summary
