@@ -32,7 +32,6 @@ import argparse
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 from PIL import Image
+
+from layerloop.files import write_atomic
 
 GENERATOR_VERSION = 1  # bump when a change alters the pixels, so idempotent re-runs re-render
 BACKGROUND_SUPERSAMPLE = 2
@@ -621,15 +622,37 @@ def _shadow_corners(scene: Scene, lo: np.ndarray, hi: np.ndarray) -> tuple[np.nd
     return np.concatenate([sx, xs]), np.concatenate([sy, ys]), np.concatenate([sz, zs]), near_camera
 
 
+_PENUMBRA_LEVELS = np.array([0.5, 1.5, 4.0, 10.0])  # penumbra blur levels, in 2x pixels
+
+
 def _shadow_factor(scene: Scene, bg: _Background) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Per-pixel multiplier (H x W x 3 at 2x, over a region) that turns the clean background into the
     shadowed one: (ambient * (1 - occlusion) + sun * cos * visibility) / (ambient + sun * cos).
     Exactly 1.0 outside the shadows, so GT and source agree there bit for bit."""
-    ss = BACKGROUND_SUPERSAMPLE
-    cam, size, L = scene.camera, scene.size, np.asarray(scene.light)
-    levels = np.array([0.5, 1.5, 4.0, 10.0])  # penumbra blur levels, in 2x pixels
+    L = np.asarray(scene.light)
+    region, part_boxes = _shadow_region(scene)
+    x0, y0, x1, y1 = region
+    if x1 <= x0 or y1 <= y0:
+        return np.ones((0, 0, 3), np.float32), (0, 0, 0, 0)
+    on_floor, receiver, depth, world = _receivers(scene, bg, region)
+    t_hit = _occluder_distance(part_boxes, region, world, receiver, L)
+    visibility = _penumbra_visibility(scene, t_hit, depth, receiver)
+    unoccluded = _contact_unoccluded(scene, world, on_floor)
 
-    # Region: every part's shadow, every object's contact shadow, padded by the widest blur.
+    sun, ambient = np.asarray(scene.sun, np.float32), np.asarray(scene.ambient, np.float32)
+    cos = np.where(on_floor, L[1], max(0.0, -L[2]))[..., None]
+    lit = ambient + sun * cos
+    factor = (ambient * unoccluded[..., None] + sun * cos * visibility[..., None]) / np.maximum(lit, 1e-6)
+    # Blur tails and the contact cutoff leave values a hair under 1; snap them so "no shadow" is exact.
+    factor = np.where(factor > 1.0 - 1.0 / 4096, 1.0, factor).astype(np.float32)
+    return factor, (x0, y0, x1, y1)
+
+
+def _shadow_region(scene: Scene) -> tuple[tuple[int, int, int, int], list[tuple[Any, ...]]]:
+    """The region (x0, y0, x1, y1 at 2x) holding every part's shadow and every object's contact shadow,
+    padded by the widest blur; and each part's shadow box on screen (part, x0, y0, x1, y1 at 1x, whether
+    it runs off the bottom)."""
+    ss, cam, size = BACKGROUND_SUPERSAMPLE, scene.camera, scene.size
     xs, ys, full_height = [], [], False
     part_boxes = []
     for obj in scene.objects:
@@ -647,14 +670,20 @@ def _shadow_factor(scene: Scene, bg: _Background) -> tuple[np.ndarray, tuple[int
                              np.array([obj.z, obj.z, max(obj.z - ext, _NEAREST_RECEIVER_Z), obj.z + ext]))
         xs += [px.min(), px.max()]
         ys += [py.min(), py.max()]
-    pad = 3 * levels[-1] / ss + 2
+    pad = 3 * _PENUMBRA_LEVELS[-1] / ss + 2
     x0 = int(max(0, math.floor(min(xs) - pad))) * ss
     x1 = int(min(size, math.ceil(max(xs) + pad))) * ss
     y0 = int(max(0, math.floor(max(min(ys) - pad, scene.floor_top if scene.wall_z is None else 0)))) * ss
     y1 = size * ss if full_height else int(min(size, math.ceil(max(ys) + pad))) * ss
-    if x1 <= x0 or y1 <= y0:
-        return np.ones((0, 0, 3), np.float32), (0, 0, 0, 0)
+    return (x0, y0, x1, y1), part_boxes
 
+
+def _receivers(scene: Scene, bg: _Background, region: tuple[int, int, int, int]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Vec]:
+    """Over the region: which samples are floor, which receive shadows (floor or wall), their depth and
+    their world position."""
+    cam = scene.camera
+    x0, y0, x1, y1 = region
     rx, ry = bg.px[x0:x1][None, :], bg.py[y0:y1][:, None]
     h, w = y1 - y0, x1 - x0
     on_floor = np.broadcast_to(ry > scene.floor_top, (h, w))
@@ -664,10 +693,17 @@ def _shadow_factor(scene: Scene, bg: _Background) -> tuple[np.ndarray, tuple[int
     wx = (rx - cam.cx) * depth / cam.focal
     wy = np.where(on_floor, 0.0, cam.height - (ry - cam.horizon) * depth / cam.focal)
     wz = depth
-    receiver = on_floor | on_wall
+    return on_floor, on_floor | on_wall, depth, (wx, wy, wz)
 
-    # Hard shadow with the distance to the occluder (for the penumbra), part by part in its own box.
-    t_hit = np.full((h, w), np.inf, np.float32)
+
+def _occluder_distance(part_boxes: list[tuple[Any, ...]], region: tuple[int, int, int, int], world: Vec,
+                       receiver: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """Hard shadow: distance along the light to the nearest occluding part (inf where lit), part by part
+    in its own box."""
+    ss = BACKGROUND_SUPERSAMPLE
+    x0, y0, x1, y1 = region
+    wx, wy, wz = world
+    t_hit = np.full((y1 - y0, x1 - x0), np.inf, np.float32)
     for part, bx0, by0, bx1, by1, near in part_boxes:
         c0 = max(x0, int(math.floor(bx0 * ss)) - 2) - x0
         c1 = min(x1, int(math.ceil(bx1 * ss)) + 2) - x0
@@ -678,34 +714,35 @@ def _shadow_factor(scene: Scene, bg: _Background) -> tuple[np.ndarray, tuple[int
         sl = (slice(r0, r1), slice(c0, c1))
         t = part.intersect((wx[sl], wy[sl], wz[sl]), (L[0], L[1], L[2]))
         t_hit[sl] = np.minimum(t_hit[sl], np.where(receiver[sl], t, np.inf))
-    occluded = np.isfinite(t_hit).astype(np.float32)
+    return t_hit
 
-    # Penumbra: blur width grows with occluder distance (in pixels: world width * focal / depth).
-    sigma = np.where(np.isfinite(t_hit), scene.softness * t_hit * cam.focal * ss / depth, 0.0).astype(np.float32)
+
+def _penumbra_visibility(scene: Scene, t_hit: np.ndarray, depth: np.ndarray, receiver: np.ndarray) -> np.ndarray:
+    """Sun visibility with a penumbra whose blur width grows with the occluder distance (in pixels:
+    world width * focal / depth)."""
+    ss, levels = BACKGROUND_SUPERSAMPLE, _PENUMBRA_LEVELS
+    occluded = np.isfinite(t_hit).astype(np.float32)
+    sigma = np.where(np.isfinite(t_hit), scene.softness * t_hit * scene.camera.focal * ss / depth, 0.0).astype(np.float32)
     spread_w = cv2.GaussianBlur(occluded, (0, 0), 6.0)
     spread = cv2.GaussianBlur(sigma * occluded, (0, 0), 6.0) / np.maximum(spread_w, 1e-6)
     level = np.interp(np.clip(spread, levels[0], levels[-1]), levels, np.arange(len(levels))).astype(np.float32)
-    soft = np.zeros((h, w), np.float32)
+    soft = np.zeros(t_hit.shape, np.float32)
     for k, s in enumerate(levels):  # linear blend of the two blur levels around each pixel's level
         weight = np.maximum(1.0 - np.abs(level - np.float32(k)), 0.0)
         soft += weight * cv2.GaussianBlur(occluded, (0, 0), float(s))
-    visibility = np.where(receiver, 1.0 - soft, 1.0)
+    return np.where(receiver, 1.0 - soft, 1.0)
 
-    # Contact shadow: ambient occlusion around each footprint, cut to exactly 0 at a small value.
-    unoccluded = np.ones((h, w), np.float32)
+
+def _contact_unoccluded(scene: Scene, world: Vec, on_floor: np.ndarray) -> np.ndarray:
+    """Contact shadow: 1 - ambient occlusion around each footprint, cut to exactly 0 at a small value."""
+    wx, _, wz = world
+    unoccluded = np.ones(on_floor.shape, np.float32)
     for obj in scene.objects:
         d = obj.footprint_distance(wx, wz)
         ao = 0.6 / (1.0 + d / obj.contact_width) ** 3
         ao = np.where(on_floor, np.maximum(ao - 0.004, 0.0) / 0.996, 0.0)
         unoccluded *= 1.0 - ao
-
-    sun, ambient = np.asarray(scene.sun, np.float32), np.asarray(scene.ambient, np.float32)
-    cos = np.where(on_floor, L[1], max(0.0, -L[2]))[..., None]
-    lit = ambient + sun * cos
-    factor = (ambient * unoccluded[..., None] + sun * cos * visibility[..., None]) / np.maximum(lit, 1e-6)
-    # Blur tails and the contact cutoff leave values a hair under 1; snap them so "no shadow" is exact.
-    factor = np.where(factor > 1.0 - 1.0 / 4096, 1.0, factor).astype(np.float32)
-    return factor, (x0, y0, x1, y1)
+    return unoccluded
 
 
 # ---------------------------------------------------------------------------------------- objects
@@ -714,7 +751,6 @@ def _render_objects(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     OBJECT_SUPERSAMPLE^2 camera rays per pixel inside each object's box."""
     ss = OBJECT_SUPERSAMPLE
     size, cam = scene.size, scene.camera
-    L = np.asarray(scene.light)
     colour = np.zeros((size, size, 3), np.float32)
     coverage = np.zeros((size, size), np.float32)
     every_part = [(k, part) for k, obj in enumerate(scene.objects) for part in obj.parts]
@@ -725,72 +761,105 @@ def _render_objects(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
         x1, y1 = min(size, int(math.ceil(bx1)) + 1), min(size, int(math.ceil(by1)) + 1)
         if x1 <= x0 or y1 <= y0:
             continue
-        sx = x0 + (np.arange((x1 - x0) * ss) + 0.5) / ss
-        sy = y0 + (np.arange((y1 - y0) * ss) + 0.5) / ss
-        dx, dy, dz = cam.directions(sx[None, :] * np.ones((sy.size, 1)), sy[:, None] * np.ones((1, sx.size)))
-        depth = np.full(dx.shape, np.inf)
-        which = np.full(dx.shape, -1, np.int64)
-        for n, ((owner, part), (px0, py0, px1, py1)) in enumerate(zip(every_part, part_boxes)):
-            # Only rays inside the part's own screen box can hit it; other objects count for occlusion.
-            c0 = max(0, int(math.floor((px0 - x0) * ss)) - 1)
-            c1 = min(sx.size, int(math.ceil((px1 - x0) * ss)) + 1)
-            r0 = max(0, int(math.floor((py0 - y0) * ss)) - 1)
-            r1 = min(sy.size, int(math.ceil((py1 - y0) * ss)) + 1)
-            if c1 <= c0 or r1 <= r0:
-                continue
-            sl = (slice(r0, r1), slice(c0, c1))
-            t = part.intersect(cam.origin, (dx[sl], dy[sl], dz[sl]))
-            closer = t < depth[sl]
-            depth[sl] = np.where(closer, t, depth[sl])
-            which[sl] = np.where(closer, n, which[sl])
+        rays, depth, which = _cast_camera_rays(cam, (x0, y0, x1, y1), every_part, part_boxes)
         own_parts = [n for n, (owner, _) in enumerate(every_part) if owner == k]
         mine = np.isin(which, own_parts)
         if not mine.any():
             continue
-        rows, cols = np.nonzero(mine)
-        t = depth[rows, cols]
-        ddx, ddy, ddz = dx[rows, cols], dy[rows, cols], dz[rows, cols]
-        p = (cam.origin[0] + t * ddx, cam.origin[1] + t * ddy, cam.origin[2] + t * ddz)
-        ids = which[rows, cols]
-        normal = [np.zeros_like(t) for _ in range(3)]
-        albedo = np.zeros((t.size, 3))
-        specular = np.zeros_like(t)
-        shininess = np.ones_like(t)
-        for n in own_parts:
-            sel = ids == n
-            if not sel.any():
-                continue
-            part = every_part[n][1]
-            nn = part.normal((p[0][sel], p[1][sel], p[2][sel]))
-            for c in range(3):
-                normal[c][sel] = nn[c]
-            albedo[sel] = part.material.albedo
-            specular[sel] = part.material.specular
-            shininess[sel] = part.material.shininess
-        # Shadows on the object from its other parts and from the other object (a convex part cannot
-        # shadow itself beyond what n.L already darkens).
-        visible = np.ones_like(t)
-        start = tuple(p[c] + normal[c] * 1e-4 for c in range(3))
-        for n, (_, part) in enumerate(every_part):
-            sel = ids != n
-            if sel.any():
-                hit = np.isfinite(part.intersect(tuple(s[sel] for s in start), tuple(L)))
-                visible[np.flatnonzero(sel)[hit]] = 0.0
-        n_dot_l = np.maximum(normal[0] * L[0] + normal[1] * L[1] + normal[2] * L[2], 0.0) * visible
-        view_len = np.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
-        hx, hy, hz = L[0] - ddx / view_len, L[1] - ddy / view_len, L[2] - ddz / view_len  # Blinn half vector
-        h_len = np.sqrt(hx * hx + hy * hy + hz * hz) + 1e-12
-        n_dot_h = np.maximum((normal[0] * hx + normal[1] * hy + normal[2] * hz) / h_len, 0.0)
-        # Ambient: more from the sky above than from the floor below, less near the floor (contact).
-        sky = (0.75 + 0.25 * normal[1]) * (0.55 + 0.45 * np.clip(p[1] / 0.15, 0.0, 1.0))
-        sun, ambient = np.asarray(scene.sun), np.asarray(scene.ambient)
-        shade = albedo * (ambient * sky[:, None] + sun * n_dot_l[:, None])
-        shade += (specular * n_dot_h ** shininess * (n_dot_l > 0))[:, None] * sun
-        samples = np.zeros(dx.shape + (3,), np.float32)
-        samples[rows, cols] = shade
+        samples = np.zeros(rays[0].shape + (3,), np.float32)
+        samples[np.nonzero(mine)] = _shade_hits(scene, every_part, own_parts, rays, depth, which, mine)
         coverage[y0:y1, x0:x1] += _downsample(mine.astype(np.float32), ss)
         colour[y0:y1, x0:x1] += _downsample(samples, ss)
     return colour, coverage
+
+
+def _cast_camera_rays(cam: Camera, box: tuple[int, int, int, int], every_part: list[tuple[int, Any]],
+                      part_boxes: list[tuple[float, float, float, float]]) -> tuple[Vec, np.ndarray, np.ndarray]:
+    """Camera rays through the supersamples of a pixel box: their directions, the depth of the nearest
+    part they hit (inf for none) and which part that is (its index in ``every_part``, -1 for none)."""
+    ss = OBJECT_SUPERSAMPLE
+    x0, y0, x1, y1 = box
+    sx = x0 + (np.arange((x1 - x0) * ss) + 0.5) / ss
+    sy = y0 + (np.arange((y1 - y0) * ss) + 0.5) / ss
+    dx, dy, dz = cam.directions(sx[None, :] * np.ones((sy.size, 1)), sy[:, None] * np.ones((1, sx.size)))
+    depth = np.full(dx.shape, np.inf)
+    which = np.full(dx.shape, -1, np.int64)
+    for n, ((owner, part), (px0, py0, px1, py1)) in enumerate(zip(every_part, part_boxes)):
+        # Only rays inside the part's own screen box can hit it; other objects count for occlusion.
+        c0 = max(0, int(math.floor((px0 - x0) * ss)) - 1)
+        c1 = min(sx.size, int(math.ceil((px1 - x0) * ss)) + 1)
+        r0 = max(0, int(math.floor((py0 - y0) * ss)) - 1)
+        r1 = min(sy.size, int(math.ceil((py1 - y0) * ss)) + 1)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        sl = (slice(r0, r1), slice(c0, c1))
+        t = part.intersect(cam.origin, (dx[sl], dy[sl], dz[sl]))
+        closer = t < depth[sl]
+        depth[sl] = np.where(closer, t, depth[sl])
+        which[sl] = np.where(closer, n, which[sl])
+    return (dx, dy, dz), depth, which
+
+
+def _shade_hits(scene: Scene, every_part: list[tuple[int, Any]], own_parts: list[int], rays: Vec,
+                depth: np.ndarray, which: np.ndarray, mine: np.ndarray) -> np.ndarray:
+    """Linear colour (N x 3) of the rays that hit one object (``mine``, in ``np.nonzero`` order): Blinn-Phong
+    under the sun, with shadows from the other parts, plus a sky-weighted ambient term."""
+    cam, L = scene.camera, np.asarray(scene.light)
+    rows, cols = np.nonzero(mine)
+    t = depth[rows, cols]
+    ddx, ddy, ddz = (d[rows, cols] for d in rays)
+    p = (cam.origin[0] + t * ddx, cam.origin[1] + t * ddy, cam.origin[2] + t * ddz)
+    ids = which[rows, cols]
+    normal, albedo, specular, shininess = _surface(every_part, own_parts, p, ids)
+    n_dot_l = (np.maximum(normal[0] * L[0] + normal[1] * L[1] + normal[2] * L[2], 0.0)
+               * _sun_visible(every_part, p, normal, ids, L))
+    view_len = np.sqrt(ddx * ddx + ddy * ddy + ddz * ddz)
+    hx, hy, hz = L[0] - ddx / view_len, L[1] - ddy / view_len, L[2] - ddz / view_len  # Blinn half vector
+    h_len = np.sqrt(hx * hx + hy * hy + hz * hz) + 1e-12
+    n_dot_h = np.maximum((normal[0] * hx + normal[1] * hy + normal[2] * hz) / h_len, 0.0)
+    # Ambient: more from the sky above than from the floor below, less near the floor (contact).
+    sky = (0.75 + 0.25 * normal[1]) * (0.55 + 0.45 * np.clip(p[1] / 0.15, 0.0, 1.0))
+    sun, ambient = np.asarray(scene.sun), np.asarray(scene.ambient)
+    shade = albedo * (ambient * sky[:, None] + sun * n_dot_l[:, None])
+    shade += (specular * n_dot_h ** shininess * (n_dot_l > 0))[:, None] * sun
+    return shade
+
+
+def _surface(every_part: list[tuple[int, Any]], own_parts: list[int], p: Vec, ids: np.ndarray
+             ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Normal (three components), albedo, specular weight and shininess at each hit point ``p`` on the
+    part ``ids`` names."""
+    t = p[0]
+    normal = [np.zeros_like(t) for _ in range(3)]
+    albedo = np.zeros((t.size, 3))
+    specular = np.zeros_like(t)
+    shininess = np.ones_like(t)
+    for n in own_parts:
+        sel = ids == n
+        if not sel.any():
+            continue
+        part = every_part[n][1]
+        nn = part.normal((p[0][sel], p[1][sel], p[2][sel]))
+        for c in range(3):
+            normal[c][sel] = nn[c]
+        albedo[sel] = part.material.albedo
+        specular[sel] = part.material.specular
+        shininess[sel] = part.material.shininess
+    return normal, albedo, specular, shininess
+
+
+def _sun_visible(every_part: list[tuple[int, Any]], p: Vec, normal: list[np.ndarray], ids: np.ndarray,
+                 L: np.ndarray) -> np.ndarray:
+    """1 where the sun reaches a hit point, 0 where another part (of this object or another) is in the
+    way; a convex part cannot shadow itself beyond what n.L already darkens."""
+    visible = np.ones_like(p[0])
+    start = tuple(p[c] + normal[c] * 1e-4 for c in range(3))
+    for n, (_, part) in enumerate(every_part):
+        sel = ids != n
+        if sel.any():
+            hit = np.isfinite(part.intersect(tuple(s[sel] for s in start), tuple(L)))
+            visible[np.flatnonzero(sel)[hit]] = 0.0
+    return visible
 
 
 # ------------------------------------------------------------------------------------------ public
@@ -867,25 +936,15 @@ def scene_id(index: int) -> str:
     return f"scene_{index:06d}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    from layerloop.errors import attach_path
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # same folder, so os.replace is atomic
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as error:  # disk full: name the file, not only the cause
-        tmp.unlink(missing_ok=True)
-        raise attach_path(error, path) from error
-
-
 def _png_bytes(array: np.ndarray, mode: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
-_DEMO_FILE = re.compile(r"^(?:(?:source|GT|mask)/\.?scene_\d{6}\.png(?:\.tmp\d+)?|\.(?:meta|demo)\.json\.tmp\d+)$")
+# Temporaries: ``files.write_atomic``'s ``.<name>.tmp-<8 hex>``, and ``.<name>.tmp<pid>`` from older layerloops.
+_TMP_SUFFIX = r"\.tmp(?:-[0-9a-f]{8}|\d+)"
+_DEMO_FILE = re.compile(rf"^(?:(?:source|GT|mask)/\.?scene_\d{{6}}\.png(?:{_TMP_SUFFIX})?|\.(?:meta|demo)\.json{_TMP_SUFFIX})$")
 
 
 def demo_params(n: int, seed: int, size: int) -> dict[str, int]:
@@ -984,7 +1043,7 @@ def generate_demo_data(out_dir: str | Path, n: int, seed: int = 0, size: int = 2
             return out
     for sub in ("source", "GT", "mask"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-        for leftover in (out / sub).glob(".scene_*.png.tmp*"):  # from a generation killed mid-write
+        for leftover in (out / sub).glob(".scene_*.png.tmp*"):  # from a generation killed mid-write (both namings)
             leftover.unlink()
     # From here on the folder is incomplete until the stamp returns; an old listing must not outlive
     # an interrupted re-render and describe files that no longer match it.
@@ -996,7 +1055,7 @@ def generate_demo_data(out_dir: str | Path, n: int, seed: int = 0, size: int = 2
         sid = scene_id(index)
         scene = render_scene(seed, index, size)
         for sub, key, mode in (("source", "source", "RGB"), ("GT", "GT", "RGB"), ("mask", "mask", "L")):
-            _write_atomic(out / sub / f"{sid}.png", _png_bytes(scene[key], mode))
+            write_atomic(out / sub / f"{sid}.png", _png_bytes(scene[key], mode), hidden=True)
         entries.append({"source": f"source/{sid}.png", "mask": f"mask/{sid}.png", "GT": f"GT/{sid}.png",
                         "caption": scene["caption"], "object": scene["object"], "objects": scene["objects"],
                         "id": sid})
@@ -1005,8 +1064,8 @@ def generate_demo_data(out_dir: str | Path, n: int, seed: int = 0, size: int = 2
         for stale in (out / sub).glob("scene_*.png"):
             if stale.name not in wanted:
                 stale.unlink()
-    _write_atomic(meta_path, (json.dumps(entries, indent=1) + "\n").encode("utf-8"))
-    _write_atomic(stamp, (json.dumps(params, sort_keys=True) + "\n").encode("utf-8"))
+    write_atomic(meta_path, (json.dumps(entries, indent=1) + "\n").encode("utf-8"), hidden=True)
+    write_atomic(stamp, (json.dumps(params, sort_keys=True) + "\n").encode("utf-8"), hidden=True)
     return out
 
 

@@ -19,7 +19,6 @@ behind it. Every random draw is recorded in ``meta["logo"]`` and a sample depend
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, Iterator
 
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from layerloop.samples import LayeredSample, composite
+from layerloop.seeds import rng_for
 
 SOURCE = "logos"
 OBJECTS = ("mug", "bottle", "box", "tshirt", "surface")
@@ -74,8 +74,7 @@ class LogoSynthesizer:
         self.opacity, self.logo_scale = tuple(opacity), tuple(logo_scale)
 
     def rng(self, index: int) -> np.random.Generator:
-        digest = hashlib.sha256(f"{SOURCE}\x00{self.seed}\x00{index}".encode()).digest()
-        return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+        return rng_for(SOURCE, self.seed, index)
 
     def make(self, index: int) -> LayeredSample:
         rng = self.rng(index)
@@ -317,6 +316,28 @@ def _surface_object(rng, size, colour, light_x, ambient, draw) -> dict[str, Any]
 def _draw_logo(rng, obj, kinds, scale_range, params) -> dict[str, Any]:
     """A flat logo: RGB (its ink colours) and coverage (antialiased, 0..1) on a canvas sized for the
     printable face. Drawn at 4x and downsampled for clean antialiased edges."""
+    kind, scale, width, height = _logo_size(rng, obj, kinds, scale_range)
+    colour_name, second_name = _logo_colours(rng, obj)
+    up = 4
+    canvas = _Canvas(Image.new("L", (width * up, height * up), 0),
+                     Image.new("L", (width * up, height * up), 0))  # accent: where the second colour is used
+    word = str(rng.choice(WORDS))
+    detail = _LOGO_DRAWERS[kind](rng, canvas, word)
+    coverage = _down(canvas.cover, width, height)
+    accent_cov = _down(canvas.accent, width, height)
+    if kind == "emblem":
+        coverage = np.maximum(coverage, accent_cov)
+    rgb = np.where(accent_cov[..., None] > 0.5, np.array(COLOURS[second_name]), np.array(COLOURS[colour_name]))
+    if kind == "emblem" and second_name == colour_name:  # a one-colour emblem: the inner shape is cut out
+        coverage = coverage * (1 - accent_cov)
+    params["logo"] = {"kind": kind, "colour": colour_name, "second_colour": second_name, "word": word,
+                      "width": width, "height": height, "scale": scale, **detail}
+    return {"rgb": rgb, "coverage": coverage}
+
+
+def _logo_size(rng, obj, kinds, scale_range) -> tuple[str, float, int, int]:
+    """(kind, scale, width, height): the logo's kind and its canvas size in pixels, a ``scale`` fraction of
+    the printable face (square, except for letters, stripes and text patterns)."""
     x0, y0, x1, y1 = obj["face"]
     scale = float(rng.uniform(*scale_range))
     width = max(16, int((x1 - x0) * scale))
@@ -326,78 +347,100 @@ def _draw_logo(rng, obj, kinds, scale_range, params) -> dict[str, Any]:
         height = max(16, int(min(height, width * rng.uniform(0.35, 0.7)) if kind == "letters" else height))
     else:
         height = width = min(width, height)
+    return kind, scale, width, height
+
+
+def _logo_colours(rng, obj) -> tuple[str, str]:
+    """(main, second) ink colour names: both far enough in luminance from the object; the second differs
+    from the main one half of the time."""
     names = [n for n in COLOURS if abs(_luma(COLOURS[n]) - _luma(obj["colour"])) >= MIN_LUMA_GAP]
     colour_name = str(rng.choice(names))
     second = [n for n in names if n != colour_name and abs(_luma(COLOURS[n]) - _luma(COLOURS[colour_name])) > 0.15]
     second_name = str(rng.choice(second)) if second and rng.random() < 0.5 else colour_name
-    up = 4
-    cover = Image.new("L", (width * up, height * up), 0)
-    accent = Image.new("L", (width * up, height * up), 0)  # where the second colour is used
-    draw_cover, draw_accent = ImageDraw.Draw(cover), ImageDraw.Draw(accent)
-    W, H = width * up, height * up
-    word = str(rng.choice(WORDS))
-    detail: dict[str, Any] = {}
-    if kind == "emblem":
-        shape = str(rng.choice(["circle", "shield", "hexagon", "diamond"]))
-        _polygon(draw_cover, shape, W, H, 1.0)
-        inner = str(rng.choice(["letter", "star", "triangle"]))
-        if inner == "letter":
-            _text_centered(draw_accent, word[0], W, H, 0.6)
-        else:
-            _polygon(draw_accent, inner, W, H, 0.55)
-        detail = {"shape": shape, "inner": inner, "letter": word[0]}
-    elif kind == "ring":
-        thickness = float(rng.uniform(0.1, 0.2))
-        draw_cover.ellipse([0, 0, W - 1, H - 1], fill=255)
-        m = int(W * thickness)
-        draw_cover.ellipse([m, m, W - 1 - m, H - 1 - m], fill=0)
-        if rng.random() < 0.5:
-            _text_centered(draw_cover, word[:2], W, H, 0.35)
-        detail = {"thickness": thickness}
-    elif kind == "star":
-        points = int(rng.integers(5, 9))
-        inner_ratio = float(rng.uniform(0.38, 0.55))
-        _star(draw_cover, W, H, points, inner_ratio, float(rng.uniform(0, 2 * math.pi / points)))
-        detail = {"points": points, "inner_ratio": inner_ratio}
-    elif kind == "letters":
-        text = word if rng.random() < 0.7 else f"{word} {str(rng.choice(WORDS))}"
-        _text_centered(draw_cover, text, W, H, 0.9)
-        if rng.random() < 0.5:  # an underline bar in the second colour
-            draw_accent.rectangle([int(W * 0.1), int(H * 0.86), int(W * 0.9), int(H * 0.96)], fill=255)
-            draw_cover.rectangle([int(W * 0.1), int(H * 0.86), int(W * 0.9), int(H * 0.96)], fill=255)
-        detail = {"text": text}
-    elif kind == "stripes":
-        count = int(rng.integers(3, 7))
-        angle = float(rng.choice([0.0, 30.0, 45.0, 90.0]))
-        stripe = np.zeros((H, W), np.uint8)
-        period = max(H, W) / count
-        yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
-        coord = xx * math.sin(math.radians(angle)) + yy * math.cos(math.radians(angle))
-        stripe[(coord % period) < period * 0.5] = 255
-        cover.paste(Image.fromarray(stripe))
-        accent.paste(Image.fromarray(np.where((coord // period) % 2 == 1, stripe, 0).astype(np.uint8)))
-        detail = {"count": count, "angle": angle}
-    else:  # text pattern: the word repeated in rows, alternate rows shifted
-        rows = int(rng.integers(2, 5))
-        row_h = H / rows
-        font = ImageFont.load_default(size=max(8, int(row_h * 0.7)))
-        step = int(draw_cover.textlength(word + "  ", font=font))
-        for r in range(rows):
-            x = -step // 2 if r % 2 else 0  # odd rows shifted half a word: a brick pattern
-            while x < W:
-                draw_cover.text((x, r * row_h + row_h * 0.1), word, fill=255, font=font)
-                x += step
-        detail = {"rows": rows}
-    coverage = _down(cover, width, height)
-    accent_cov = _down(accent, width, height)
-    if kind == "emblem":
-        coverage = np.maximum(coverage, accent_cov)
-    rgb = np.where(accent_cov[..., None] > 0.5, np.array(COLOURS[second_name]), np.array(COLOURS[colour_name]))
-    if kind == "emblem" and second_name == colour_name:  # a one-colour emblem: the inner shape is cut out
-        coverage = coverage * (1 - accent_cov)
-    params["logo"] = {"kind": kind, "colour": colour_name, "second_colour": second_name, "word": word,
-                      "width": width, "height": height, "scale": scale, **detail}
-    return {"rgb": rgb, "coverage": coverage}
+    return colour_name, second_name
+
+
+class _Canvas:
+    """The 4x canvases a logo is drawn on: ``cover`` (its ink) and ``accent`` (where the second colour
+    goes), with their drawing contexts and size ``W`` x ``H``."""
+
+    def __init__(self, cover: Image.Image, accent: Image.Image):
+        self.cover, self.accent = cover, accent
+        self.draw_cover, self.draw_accent = ImageDraw.Draw(cover), ImageDraw.Draw(accent)
+        self.W, self.H = cover.size
+
+
+def _draw_emblem(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    W, H = canvas.W, canvas.H
+    shape = str(rng.choice(["circle", "shield", "hexagon", "diamond"]))
+    _polygon(canvas.draw_cover, shape, W, H, 1.0)
+    inner = str(rng.choice(["letter", "star", "triangle"]))
+    if inner == "letter":
+        _text_centered(canvas.draw_accent, word[0], W, H, 0.6)
+    else:
+        _polygon(canvas.draw_accent, inner, W, H, 0.55)
+    return {"shape": shape, "inner": inner, "letter": word[0]}
+
+
+def _draw_ring(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    W, H, draw_cover = canvas.W, canvas.H, canvas.draw_cover
+    thickness = float(rng.uniform(0.1, 0.2))
+    draw_cover.ellipse([0, 0, W - 1, H - 1], fill=255)
+    m = int(W * thickness)
+    draw_cover.ellipse([m, m, W - 1 - m, H - 1 - m], fill=0)
+    if rng.random() < 0.5:
+        _text_centered(draw_cover, word[:2], W, H, 0.35)
+    return {"thickness": thickness}
+
+
+def _draw_star(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    points = int(rng.integers(5, 9))
+    inner_ratio = float(rng.uniform(0.38, 0.55))
+    _star(canvas.draw_cover, canvas.W, canvas.H, points, inner_ratio, float(rng.uniform(0, 2 * math.pi / points)))
+    return {"points": points, "inner_ratio": inner_ratio}
+
+
+def _draw_letters(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    W, H = canvas.W, canvas.H
+    text = word if rng.random() < 0.7 else f"{word} {str(rng.choice(WORDS))}"
+    _text_centered(canvas.draw_cover, text, W, H, 0.9)
+    if rng.random() < 0.5:  # an underline bar in the second colour
+        canvas.draw_accent.rectangle([int(W * 0.1), int(H * 0.86), int(W * 0.9), int(H * 0.96)], fill=255)
+        canvas.draw_cover.rectangle([int(W * 0.1), int(H * 0.86), int(W * 0.9), int(H * 0.96)], fill=255)
+    return {"text": text}
+
+
+def _draw_stripes(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    W, H = canvas.W, canvas.H
+    count = int(rng.integers(3, 7))
+    angle = float(rng.choice([0.0, 30.0, 45.0, 90.0]))
+    stripe = np.zeros((H, W), np.uint8)
+    period = max(H, W) / count
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    coord = xx * math.sin(math.radians(angle)) + yy * math.cos(math.radians(angle))
+    stripe[(coord % period) < period * 0.5] = 255
+    canvas.cover.paste(Image.fromarray(stripe))
+    canvas.accent.paste(Image.fromarray(np.where((coord // period) % 2 == 1, stripe, 0).astype(np.uint8)))
+    return {"count": count, "angle": angle}
+
+
+def _draw_text_pattern(rng, canvas: _Canvas, word: str) -> dict[str, Any]:
+    """The word repeated in rows, alternate rows shifted."""
+    W, H, draw_cover = canvas.W, canvas.H, canvas.draw_cover
+    rows = int(rng.integers(2, 5))
+    row_h = H / rows
+    font = ImageFont.load_default(size=max(8, int(row_h * 0.7)))
+    step = int(draw_cover.textlength(word + "  ", font=font))
+    for r in range(rows):
+        x = -step // 2 if r % 2 else 0  # odd rows shifted half a word: a brick pattern
+        while x < W:
+            draw_cover.text((x, r * row_h + row_h * 0.1), word, fill=255, font=font)
+            x += step
+    return {"rows": rows}
+
+
+_LOGO_DRAWERS = {"emblem": _draw_emblem, "ring": _draw_ring, "star": _draw_star, "letters": _draw_letters,
+                 "stripes": _draw_stripes, "text pattern": _draw_text_pattern}
 
 
 def _down(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -45,6 +44,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from layerloop.errors import EXIT_OWNERSHIP_LOST, LayerloopError, attach_path
+from layerloop.files import TMP_MARK, sha256_file, temp_sibling
+from layerloop.files import sha256_file as file_sha256  # noqa: F401 - the name this module used to define
 from layerloop.samples import LayeredSample, safe_text
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,10 @@ FAILURE_SCHEMA = pa.schema([
     ("message", pa.string()),
     ("shard", pa.string()),  # "" for failures found while listing the source
 ])
-TMP_MARK = ".tmp-"
 # Parquet schema metadata of a shard index: the tar it commits (decimal size, hex sha256).
 TAR_SIZE_KEY = b"layerloop.tar_size"
 TAR_SHA256_KEY = b"layerloop.tar_sha256"
 TAR_FORMAT = tarfile.USTAR_FORMAT  # webdataset's TarWriter default; member headers are checked against it
-_HASH_CHUNK = 1 << 20
 # run.lock: a readable first line ("pid N on HOST since TIME"), then "owner <token>".
 LOCK_OWNER_PREFIX = "owner "
 
@@ -172,14 +171,6 @@ class ShardCheck:
         return self.status in ("ok", "unverified")
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tar_record(index_path: str | Path) -> tuple[int, str] | None:
     """(size, sha256) of the tar as its index records them, ``None`` for an index without the record.
     Raises what pyarrow raises for a missing or unreadable index."""
@@ -227,7 +218,7 @@ def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = Tr
         return ShardCheck("damaged", f"tar is {size} bytes, index says {want_size}", rows)
     if content:
         try:
-            sha = file_sha256(tar_path)
+            sha = sha256_file(tar_path)
         except OSError as error:
             return ShardCheck("damaged", f"tar {tar_path.name} cannot be read ({error_text(error)})", rows)
         if sha != want_sha:
@@ -343,9 +334,7 @@ class ShardWriter:
             return committed
         import webdataset as wds  # imported here: slow to import, and readers of indexes do not need it
 
-        token = uuid.uuid4().hex[:8]
-        tmp_tar = tar_path.with_name(f"{tar_path.name}{TMP_MARK}{token}")
-        tmp_index = index_path.with_name(f"{index_path.name}{TMP_MARK}{token}")
+        tmp_tar, tmp_index = temp_sibling(tar_path), temp_sibling(index_path)
         rows = []
         try:
             with open(tmp_tar, "wb") as stream:
@@ -442,15 +431,17 @@ def shard_paths(run_dir: str | Path) -> list[Path]:
 
 
 def read_samples(urls: str | Path | list, shuffle: bool = False) -> Iterator[LayeredSample]:
-    """Iterate LayeredSamples from shards with plain ``webdataset.WebDataset`` (no custom decoder)."""
-    import webdataset as wds
+    """LayeredSamples from shards, in shard and tar order (``shuffle`` is ignored): a run directory (its
+    readable shards, ``shard_paths``), a tar URL or brace pattern as webdataset expands it, or a list of
+    them. Members are grouped by key as webdataset groups them and read with ``tario.iter_samples``,
+    which raises ``TarReadError`` for anything it cannot read (a truncated or corrupt shard)."""
+    from webdataset.shardlists import expand_urls
+
+    from layerloop.datasets.tario import iter_samples
 
     if isinstance(urls, (str, Path)) and Path(urls).is_dir():
         urls = shard_paths(urls)
-    if isinstance(urls, (list, tuple)):
-        urls = [str(u) for u in urls]
-    else:
-        urls = str(urls)
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for record in dataset:
-        yield LayeredSample.from_wds(record)
+    shard_urls = [str(u) for u in urls] if isinstance(urls, (list, tuple)) else expand_urls(str(urls))
+    for url in shard_urls:
+        for key, members in iter_samples(url):
+            yield LayeredSample.from_wds({"__key__": key, **members})

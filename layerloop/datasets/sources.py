@@ -339,6 +339,111 @@ class _ListEnd(Exception):
     """A JSON list that closed on its first line with more text after it: the file is JSON lines."""
 
 
+class _JsonListReader:
+    """The entries of a JSON list, parsed one at a time with ``raw_decode`` from a buffer that holds at
+    most about ``MAX_META_LINE_BYTES`` beyond the entry being parsed. What cannot be read goes to
+    ``failures``; a list that ends on its first line with more text after it raises ``_ListEnd``."""
+
+    def __init__(self, f: Any, source: str, shown: str, failures: list[Failure]):
+        self.f, self.source, self.shown, self.failures = f, source, shown, failures
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")("surrogateescape")  # bad bytes: per entry
+        self.buf, self.pos, self.eof = "", 0, False
+        self.line = 1  # line number of buf[0]
+
+    def fill(self) -> bool:
+        if self.eof:
+            return False
+        if self.pos > (1 << 20):
+            self.line += self.buf.count("\n", 0, self.pos)
+            self.buf, self.pos = self.buf[self.pos:], 0
+        chunk = self.f.read(1 << 20)
+        self.eof = not chunk
+        self.buf += self.decoder.decode(chunk, final=self.eof)
+        return True
+
+    def skip_ws(self) -> None:
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.fill():
+                return
+
+    def here(self) -> int:
+        """The line number at ``pos``."""
+        return self.line + self.buf.count("\n", 0, self.pos)
+
+    def fail(self, source_id: str, error_type: str, message: str) -> None:
+        self.failures.append(_fail(self.source, source_id, error_type, message))
+
+    def stop(self, index: int, reason: str) -> None:
+        self.fail(f"meta-entry-{index}", "JSONDecodeError",
+                  f"{self.shown} entry {index} (line {self.here()}) {reason}; the rest of the list cannot be "
+                  "read (where the next entry starts is unknown)")
+
+    def entries(self) -> Iterator[tuple[str, Any, int]]:
+        self.skip_ws()
+        self.pos += 1  # the "["
+        self.skip_ws()
+        if self.buf[self.pos:self.pos + 1] == "]":
+            self.pos += 1
+        elif not (yield from self._items()):
+            return
+        first_line = self.line == 1 and "\n" not in self.buf[:self.pos]
+        self.skip_ws()
+        if self.pos < len(self.buf):
+            if first_line:
+                raise _ListEnd()
+            self.fail("meta-after-list", "JSONDecodeError",
+                      f"{self.shown} has text after its JSON list (line {self.here()})"
+                      f": {self.buf[self.pos:self.pos + 40]!r}; it was not read")
+
+    def _items(self) -> Iterator[tuple[str, Any, int]]:
+        """The entries up to the closing ``]``; returns False when the list cannot be read to its end."""
+        index = 0
+        while True:
+            self.skip_ws()
+            decoded = self._decode(index)
+            if decoded is None:
+                return False
+            entry, end = decoded
+            span = self.buf[self.pos:end]
+            bad = _UNDECODED.search(span)
+            if bad is not None:
+                self.fail(f"meta-entry-{index}", "UnicodeDecodeError",
+                          f"{self.shown} entry {index} (line {self.here()}) is not UTF-8 text: byte "
+                          f"0x{ord(bad.group()) - 0xDC00:02x} at character {bad.start()} of the entry")
+            else:
+                yield f"entry {index}", entry, len(span.encode("utf-8", "surrogateescape"))
+            self.pos = end
+            index += 1
+            self.skip_ws()
+            if self.buf[self.pos:self.pos + 1] == ",":
+                self.pos += 1
+                continue
+            if self.buf[self.pos:self.pos + 1] == "]":
+                self.pos += 1
+                return True
+            self.stop(index, f"does not follow a ',' (found {self.buf[self.pos:self.pos + 20]!r})")
+            return False
+
+    def _decode(self, index: int) -> tuple[Any, int] | None:
+        """(entry, end) of the entry at ``pos``, reading more as needed; None (recorded) when it cannot be."""
+        while True:
+            try:
+                entry, end = _DECODER.raw_decode(self.buf, self.pos)
+            except _PARSE_ERRORS as error:
+                if len(self.buf) - self.pos <= MAX_META_LINE_BYTES and self.fill():
+                    continue
+                if len(self.buf) - self.pos > MAX_META_LINE_BYTES:
+                    self.stop(index, f"is longer than {MAX_META_LINE_BYTES} bytes (or not valid JSON)")
+                else:
+                    self.stop(index, _parse_problem(error)[1])
+                return None
+            if end >= len(self.buf) and self.fill():
+                continue  # a number or literal may go on in the next chunk
+            return entry, end
+
+
 # ------------------------------------------------------------------------------------------- RORem
 class RoremSource(_FileSource):
     """The RORem layout: ``source/``, ``mask/``, ``GT/`` and ``meta.json``.
@@ -480,89 +585,8 @@ class RoremSource(_FileSource):
             yield f"line {number}", entry, length
 
     def _list_entries(self, f: Any, shown: str, failures: list[Failure]) -> Iterator[tuple[str, Any, int]]:
-        """The entries of a JSON list, parsed one at a time with ``raw_decode`` from a buffer that holds at
-        most about ``MAX_META_LINE_BYTES`` beyond the entry being parsed."""
-        decoder = codecs.getincrementaldecoder("utf-8-sig")("surrogateescape")  # bad bytes: per entry
-        buf, pos, eof = "", 0, False
-        line = 1  # line number of buf[0]
-
-        def fill() -> bool:
-            nonlocal buf, pos, eof, line
-            if eof:
-                return False
-            if pos > (1 << 20):
-                line += buf.count("\n", 0, pos)
-                buf, pos = buf[pos:], 0
-            chunk = f.read(1 << 20)
-            eof = not chunk
-            buf += decoder.decode(chunk, final=eof)
-            return True
-
-        def skip_ws() -> None:
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf) or not fill():
-                    return
-
-        def stop(index: int, reason: str) -> None:
-            here = line + buf.count("\n", 0, pos)
-            failures.append(_fail(self.name, f"meta-entry-{index}", "JSONDecodeError",
-                                  f"{shown} entry {index} (line {here}) {reason}; the rest of the list cannot be "
-                                  "read (where the next entry starts is unknown)"))
-
-        skip_ws()
-        pos += 1  # the "["
-        index = 0
-        skip_ws()
-        if buf[pos:pos + 1] == "]":
-            pos += 1
-        else:
-            while True:
-                skip_ws()
-                while True:
-                    try:
-                        entry, end = _DECODER.raw_decode(buf, pos)
-                    except _PARSE_ERRORS as error:
-                        if len(buf) - pos <= MAX_META_LINE_BYTES and fill():
-                            continue
-                        if len(buf) - pos > MAX_META_LINE_BYTES:
-                            stop(index, f"is longer than {MAX_META_LINE_BYTES} bytes (or not valid JSON)")
-                        else:
-                            stop(index, _parse_problem(error)[1])
-                        return
-                    if end >= len(buf) and fill():
-                        continue  # a number or literal may go on in the next chunk
-                    break
-                span = buf[pos:end]
-                bad = _UNDECODED.search(span)
-                if bad is not None:
-                    failures.append(_fail(self.name, f"meta-entry-{index}", "UnicodeDecodeError",
-                                          f"{shown} entry {index} (line {line + buf.count(chr(10), 0, pos)}) is "
-                                          f"not UTF-8 text: byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
-                                          f"{bad.start()} of the entry"))
-                else:
-                    yield f"entry {index}", entry, len(span.encode("utf-8", "surrogateescape"))
-                pos = end
-                index += 1
-                skip_ws()
-                if buf[pos:pos + 1] == ",":
-                    pos += 1
-                    continue
-                if buf[pos:pos + 1] == "]":
-                    pos += 1
-                    break
-                stop(index, f"does not follow a ',' (found {buf[pos:pos + 20]!r})")
-                return
-        first_line = line == 1 and "\n" not in buf[:pos]
-        skip_ws()
-        if pos < len(buf):
-            if first_line:
-                raise _ListEnd()
-            failures.append(_fail(self.name, "meta-after-list", "JSONDecodeError",
-                                  f"{shown} has text after its JSON list (line {line + buf.count(chr(10), 0, pos)})"
-                                  f": {buf[pos:pos + 40]!r}; it was not read"))
+        """The entries of a JSON list (``_JsonListReader``)."""
+        yield from _JsonListReader(f, self.name, shown, failures).entries()
 
     def _item(self, entry: dict[str, Any], root: str | None) -> tuple[SourceItem | None, str | None]:
         """(item, None), or (item or None, why) when one of its paths resolves outside the root."""

@@ -6,8 +6,9 @@
 * **Index.** Each source lists its samples up front: per shard, the rows of ``<shard>.parquet`` with
   status ok (in tar order, which is the order ``ShardWriter`` writes them), else a scan of the tar's
   ``json`` members. Only samples of the wanted ``kinds`` enter the index, so a kind filter never skips
-  at read time and positions stay exact. Member offsets come from the tar headers, so reading sample i
-  is a seek and a read, not a pass over the shard.
+  at read time and positions stay exact. Member offsets come from the tar headers (one pass of
+  ``tario.TarWalk``, which reads the shard through once), so reading sample i is a seek and a read
+  (``tario.read_member``, which checks the member's header), not a pass over the shard.
 * **Epochs.** Source ``s`` in epoch ``e`` visits its shards in an order permuted by ``(seed, s, e)``;
   the resulting sample sequence is cut into windows of ``shuffle_buffer`` samples and each window is
   permuted by ``(seed, s, e, window)``. This is a shuffle buffer whose state is one integer: samples mix
@@ -25,9 +26,7 @@ exact random access needs seekable tars. ``http://`` or ``pipe:`` URLs are refus
 
 from __future__ import annotations
 
-import hashlib
 import json
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -36,7 +35,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from layerloop.datasets.shards import shard_paths
+from layerloop.datasets.tario import TarReadError, TarWalk, local_path, raise_problems, read_member
+from layerloop.files import sha256_text
 from layerloop.samples import KINDS, LayeredSample
+from layerloop.seeds import seed_words
 
 STATE_VERSION = 1
 
@@ -69,12 +71,11 @@ class WeightedShards:
         urls = expand_urls(self.urls) if isinstance(self.urls, str) else [str(u) for u in self.urls]
         paths = []
         for url in urls:
-            if url.startswith("file://"):
-                url = url[len("file://"):]
-            if url.startswith("pipe:") or "://" in url:
+            local = local_path(url)
+            if local is None:
                 raise ValueError(f"source {self.name!r}: {url} is not a local file; the training stream seeks "
                                  "inside tars for exact resume, so put shards on a (shared) filesystem")
-            path = Path(url)
+            path = Path(local)
             if not path.is_file():
                 raise FileNotFoundError(f"source {self.name!r}: shard {path} does not exist")
             paths.append(path)
@@ -89,25 +90,23 @@ class _Entry:
 
 
 def _tar_members(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {suffix: (offset, size)} from the tar headers (tarfile seeks over the data)."""
-    from webdataset.tariterators import base_plus_ext
-
+    """key -> {suffix: (offset, size)} from the tar headers (one ``tario.TarWalk``); members of a key are
+    merged wherever they stand. Raises ``TarReadError`` for a shard that cannot be read whole, or one that
+    is compressed (its members cannot be read by offset)."""
+    walk = TarWalk(str(path))
     out: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, mode="r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            prefix, suffix = base_plus_ext(info.name)
-            if prefix is None or (prefix.startswith("__") and prefix.endswith("__")):
-                continue
-            out.setdefault(prefix, {})[suffix] = (info.offset_data, info.size)
+    for entry in walk:
+        if entry.key is not None and entry.ext is not None:
+            out.setdefault(entry.key, {})[entry.ext] = (entry.offset, entry.size)
+    if walk.compression is not None:
+        raise TarReadError(f"{path} is {walk.compression}-compressed: the training stream reads members by "
+                           "offset, so it needs plain tars")
+    raise_problems(walk.problems)
     return out
 
 
-def _read_member(path: Path, offset: int, size: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
+def _read_member(path: Path, key: str, suffix: str, ref: tuple[int, int]) -> bytes:
+    return read_member(str(path), ref, name=f"member {key}.{suffix}")
 
 
 def index_shard(path: Path) -> list[_Entry]:
@@ -125,15 +124,9 @@ def index_shard(path: Path) -> list[_Entry]:
     for key, found in members.items():
         kind = "quadruple"
         if "json" in found:
-            kind = json.loads(_read_member(path, *found["json"])).get("kind", kind)
+            kind = json.loads(_read_member(path, key, "json", found["json"])).get("kind", kind)
         entries.append(_Entry(key, kind, found))
     return entries
-
-
-def _seed_words(*parts: Any) -> list[int]:
-    """Stable 32-bit words for numpy's SeedSequence from mixed ints/strings."""
-    digest = hashlib.sha256("\x00".join(str(p) for p in parts).encode()).digest()
-    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
 
 
 class _SourceIndex:
@@ -158,11 +151,11 @@ class _SourceIndex:
 
     def fingerprint(self) -> str:
         text = "\n".join(f"{p.name}:{e.key}" for p, es in zip(self.shards, self.entries) for e in es)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return sha256_text(text, 16)
 
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            rng = np.random.default_rng(_seed_words(self.seed, self.number, epoch, "shards"))
+            rng = np.random.default_rng(seed_words(self.seed, self.number, epoch, "shards"))
             shard_order = rng.permutation(len(self.shards))
             shard_of = np.concatenate([np.full(len(self.entries[s]), s, dtype=np.int64) for s in shard_order])
             item_of = np.concatenate([np.arange(len(self.entries[s]), dtype=np.int64) for s in shard_order])
@@ -176,7 +169,7 @@ class _SourceIndex:
         window, within = divmod(offset, self.window)
         start = window * self.window
         length = min(self.window, self.size - start)
-        perm = np.random.default_rng(_seed_words(self.seed, self.number, epoch, "window", window)).permutation(length)
+        perm = np.random.default_rng(seed_words(self.seed, self.number, epoch, "window", window)).permutation(length)
         chosen = start + int(perm[within])
         return epoch, int(shard_of[chosen]), int(item_of[chosen])
 
@@ -184,10 +177,8 @@ class _SourceIndex:
         entry = self.entries[shard][item]
         path = self.shards[shard]
         record: dict[str, Any] = {"__key__": entry.key}
-        with open(path, "rb") as handle:
-            for suffix, (offset, size) in entry.members.items():
-                handle.seek(offset)
-                record[suffix] = handle.read(size)
+        for suffix, ref in entry.members.items():
+            record[suffix] = _read_member(path, entry.key, suffix, ref)
         return LayeredSample.from_wds(record)
 
 
@@ -215,7 +206,7 @@ class ShardStream:
 
     # --------------------------------------------------------------- drawing
     def _pick(self, draw: int) -> int:
-        u = np.random.default_rng(_seed_words(self.seed, draw, "source")).random()
+        u = np.random.default_rng(seed_words(self.seed, draw, "source")).random()
         return int(min(np.searchsorted(self._cumulative, u, side="right"), len(self.sources) - 1))
 
     def next_batch(self) -> list[LayeredSample]:

@@ -1,5 +1,5 @@
-"""Robust tar reading: one index and reader for webdataset tars (sources today; shards, reports and the
-training stream can reuse it).
+"""Robust tar reading: one index and reader for webdataset tars (sources, the shard reader and the training
+stream; reports can reuse it).
 
 ``tarfile`` stops quietly on a header it cannot read after the first one (a tar cut inside a header, or
 garbage in the middle) and raises on the first; ``webdataset`` passes both on. Here nothing is lost without
@@ -13,6 +13,9 @@ offset where reading stopped and, when known, how many bytes after it were not r
 * ``scan_tar(url)``: the index, ``(samples, problems)``: ``TarSample(key, members={ext: MemberRef(offset,
   size)}, kept={ext: bytes}, cut={ext: message})`` in tar order, consecutive members grouped by key like
   webdataset does. Small members named in ``keep`` (captions) are read during the scan.
+* ``iter_samples(url)``: every sample's bytes in one forward pass, ``(key, {ext: bytes})``, grouped like
+  ``scan_tar``; strict (whole-shard readers): anything that cannot be read raises ``TarReadError``
+  (``raise_problems`` does that for a walk's ``problems``).
 * ``TarMember(url, name, offset, size)``: a member to read later (``.read(max_bytes)``), what a source hands
   to the ``load`` stage so that the size is checked before the bytes are read.
 * ``read_member(url, ref, max_bytes=...)``: one member's bytes by offset from a plain local tar (see
@@ -249,6 +252,16 @@ def _human(n: int) -> str:
     return f"{n} bytes" if n < 10_000 else f"{n} bytes ({n / 2**20:.1f} MiB)"
 
 
+@dataclass
+class _Progress:
+    """How far a walk's member loop got: where the next header starts (the end of the last member's
+    padded data), the last entry yielded, and the error that stopped the loop, if any."""
+
+    last_end: int = 0
+    last: TarEntry | None = None
+    stop: BaseException | None = None
+
+
 class TarWalk:
     """One forward pass over a tar (see the module docstring). Iterate once; then read ``problems`` and
     ``cut`` (member name -> why its data cannot be read)."""
@@ -278,75 +291,99 @@ class TarWalk:
                 self._problem("unreadable", 0, None, f"{self.url}: closing the stream failed: {error}")
 
     def _walk(self, raw: BinaryIO) -> Iterator[TarEntry]:
-        from webdataset.tariterators import base_plus_ext  # webdataset's own key/extension split
+        opened = self._open_tar(raw)
+        if opened is None:
+            return
+        tar, counter = opened
+        progress = _Progress()
+        yield from self._members(tar, progress)
+        self._finish(counter, progress)
 
-        url = self.url
+    @property
+    def _what(self) -> str:
+        return f"{self.compression}-compressed " if self.compression else ""
+
+    def _open_tar(self, raw: BinaryIO) -> tuple[tarfile.TarFile, _Counter] | None:
+        """``tarfile`` in stream mode over the uncompressed bytes, or None (the problem recorded) when the
+        input cannot be read or is not a tar."""
         try:
             head = raw.read(6)
         except OSError as error:
-            self._problem("unreadable", 0, None, f"{url} cannot be read: {error}")
-            return
+            self._problem("unreadable", 0, None, f"{self.url} cannot be read: {error}")
+            return None
+        counter = _Counter(self._uncompressed(raw, head))
+        try:
+            return tarfile.open(fileobj=counter, mode="r|"), counter  # type: ignore[arg-type]
+        except _READ_ERRORS as error:
+            self._not_a_tar(counter, head, error)
+            return None
+
+    def _uncompressed(self, raw: BinaryIO, head: bytes) -> BinaryIO:
+        """The uncompressed stream (``head`` put back in front); sets ``compression`` and, for a plain
+        local file, ``total``."""
         self.compression = _compression(head)
         stream: BinaryIO = io.BufferedReader(_Prefixed(head, raw), 1 << 16)
         if self.compression is None:
-            path = local_path(url)
+            path = local_path(self.url)
             if path is not None:
                 try:
                     self.total = os.fstat(raw.fileno()).st_size
                 except (OSError, AttributeError, io.UnsupportedOperation):
                     self.total = None
-        else:
-            opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
-            stream = _Decompressed(opener[self.compression](stream))  # type: ignore[assignment]
-        counter = _Counter(stream)
-        what = f"{self.compression}-compressed " if self.compression else ""
-        try:
-            tar = tarfile.open(fileobj=counter, mode="r|")  # type: ignore[arg-type]
-        except _READ_ERRORS as error:
-            if self.compression is not None and isinstance(error, _COMPRESSED_ERRORS):
-                self._problem("truncated", 0, None,
-                              f"{url}: the {self.compression} stream is truncated or corrupt before the first tar "
-                              f"member ({_reason(error)}); nothing could be read")
-                return
-            counter.start_watch(0)
-            self._drain(counter)
-            total = self.total if self.total is not None else counter.pos
-            start = head if self.compression is None else b""
-            self._problem("not_a_tar", 0, total,
-                          f"{url} is not a {what}tar archive ({_reason(error)}"
-                          + (f"; it starts with {start!r}" if start else "") + f"): none of its {_human(total)} "
-                          "were read")
-            return
+            return stream
+        opener = {"gzip": lambda f: gzip.GzipFile(fileobj=f), "bzip2": bz2.BZ2File, "xz": lzma.LZMAFile}
+        return _Decompressed(opener[self.compression](stream))  # type: ignore[return-value]
 
-        last_end = 0  # end of the last complete member's padded data: where the next header starts
-        last: TarEntry | None = None
-        stop: BaseException | None = None
+    def _not_a_tar(self, counter: _Counter, head: bytes, error: BaseException) -> None:
+        url = self.url
+        if self.compression is not None and isinstance(error, _COMPRESSED_ERRORS):
+            self._problem("truncated", 0, None,
+                          f"{url}: the {self.compression} stream is truncated or corrupt before the first tar "
+                          f"member ({_reason(error)}); nothing could be read")
+            return
+        counter.start_watch(0)
+        self._drain(counter)
+        total = self.total if self.total is not None else counter.pos
+        start = head if self.compression is None else b""
+        self._problem("not_a_tar", 0, total,
+                      f"{url} is not a {self._what}tar archive ({_reason(error)}"
+                      + (f"; it starts with {start!r}" if start else "") + f"): none of its {_human(total)} "
+                      "were read")
+
+    def _members(self, tar: tarfile.TarFile, progress: _Progress) -> Iterator[TarEntry]:
+        """The regular members, until the end of the archive or the first error (kept in ``progress``)."""
+        from webdataset.tariterators import base_plus_ext  # webdataset's own key/extension split
+
         while True:
             try:
                 info = tar.next()
             except _READ_ERRORS as error:
-                stop = error
-                break
+                progress.stop = error
+                return
             if info is None:
-                break
+                return
             tar.members = []  # stream mode keeps every TarInfo otherwise
-            last_end = info.offset_data + _padded(info.size) if info.isreg() else info.offset_data
+            progress.last_end = info.offset_data + _padded(info.size) if info.isreg() else info.offset_data
             if not info.isreg():
                 continue
             key, ext = base_plus_ext(info.name)
             if key is not None and key.startswith("__") and key.endswith("__"):
                 key = None
             reader = _MemberReader(self, tar, info)
-            last = TarEntry(info.name, key, ext.lower() if ext is not None else None, info.offset_data,
-                            info.size, info.offset, reader)
+            progress.last = TarEntry(info.name, key, ext.lower() if ext is not None else None, info.offset_data,
+                                     info.size, info.offset, reader)
             if self.total is not None and info.offset_data + info.size > self.total:
                 self._mark_cut(info.name, info.size, max(self.total - info.offset_data, 0))
-            yield last
+            yield progress.last
             if reader.failed is not None:
-                stop = reader.failed
-                break
+                progress.stop = reader.failed
+                return
 
+    def _finish(self, counter: _Counter, progress: _Progress) -> None:
+        """After the last member: read the rest and record why reading stopped, if it was not the end."""
+        url, what, last, last_end = self.url, self._what, progress.last, progress.last_end
         counter.start_watch(last_end)
+        stop = progress.stop
         if stop is None or not isinstance(stop, _COMPRESSED_ERRORS):
             stop = self._drain(counter) or stop
         available = self.total if self.total is not None else counter.pos
@@ -373,6 +410,11 @@ class TarWalk:
                           f"end at byte {last_end}), without the end-of-archive marker: it is probably truncated; "
                           "any samples after that point are lost")
             return
+        self._check_tail(counter, last_end, available, stop)
+
+    def _check_tail(self, counter: _Counter, last_end: int, available: int, stop: BaseException | None) -> None:
+        """What follows the last member must be the zero blocks of the end-of-archive marker."""
+        url, what = self.url, self._what
         unread = available - last_end
         if counter.nonzero_at is not None or stop is not None:
             kind = "corrupt" if counter.nonzero_at is not None and available - last_end >= BLOCK else "truncated"
@@ -469,6 +511,38 @@ def scan_tar(url: str, keep: Iterable[str] = (), keep_max: int = DEFAULT_KEEP_MA
             sample.cut.setdefault(ext, why)
             sample.kept.pop(ext, None)
     return samples, walk.problems
+
+
+def raise_problems(problems: Iterable[TarProblem]) -> None:
+    """Raise ``TarReadError`` naming every problem (joined by "; "), for readers that need the whole tar."""
+    messages = [problem.message for problem in problems]
+    if messages:
+        raise TarReadError("; ".join(messages))
+
+
+def iter_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every sample of one tar in tar order, read in one forward pass (any URL ``open_input`` takes):
+    ``(key, {ext: bytes})`` per run of consecutive members with one key, as webdataset groups them.
+
+    Strict, for readers of whole shards: a member that cannot be read, a second member with the same key
+    and extension, or any problem of the walk (``raise_problems``) raises ``TarReadError``; the sample
+    being read at that point is not yielded."""
+    walk = TarWalk(url)
+    key: str | None = None
+    record: dict[str, bytes] | None = None
+    for entry in walk:
+        if entry.key is None or entry.ext is None:
+            continue
+        if record is None or entry.key != key:
+            if record is not None:
+                yield key, record  # type: ignore[misc]
+            key, record = entry.key, {}
+        if entry.ext in record:
+            raise TarReadError(f"{url}: member {entry.name!r} repeats extension {entry.ext!r} of sample {key!r}")
+        record[entry.ext] = entry.read()
+    raise_problems(walk.problems)
+    if record is not None:
+        yield key, record  # type: ignore[misc]
 
 
 def read_member(url: str, ref: MemberRef | tuple[int, int], *, max_bytes: int | None = None,
