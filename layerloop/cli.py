@@ -5,6 +5,8 @@
     layerloop train CONFIG [--out DIR] [key=value ...]   train a LoRA from shards (resumes)
     layerloop generate CONFIG [--out DIR] [key=value ...]  candidates from a trained LoRA (a build)
     layerloop self-improve CONFIG --rounds N [--out DIR] [--executor local|ray] [key=value ...]
+    layerloop evaluate CONFIG [--out DIR] [--executor local|ray] [key=value ...]  methods on a held-out set
+    layerloop compare DIR DIR ...                  metrics of evaluations / loops side by side
     layerloop models list|pull CONFIG [--cache-dir DIR]  which weights a config needs / fetch them
     layerloop inspect DIR [--samples N] [--key KEY]
     layerloop report DIR                           (re)write DIR/report/
@@ -52,10 +54,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from layerloop.config import load_config
+    from layerloop.config import load_config, read_yaml, resolve_config_path
     from layerloop.pipelines.preflight import model_status, pull_models
 
-    config = load_config(args.config, args.overrides)
+    data = read_yaml(resolve_config_path(args.config))
+    if "methods" in data and "heldout" in data:  # an evaluation: its methods' and its metrics' models
+        from layerloop.evaluation.config import load_evaluate_config
+        from layerloop.evaluation.run import models_config
+
+        config = models_config(load_evaluate_config(args.config, args.overrides))
+    else:
+        config = load_config(args.config, args.overrides)
     statuses = pull_models(config, args.cache_dir) if args.action == "pull" else model_status(config, args.cache_dir)
     if not statuses:
         print(f"{args.config}: no model weights needed (classical or tiny models only)")
@@ -95,6 +104,28 @@ def _train_line(summary: dict) -> str:
         return (f"layerloop: trained {summary.get('step')} steps{start}{took}{loss}; weights in {summary['final']}"
                 f" (checkpoint {str(summary.get('checkpoint_hash', ''))[:12]})")
     return f"layerloop: training finished at step {summary.get('step')}{loss}; output in {summary.get('out_dir')}"
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from layerloop.evaluation.config import load_evaluate_config
+    from layerloop.evaluation.run import evaluate
+
+    cfg = load_evaluate_config(args.config, list(args.overrides))
+    logs.set_run_dir(cfg.out_dir(args.out).resolve())
+    result = evaluate(cfg, out=args.out, executor=args.executor, progress=not args.no_progress,
+                      config_ref=args.config)
+    print(result.table, end="")
+    print(f"layerloop: evaluated {len(cfg.methods)} method(s) on {result.metrics['n']} held-out samples; "
+          f"{result.out / 'metrics.json'}, {result.out / 'table.md'}, sheets in {result.out / 'sheets'}",
+          file=sys.stderr)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from layerloop.evaluation.compare import compare_table
+
+    print(compare_table(args.dirs), end="")
+    return 0
 
 
 def _cmd_self_improve(args: argparse.Namespace) -> int:
@@ -201,6 +232,18 @@ def make_parser() -> argparse.ArgumentParser:
     improve.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
     improve.set_defaults(func=_cmd_self_improve)
 
+    evaluate = _config_command(
+        commands, "evaluate", "measure methods on a fixed held-out set (the BFS paper's metrics; resumable)",
+        "evaluation config (evaluate_bfs_demo, evaluate_decompose_demo, evaluate_bfs_rorem, or a YAML path)",
+        "key=value overrides, e.g. heldout.select=500", "output directory (default: runs/<config name>)")
+    evaluate.add_argument("--executor", choices=("local", "ray"), help="default: the config's (ray)")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    compare = commands.add_parser("compare", help="one table of the metrics of several evaluations or loops")
+    compare.add_argument("dirs", nargs="+", help="evaluation directories (metrics.json) or self-improvement "
+                         "directories (each round's eval.json)")
+    compare.set_defaults(func=_cmd_compare)
+
     models = commands.add_parser("models", help="list or pull the model weights a config needs")
     models.add_argument("action", choices=("list", "pull"))
     models.add_argument("config")
@@ -237,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     # key=value overrides may come before or after options: collect the ones argparse leaves over
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if getattr(args, "command", None) not in ("build", "generate", "models", "train", "self-improve") or any("=" not in e or e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("build", "generate", "models", "train", "self-improve",
+                                                                "evaluate") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     logs.configure(verbose=args.verbose, progress=not getattr(args, "no_progress", False))

@@ -488,13 +488,25 @@ class LogoConfig(_SourceConfig):
     name: Annotated[str, _NAME] = "logos"
 
 
+class RunShardsConfig(_SourceConfig):
+    """A run directory's own committed shards, read whole (``datasets/shard_source.py``): the held-out set of
+    an evaluation. ``select``: keep that many samples, chosen by ``seed`` (a fixed subset of the run)."""
+
+    config_label: ClassVar[str] = "a shards source"
+    type: Literal["shards"]
+    path: str
+    select: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+    name: Annotated[str, _NAME] = "heldout"
+
+
 SOURCE_CONFIGS: dict[str, type[_SourceConfig]] = {
     "rorem": RoremConfig, "folder": FolderConfig, "hf": HFConfig, "webdataset": WebDatasetConfig,
-    "demo": DemoConfig, "logos": LogoConfig,
+    "demo": DemoConfig, "logos": LogoConfig, "shards": RunShardsConfig,
 }
 
-SourceConfig = Annotated[Union[RoremConfig, FolderConfig, HFConfig, WebDatasetConfig, DemoConfig, LogoConfig],
-                         Field(discriminator="type")]
+SourceConfig = Annotated[Union[RoremConfig, FolderConfig, HFConfig, WebDatasetConfig, DemoConfig, LogoConfig,
+                               RunShardsConfig], Field(discriminator="type")]
 
 
 # ------------------------------------------------------------------------------------------- builds

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from layerloop.config import (SOURCE_CONFIGS, DemoConfig, FolderConfig, HFConfig, LogoConfig,  # noqa: F401
-                              RoremConfig, WebDatasetConfig, _SourceConfig, validate_model)
+                              RoremConfig, RunShardsConfig, WebDatasetConfig, _SourceConfig, validate_model)
 from layerloop.datasets.base import (OUTSIDE_ROOT, OutsideRootError, Source, SourceItem, check_inside_root,
                                      make_key, new_sample, readable, real_root)
 from layerloop.samples import Failure, LayeredSample
@@ -1107,4 +1107,8 @@ def build_source(cfg: dict[str, Any] | _SourceConfig) -> Source:
         return WebDatasetSource(**params)
     if isinstance(config, LogoConfig):
         return LogoSource(**params)
+    if isinstance(config, RunShardsConfig):
+        from layerloop.datasets.shard_source import ShardSource
+
+        return ShardSource(**params)
     return DemoSource(**params)

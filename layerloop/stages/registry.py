@@ -25,6 +25,10 @@ STAGE_MODULES = (
     "layerloop.stages.dedupe",
     "layerloop.stages.generate",
     "layerloop.stages.decompose",
+    "layerloop.stages.fill_baseline",
+    "layerloop.stages.ground_truth",
+    "layerloop.stages.copy_input",
+    "layerloop.stages.evaluate",
 )
 
 
