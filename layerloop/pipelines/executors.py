@@ -71,7 +71,7 @@ def _batch(rows: list[tuple[int, Any]]) -> dict:
             "payload": np.array([_dumps(p) for _, p in rows], dtype=object)}
 
 
-def _pin_threads(cpus: float) -> None:
+def pin_threads(cpus: float) -> None:
     """Give the libraries of a Ray worker as many threads as the CPUs its task or actor holds. Ray sets
     ``OMP_NUM_THREADS`` for OpenMP, but OpenCV's own pool and torch's intra-op pool default to every core
     of the node: two 1-CPU workers on 2 cores would then run 4+ compute threads and slow each other down."""
@@ -90,7 +90,7 @@ def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int],
                       write: bool = False, cpus: float = 1.0) -> dict:
     """Task UDF: read a shard group's items (first op only), apply a run of stateless stages, and, when
     this is the last op, commit the shard and pass on only its summary (no extra hop for the samples)."""
-    _pin_threads(cpus)
+    pin_threads(cpus)
     stages = pipeline.build_stages()
     chosen = [stages[i] for i in stage_indices]
     out = []
@@ -104,7 +104,7 @@ def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int],
 def _shard_task(pipeline: Pipeline, task: ShardTask, cpus: float) -> ShardSummary:
     """Plain Ray task: one shard group from its items to its committed shard (``Pipeline.run_group``, as the
     local executor runs it); returns only the summary."""
-    _pin_threads(cpus)
+    pin_threads(cpus)
     return pipeline.run_group(task, pipeline.build_stages())
 
 
@@ -117,7 +117,7 @@ class _StageActor:
     """Actor UDF: one stage with its model, set up once per actor."""
 
     def __init__(self, pipeline: Pipeline, stage_index: int, read: bool, cpus: float = 1.0):
-        _pin_threads(cpus)
+        pin_threads(cpus)
         self.pipeline = pipeline
         self.stage: Stage = pipeline.build_stages()[stage_index]
         self.stage.ensure_setup()

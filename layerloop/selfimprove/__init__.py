@@ -1,5 +1,7 @@
 """Self-improvement rounds (docs/architecture.md, "Self-improvement rounds"): filter policies that turn
-candidates' scores into accept/reject decisions with reasons (``policies.py``)."""
+candidates' scores into accept/reject decisions with reasons (``policies.py``), the loop that trains,
+generates, filters and feeds back (``loop.py``, its steps in ``steps.py`` and ``filter.py``), its reports
+(``report.py``) and lineage tracing (``lineage.py``)."""
 
 from layerloop.selfimprove.policies import (
     Decision,

@@ -122,10 +122,10 @@ class SelfImproveConfig(_Strict):
 
     def _check_policy_columns(self) -> None:
         """A policy reading a score no stage writes would fail after a round of training: fail now."""
-        from layerloop.selfimprove.policies import _columns, load_policy
+        from layerloop.selfimprove.policies import load_policy, read_columns
 
         produced = self.score_columns()
-        missing = {c: why for c, why in _columns(load_policy(self.policy)).items() if c not in produced}
+        missing = {c: why for c, why in read_columns(load_policy(self.policy)).items() if c not in produced}
         if missing:
             wanted = "; ".join(f"{c} (read by {why})" for c, why in sorted(missing.items()))
             raise ValueError(f"the policy reads scores that no generation or scoring stage writes: {wanted}. "

@@ -23,20 +23,22 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from layerloop.report import UnknownSampleError, load_index, trace_sample
-from layerloop.selfimprove.loop import data_run_dir
+from layerloop.selfimprove.layout import (CONFIG_FILE, DATA_DIR, ROUNDS_DIR, RoundPaths, read_mix,
+                                          summary_report_dir)
+from layerloop.selfimprove.results import data_run_dir
 
 
 def is_selfimprove_dir(path: str | Path) -> bool:
-    return (Path(path) / "selfimprove.json").is_file()
+    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def _run_dirs(out: Path) -> list[tuple[str, int | None, Path]]:
     """(role, round, run directory) of every place a key can live, newest rounds first."""
     places: list[tuple[str, int | None, Path]] = []
-    for round_path in sorted((out / "rounds").glob("round-*"), reverse=True):
-        k = int(round_path.name.split("-")[1])
-        places += [("accepted", k, round_path / "accepted"), ("candidate", k, round_path / "candidates")]
-    for data in sorted((out / "data").glob("*")):
+    for round_path in sorted((out / ROUNDS_DIR).glob("round-*"), reverse=True):
+        k, paths = int(round_path.name.split("-")[1]), RoundPaths(round_path)
+        places += [("accepted", k, paths.accepted), ("candidate", k, paths.candidates)]
+    for data in sorted((out / DATA_DIR).glob("*")):
         places.append(("data", None, data))
     return [p for p in places if p[2].is_dir()]
 
@@ -53,7 +55,7 @@ def _locate(out: Path, key: str) -> tuple[str, int | None, Path]:
 
 
 def _decision(round_path: Path, key: str) -> dict[str, Any] | None:
-    path = round_path / "scores.parquet"
+    path = RoundPaths(round_path).scores
     if not path.exists():
         return None
     table = pq.read_table(path, columns=["key", "accepted", "rule", "reasons"]).to_pylist()
@@ -62,7 +64,7 @@ def _decision(round_path: Path, key: str) -> dict[str, Any] | None:
 
 
 def _mix_summary(round_path: Path) -> list[dict[str, Any]]:
-    mix = json.loads((round_path / "mix.json").read_text())
+    mix = read_mix(round_path)
     return [{"name": s["name"], "samples": s["samples"], "weight": s["weight"], "origin": s["origin"],
              "round": s["round"]} for s in mix["sources"] if s["used"]]
 
@@ -79,7 +81,7 @@ def trace(out: str | Path, key: str) -> dict[str, Any]:
         chain.append({"hop": "accepted", "round": k, "key": key, "run_dir": str(run_dir),
                       "rule": lineage.get("rule"), "policy": lineage.get("policy"), "scores": lineage.get("scores"),
                       "checkpoint_hash": lineage.get("checkpoint_hash")})
-        key, role, run_dir = lineage["candidate_key"], "candidate", run_dir.parent / "candidates"
+        key, role, run_dir = lineage["candidate_key"], "candidate", RoundPaths(run_dir.parent).candidates
     if role == "candidate":
         round_path = run_dir.parent
         record = trace_sample(run_dir, key)
@@ -89,8 +91,7 @@ def trace(out: str | Path, key: str) -> dict[str, Any]:
                       "status": record["status"], "input_key": meta.get("input_key"),
                       "scores": meta.get("scores"), "decision": _decision(round_path, key),
                       "generator_seed": generator.get("seed")})
-        final = round_path / "train" / "final"
-        hash_file = final / "checkpoint_hash.txt"
+        final, hash_file = RoundPaths(round_path).final, RoundPaths(round_path).checkpoint_hash
         saved_hash = hash_file.read_text().strip() if hash_file.exists() else None
         if chain[0]["hop"] == "accepted" and chain[0]["checkpoint_hash"] != generator.get("checkpoint_hash"):
             raise ValueError(f"lineage of {chain[0]['key']} names checkpoint {chain[0]['checkpoint_hash']}, but its "
@@ -100,7 +101,7 @@ def trace(out: str | Path, key: str) -> dict[str, Any]:
                       "matches_round_checkpoint": saved_hash == generator.get("checkpoint_hash"),
                       "trained_on": _mix_summary(round_path)})
         held_key = meta.get("source_id")
-        held_name = json.loads((out / "selfimprove.json").read_text())["config"]["held"]["name"]
+        held_name = json.loads((out / CONFIG_FILE).read_text())["config"]["held"]["name"]
         run_dir = data_run_dir(out, held_name)
         key, role = held_key, "data"
     if role == "data":
@@ -122,14 +123,14 @@ def trace(out: str | Path, key: str) -> dict[str, Any]:
 def describe_loop(out: str | Path) -> str:
     """``layerloop inspect OUT`` on a loop directory: rounds, counts, acceptance, checkpoints, reports."""
     out = Path(out)
-    info = json.loads((out / "selfimprove.json").read_text())
+    info = json.loads((out / CONFIG_FILE).read_text())
     cfg = info["config"]
     lines = [f"self-improvement loop {cfg['name']} ({cfg['family']}, profile {cfg['profile']}) at {out}",
              f"fingerprint: {info['fingerprint']}   rounds asked: {info.get('rounds')}   "
              f"accepted weight: {cfg['accepted_weight']}", ""]
-    for round_path in sorted((out / "rounds").glob("round-*")):
-        steps = sorted(p.stem for p in (round_path / "steps").glob("*.json"))
-        round_json = round_path / "round.json"
+    for round_path in sorted((out / ROUNDS_DIR).glob("round-*")):
+        steps = sorted(p.stem for p in RoundPaths(round_path).steps.glob("*.json"))
+        round_json = RoundPaths(round_path).round_json
         if not round_json.exists():
             lines.append(f"{round_path.name}: in progress (finished steps: {', '.join(steps) or 'none'})")
             continue
@@ -141,7 +142,7 @@ def describe_loop(out: str | Path) -> str:
                      f"({rate} of ok), checkpoint {r['checkpoint_hash'][:12]}; mix: {mix}")
         if r.get("note"):
             lines.append(f"  note: {r['note']}")
-    lines += ["", f"policy: {json.dumps(cfg['policy'])}", f"report: {out / 'report' / 'index.html'}",
+    lines += ["", f"policy: {json.dumps(cfg['policy'])}", f"report: {summary_report_dir(out) / 'index.html'}",
               "trace a sample: layerloop inspect OUT --key KEY"]
     return "\n".join(lines)
 

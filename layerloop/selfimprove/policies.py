@@ -230,7 +230,7 @@ def apply_policy(table: Any, policy: Mapping[str, Any] | Rule) -> list[Decision]
     """One Decision per row of ``table``, in its order (see the module docstring for the semantics)."""
     rule = load_policy(policy)
     scores = ScoreTable(table)
-    scores.require(_columns(rule))
+    scores.require(read_columns(rule))
     everyone = np.ones(len(scores), bool)
     outcome = _evaluate(rule, scores, everyone)
     decisions = []
@@ -455,16 +455,16 @@ def _ranks(rule: Rule) -> bool:
     return False
 
 
-def _columns(rule: Rule) -> dict[str, str]:
+def read_columns(rule: Rule) -> dict[str, str]:
     """Columns the rule reads -> the rule that reads them (for the missing-column error)."""
     if isinstance(rule, (AllOf, AnyOf)):
         out: dict[str, str] = {}
         for child in rule.rules:
-            for column, why in _columns(child).items():
+            for column, why in read_columns(child).items():
                 out.setdefault(column, why)
         return out
     if isinstance(rule, Not):
-        return _columns(rule.rule)
+        return read_columns(rule.rule)
     text = describe(rule)
     out = {rule.column: text}
     group = rule.per if isinstance(rule, Quantile) else rule.by if isinstance(rule, TopK) else None

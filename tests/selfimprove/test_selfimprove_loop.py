@@ -323,7 +323,7 @@ def test_failed_candidates_are_rejected_with_the_generation_error(tmp_path):
 
     from layerloop.datasets.shards import ShardWriter
     from layerloop.samples import LayeredSample
-    from layerloop.selfimprove.loop import _candidate_rows, _scores_table
+    from layerloop.selfimprove.filter import _candidate_rows, _scores_table
     from layerloop.selfimprove.policies import apply_policy
 
     rng = np.random.default_rng(0)
@@ -376,3 +376,22 @@ def test_local_steps_start_with_the_loops_thread_count(monkeypatch, tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert seen and all(count == 1 for _, count in seen), seen
+
+
+def test_a_rerun_filter_removes_what_a_killed_one_left(tmp_path):
+    """Temporaries of the filter's outputs (``layerloop.files`` names, and ``accepted.tmp`` of older loops) are
+    found and removed; committed outputs and other files stay."""
+    from layerloop.files import temp_sibling
+    from layerloop.selfimprove.layout import RoundPaths
+
+    paths = RoundPaths.of(tmp_path, 0)
+    paths.dir.mkdir(parents=True)
+    paths.accepted.mkdir()
+    paths.scores.write_bytes(b"committed")
+    (paths.dir / "accepted.tmp").mkdir()
+    temp_sibling(paths.accepted).mkdir()
+    temp_sibling(paths.scores).write_bytes(b"half")
+    (paths.dir / "accepted.tmpl").write_text("not a temporary")
+    removed = paths.remove_stale_temporaries("accepted", "scores.parquet")
+    assert len(removed) == 3
+    assert sorted(p.name for p in paths.dir.iterdir()) == ["accepted", "accepted.tmpl", "scores.parquet"]

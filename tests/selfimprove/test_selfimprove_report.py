@@ -288,3 +288,40 @@ def test_inferred_schema_null_column_and_non_finite_values(tmp_path: Path):
     assert stats["shown"]["missing_images"] == ["k0", "k1", "k2", "k3"]
     for name in ("scores.png", "accepted.png", "rejected.png", "loss.png"):
         check_png(round_dir / "report" / name)
+
+
+def sheet_cells(sheet: Image.Image, row: int, sample: LayeredSample) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(pixels shown, pixels expected) of the four image cells of ``row`` for ``sample``."""
+    from layerloop.report.sheet import thumbnails
+
+    cells = []
+    for column, thumb in enumerate(thumbnails(sample, CANDIDATE_LAYOUT.cell)):
+        x0, y0, _, _ = CANDIDATE_LAYOUT.cell_box(row, column)
+        x, y = x0 + (CANDIDATE_LAYOUT.cell - thumb.width) // 2, y0 + (CANDIDATE_LAYOUT.cell - thumb.height) // 2
+        shown = sheet.convert("RGB").crop((x, y, x + thumb.width, y + thumb.height))
+        cells.append((np.asarray(shown), np.asarray(thumb.convert("RGB"))))
+    return cells
+
+
+def test_accepted_sheet_shows_what_the_accepted_shards_store(round0: Path):
+    """The accepted sheet shows the accepted samples as accepted/ stores them (the quadruples training reads),
+    not the candidates they were made from."""
+    from layerloop.datasets.shards import read_samples
+
+    stored = []
+    for index, key in enumerate(["c0", "c2", "c4"]):
+        sample = candidate(key, 7 + index)  # other colours than the candidate of the same key
+        sample.kind = "quadruple"
+        stored.append(sample)
+    (round0 / "accepted").mkdir()
+    ShardWriter(round0 / "accepted", "accepted").write(0, stored)
+
+    stats = write_round_report(round0, rows=3)
+    assert stats["shown"]["accepted"] == ["c0", "c2", "c4"] and stats["shown"]["missing_images"] == []
+    sheet = check_png(round0 / "report" / "accepted.png")
+    decoded = {s.key: s for s in read_samples(round0 / "accepted")}
+    for row, (key, index) in enumerate([("c0", 0), ("c2", 2), ("c4", 4)]):
+        for column, (shown, expected) in enumerate(sheet_cells(sheet, row, decoded[key])):
+            assert np.array_equal(shown, expected), (key, column)
+        shown, candidate_composite = sheet_cells(sheet, row, candidate(key, index))[0]
+        assert not np.array_equal(shown, candidate_composite)  # not the candidate it was made from

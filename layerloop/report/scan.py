@@ -1,0 +1,288 @@
+"""Reading a run directory: its shard indexes, which shards are damaged, and the few records a report opens.
+
+* ``scan_run(run_dir)``: every committed shard's parquet rows plus which shards are damaged and why
+  (``RunIndex``); ``load_index(run_dir)`` is its table alone.
+* ``choose_samples`` / ``read_chosen``: the seeded choice of samples a report shows, and reading only
+  their shards (sha256-checked first where the index records it).
+* ``read_records(tar, keys, members)``: raw webdataset records of a few keys from one shard.
+
+Damaged shards: every shard is checked with ``shards.check_shard`` (the one "is this shard committed"
+check of the project): its index must be readable and its tar present with the size the index records;
+a tar the report opens is also checked against the recorded sha256, and a tar that cannot be read is
+damaged too. A damaged shard never stops a report: it is named with what is wrong and its rows are left
+out (a resumed build rebuilds it). An index written before the size/sha256 record existed is read as
+before (unverified).
+
+Which samples are shown is a deterministic function of (index, seed, damaged shards): shards are visited
+round robin in a seeded order and each gives a seeded choice of its ok keys, so a sheet of 8 rows over 100
+shards shows 8 different shards instead of the first 8 samples of shard 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from layerloop.datasets.shards import INDEX_SCHEMA, check_shard, error_text
+
+FAILURES_FILE = "failures.parquet"
+
+
+class UnknownSampleError(KeyError):
+    """A key the run has never seen. A KeyError (the CLI reports those), printed without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class DamagedShardError(RuntimeError):
+    """A tar shard that cannot be read (truncated, overwritten, not a tar); the message names it."""
+
+
+@dataclass
+class RunIndex:
+    """The shard indexes of a run and what is wrong with which shard.
+
+    ``table``: the rows of every readable index, with a ``shard`` column, in shard order (rows of damaged
+    shards included; ``intact()`` leaves them out). ``damaged``: shard stem -> what is wrong; it grows
+    when a tar opened later turns out damaged (``open_records``). ``recorded``: stems whose index records
+    the tar's size and sha256. ``rows``: index rows per stem (``None`` when the index is unreadable)."""
+
+    run_dir: Path
+    table: pa.Table
+    damaged: dict[str, str]
+    recorded: set[str]
+    rows: dict[str, int | None]
+
+    def intact(self) -> pa.Table:
+        if not self.damaged:
+            return self.table
+        mask = pc.invert(pc.is_in(self.table["shard"], value_set=pa.array(sorted(self.damaged), pa.string())))
+        return self.table.filter(mask)
+
+    def ok_keys(self) -> dict[str, list[str]]:
+        """Ok keys per intact shard stem, in index order: the committed samples a reader can trust. A shard
+        found damaged later (``verify_tar``, ``open_records``) drops out of the next call."""
+        ok = self.table.filter(pc.equal(self.table["status"], "ok")).select(["key", "shard"])
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in zip(ok["key"].to_pylist(), ok["shard"].to_pylist()):
+            if shard not in self.damaged:
+                by_shard.setdefault(shard, []).append(key)
+        return by_shard
+
+    def damaged_list(self) -> list[dict[str, Any]]:
+        return [{"shard": stem, "reason": self.damaged[stem], "indexed_samples": self.rows.get(stem)}
+                for stem in sorted(self.damaged)]
+
+    def verify_tar(self, shard: str) -> bool:
+        """Check the sha256 of a tar about to be opened (when its index records one); False (and the
+        shard marked damaged) when it does not match."""
+        if shard in self.damaged:
+            return False
+        if shard in self.recorded:
+            tar = self.run_dir / f"{shard}.tar"
+            check = check_shard(tar, tar.with_suffix(".parquet"), content=True)
+            if not check.readable:
+                self.damaged[shard] = check.reason
+                return False
+        return True
+
+    def open_records(self, shard: str, keys: Iterable[str], members: tuple[str, ...] | None = None
+                     ) -> dict[str, dict[str, Any]] | None:
+        """``read_records`` of a verified shard; ``None`` (and the shard marked damaged) when it is not."""
+        if not self.verify_tar(shard):
+            return None
+        try:
+            return read_records(self.run_dir / f"{shard}.tar", keys, members)
+        except DamagedShardError as error:
+            self.damaged[shard] = str(error)
+            return None
+
+
+def scan_run(run_dir: str | Path) -> RunIndex:
+    """Read every shard index of a run and check every shard (``shards.check_shard`` without reading the
+    tars: index readable, tar present, tar size as recorded). Never raises for a damaged shard."""
+    run_dir = existing_run_dir(run_dir)
+    tables, damaged, recorded, rows = [], {}, set(), {}
+    for path in index_paths(run_dir):
+        stem = path.stem
+        try:
+            table = pq.read_table(path)
+        except Exception as error:  # noqa: BLE001 - any unreadable index is named, not raised
+            damaged[stem] = f"index {path.name} is unreadable ({error_text(error)})"
+            rows[stem] = None
+            continue
+        rows[stem] = table.num_rows
+        tables.append(table.append_column("shard", pa.array([stem] * table.num_rows, pa.string())))
+        check = check_shard(run_dir / f"{stem}.tar", path, content=False)
+        if not check.readable:
+            damaged[stem] = check.reason
+        elif check.status == "ok":
+            recorded.add(stem)
+    if tables:
+        # "permissive" lets shards written by an older writer (a missing column, an all-null column typed
+        # null) be read together with newer ones instead of failing on a schema mismatch.
+        table = pa.concat_tables(tables, promote_options="permissive")
+    else:
+        table = INDEX_SCHEMA.append(pa.field("shard", pa.string())).empty_table()
+    return RunIndex(run_dir, table, damaged, recorded, rows)
+
+
+def load_index(run_dir: str | Path) -> pa.Table:
+    """Concatenate the per-shard parquet index files (not ``failures.parquet``), in shard order, and add a
+    ``shard`` column with each row's shard stem. A run without committed shards gives an empty table with
+    the index schema. An unreadable index file is left out (it commits nothing; ``scan_run`` names it);
+    rows of a shard whose tar is damaged are kept (``scan_run(...).intact()`` leaves them out)."""
+    return scan_run(run_dir).table
+
+
+def index_paths(run_dir: Path) -> list[Path]:
+    # Temporaries are named "<stem>.parquet.tmp-XXXX", so "*.parquet" sees committed shards only.
+    return sorted(p for p in run_dir.glob("*.parquet") if p.name != FAILURES_FILE)
+
+
+def existing_run_dir(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    if not (run_dir / "run.json").exists() and not index_paths(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a layerloop run directory (no run.json, no shard index)")
+    return run_dir
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "run.json"
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text(errors="replace"))
+    except (OSError, ValueError) as error:
+        return {"status": f"run.json unreadable ({error_text(error)})"}
+    return info if isinstance(info, dict) else {"status": "run.json holds no run record"}
+
+
+def read_failures(run_dir: Path, index: pa.Table, damaged: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """All failed samples, one dict per key: the index's failed rows plus failures.parquet rows for keys
+    that no shard index knows (listing failures). See the module docstring for why. Rows of ``damaged``
+    shards are left out (the shard is rebuilt); an unreadable failures.parquet is skipped."""
+    damaged = set(damaged)
+    failed = index.filter(pc.equal(index["status"], "failed"))
+    rows = [{"key": r["key"], "stage": r["stage"], "error_type": r["error_type"], "message": r["message"],
+             "shard": r["shard"]} for r in failed.select(["key", "stage", "error_type", "message", "shard"])
+            .to_pylist() if r["shard"] not in damaged]
+    path = run_dir / FAILURES_FILE
+    if path.exists():
+        indexed = set(index["key"].to_pylist())
+        try:
+            listed = pq.read_table(path).to_pylist()
+        except Exception:  # noqa: BLE001 - rewritten by every build; the shard indexes hold the rest
+            listed = []
+        for row in listed:
+            if row.get("key") not in indexed and row.get("shard") not in damaged:
+                indexed.add(row.get("key"))
+                rows.append({name: row.get(name) for name in ("key", "stage", "error_type", "message", "shard")})
+    return rows
+
+
+def choose_samples(keys_by_shard: dict[str, list[str]], n: int, seed: int) -> list[tuple[str, str]]:
+    """A deterministic, seeded choice of ``n`` (shard, key) pairs spread across shards: shards are
+    visited round robin in a seeded order, each contributing a seeded choice of its keys. The result is
+    ordered by shard and position in the shard, which is also the order a tar is read in."""
+    rng = np.random.default_rng(seed)
+    shards = sorted(s for s, keys in keys_by_shard.items() if keys)
+    order = [shards[i] for i in rng.permutation(len(shards))]
+    take = dict.fromkeys(order, 0)
+    remaining = min(max(n, 0), sum(len(keys_by_shard[s]) for s in shards))
+    while remaining:
+        for shard in order:
+            if remaining and take[shard] < len(keys_by_shard[shard]):
+                take[shard] += 1
+                remaining -= 1
+    chosen = []
+    for shard in order:  # rng draws in the seeded visiting order, so the choice depends on nothing else
+        if take[shard]:
+            positions = rng.choice(len(keys_by_shard[shard]), size=take[shard], replace=False)
+            chosen.extend((shard, int(p)) for p in positions)
+    chosen.sort()
+    return [(shard, keys_by_shard[shard][p]) for shard, p in chosen]
+
+
+def read_chosen(scan: RunIndex, n: int, seed: int, members: tuple[str, ...] | None,
+                 decode: Callable[[dict[str, Any]], Any]) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Choose ``n`` ok samples from the intact shards (``choose_samples``), open only their shards
+    (sha256 checked first where the index records it) and ``decode`` each record. A shard found damaged
+    on the way is recorded in ``scan.damaged`` and the choice is made again without it, so a damaged
+    shard costs no rows. Returns (chosen, decoded value per key found)."""
+    while True:
+        damaged_before = len(scan.damaged)
+        chosen = choose_samples(scan.ok_keys(), n, seed)
+        decoded: dict[str, Any] = {}
+        for shard in dict.fromkeys(s for s, _ in chosen):
+            keys = [key for s, key in chosen if s == shard]
+            records = scan.open_records(shard, keys, members)
+            if records is None:
+                break
+            absent = [key for key in keys if key not in records]
+            if absent:
+                scan.damaged[shard] = (f"tar {shard}.tar lacks {len(absent)} sample(s) its index lists as ok "
+                                       f"(e.g. {absent[0]})")
+                break
+            for key, record in records.items():
+                try:
+                    decoded[key] = decode(record)
+                except Exception as error:  # noqa: BLE001 - a member that cannot be decoded
+                    scan.damaged[shard] = f"sample {key} in {shard}.tar cannot be decoded ({error_text(error)})"
+                    break
+            if len(scan.damaged) != damaged_before:
+                break
+        if len(scan.damaged) == damaged_before:
+            return chosen, decoded
+
+
+def read_records(tar_path: Path, keys: Iterable[str], members: tuple[str, ...] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """Raw webdataset records of ``keys`` from one shard; stops reading as soon as all were found.
+    ``members`` (e.g. ``("json",)``) skips every other member's bytes, so metadata lookups do not pull
+    images into memory."""
+    import webdataset as wds
+
+    wanted = set(keys)
+    found: dict[str, dict[str, Any]] = {}
+    if not wanted:
+        return found
+
+    def select(fname: str) -> bool:
+        # Member names are "<key>.<ext>" and keys contain no dots (samples.KEY_PATTERN).
+        return fname.split(".", 1)[0] in wanted and (members is None or fname.split(".", 1)[1] in members)
+
+    dataset = wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False, select_files=select)
+    records = iter(dataset)
+    try:
+        for record in records:
+            if record["__key__"] in wanted:
+                found[record["__key__"]] = record
+                wanted.discard(record["__key__"])
+                if not wanted:
+                    break
+    except Exception as error:  # noqa: BLE001 - whatever a broken tar raises, say which shard it is
+        raise DamagedShardError(f"tar {tar_path.name} is unreadable ({error_text(error)})") from error
+    finally:
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()  # releases the open tar now rather than whenever the generator is collected
+    return found
+
+
+def index_rows(index: pa.Table, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    keys = list(keys)
+    if not keys:
+        return {}
+    rows = index.filter(pc.is_in(index["key"], value_set=pa.array(keys, pa.string()))).to_pylist()
+    return {row["key"]: row for row in rows}
