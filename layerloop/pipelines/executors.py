@@ -154,7 +154,7 @@ class BuildStalledError(RuntimeError):
     """A Ray Data build made no progress for the stall timeout and the cluster cannot run its plan."""
 
 
-def _stall_timeout() -> float:
+def stall_timeout() -> float:
     """Seconds without any progress after which a Ray Data build gives up instead of waiting forever
     (``LAYERLOOP_RAY_STALL_TIMEOUT_S``; it also bounds how long a model may take to load in an actor)."""
     return float(os.environ.get(STALL_TIMEOUT_ENV) or DEFAULT_STALL_TIMEOUT_S)
@@ -302,7 +302,7 @@ class RayExecutor:
                 if not _is_stall(error):
                     raise
                 now = alive_node_cpus()
-                message = stall_message(stages, groups, plan, nodes, now, _stall_timeout(), str(error))
+                message = stall_message(stages, groups, plan, nodes, now, stall_timeout(), str(error))
                 if now == nodes or not now or replans >= 3:
                     raise BuildStalledError(message) from None
                 # The cluster changed under the plan (a node died or joined): plan again for what it has now
@@ -320,7 +320,7 @@ class RayExecutor:
         context.enable_progress_bars = False  # the CLI shows one bar over shards instead
         context.max_errored_blocks = 0
         if hasattr(context, "execution_no_progress_timeout_s"):  # Ray >= 2.5x: fail instead of waiting forever
-            context.execution_no_progress_timeout_s = _stall_timeout()
+            context.execution_no_progress_timeout_s = stall_timeout()
         task_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy",
                                      "compute": ray.data.TaskPoolStrategy(size=self._task_concurrency(len(tasks)))}
         actor_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}

@@ -225,9 +225,9 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
     (``LAYERLOOP_RAY_STALL_TIMEOUT_S``), the loop stops with one message; a re-run resumes at that step."""
     import ray
 
-    from layerloop.pipelines.executors import _stall_timeout
+    from layerloop.pipelines.executors import stall_timeout
 
-    timeout, since = _stall_timeout(), None
+    timeout, since = stall_timeout(), None
     while True:
         ready, _ = ray.wait([ref], timeout=1.0 if bar is not None and bar.enabled else 5.0)
         if bar is not None:
