@@ -1,7 +1,7 @@
 """``layerloop compare DIR DIR ...``: the metrics of several evaluations or self-improvement loops in one
 table. An evaluation directory contributes a row per method (its ``metrics.json``); a self-improvement
-directory a row per (round, method) from each round's ``eval.json`` (``start`` for the model before
-round 0's training, where it was measured)."""
+directory a row per (round, method) from each round's ``eval.json`` (round 0's also has ``start``, the
+untrained LoRA that round 0 started from, when the loop's evaluation measures it)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,9 @@ def collect(dirs: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
             found.append((str(folder), json.loads((folder / "metrics.json").read_text())))
             continue
         evals = sorted(folder.glob("rounds/round-*/eval.json"))
-        start = folder / "eval-start" / "eval.json"
-        if start.is_file():
-            found.append((f"{folder} start", json.loads(start.read_text())))
         for path in evals:
             found.append((f"{folder} {path.parent.name}", json.loads(path.read_text())))
-        if not evals and not start.is_file():
+        if not evals:
             raise FileNotFoundError(f"{folder}: no metrics.json (an evaluation) and no rounds/round-*/eval.json "
                                     "(a self-improvement loop with evaluation)")
     return found

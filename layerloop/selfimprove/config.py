@@ -63,11 +63,28 @@ class GenerateSpec(_Strict):
     samples_per_shard: int = Field(16, ge=1)
 
 
+class LoopEvaluation(_Strict):
+    """Evaluate every round's LoRA on one fixed held-out set after training (``round-NNN/eval.json``, in the
+    shape of ``layerloop evaluate``'s ``metrics.json``), and round 0's starting point with it (``start``).
+    The held-out set must not be the loop's ``held`` inputs: those are what the loop selects from."""
+
+    heldout: DataSpec  # built once by the data step, like base and held
+    select: int | None = Field(None, ge=1)
+    seed: int = 0
+    baselines: list[dict[str, Any]] = Field(default_factory=list)  # more methods: {name, label, stages}
+    metrics: dict[str, Any] = Field(default_factory=dict)  # parameters of the evaluate stage
+    start: bool = True  # also evaluate the model round 0 starts from (its untrained LoRA)
+    kid_subset_size: int = Field(1000, ge=2)
+    kid_subsets: int = Field(100, ge=1)
+
+
 class SelfImproveConfig(_Strict):
     config_label: ClassVar[str] = "a self-improvement config"
     # What changes the results (not the executor, Ray settings, output directory or the round count:
     # more rounds may be added to a finished loop).
-    FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = ("executor", "ray", "out", "rounds")
+    # The evaluation neither: it measures rounds and changes nothing they train, generate or accept, so it can
+    # be added to a loop that exists (its evaluate steps then run on resume).
+    FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = ("executor", "ray", "out", "rounds", "evaluation")
 
     name: str = "selfimprove"
     profile: str = "demo"
@@ -86,6 +103,7 @@ class SelfImproveConfig(_Strict):
     accepted_weight: float = Field(2.0, gt=0)  # weight of accepted shards in later mixes
     accepted_per_shard: int = Field(16, ge=1)
     report_rows: int = Field(6, ge=1)  # candidates per contact sheet (accepted / rejected)
+    evaluation: LoopEvaluation | None = None  # held-out metrics of every round's LoRA
     out: str | None = None
 
     @model_validator(mode="after")
@@ -94,6 +112,8 @@ class SelfImproveConfig(_Strict):
 
         load_policy(self.policy)  # a bad policy fails when the config is read, not after a round of training
         names = [d.name for d in self.base] + [self.held.name]
+        if self.evaluation is not None:
+            names.append(self.evaluation.heldout.name)
         if len(set(names)) != len(names):
             raise ValueError(f"data names must be distinct (base and held): {names}")
         if any(n.startswith("accepted") for n in names):

@@ -191,3 +191,31 @@ def summary_loss_figure(rounds: list[tuple[int, tuple[list[dict[str, Any]], int]
     ax.set_title("training loss per round")
     ax.legend(fontsize=8, frameon=False)
     return _png(figure)
+
+
+def evaluation_figure(evals: list[tuple[int, dict[str, Any]]]) -> bytes:
+    """Every held-out metric by round (``round-NNN/eval.json``), one panel per metric, a line per method."""
+    if not evals:
+        return _message_figure("held-out evaluation per round", "no round was evaluated")
+    metrics = list(dict.fromkeys(m for _, e in evals for values in e["metrics"].values() for m in values))
+    methods = list(dict.fromkeys(name for _, e in evals for name in e["metrics"]))
+    figure = _figure(3.4 * min(3, len(metrics)) + 0.4, 2.7 * math.ceil(len(metrics) / 3) + 0.5)
+    figure.suptitle(f"held-out metrics by round (n = {evals[-1][1].get('n')}; models: "
+                    f"{', '.join(sorted(set(evals[-1][1].get('models', {}).values())))})", fontsize=10)
+    rounds = [number for number, _ in evals]
+    for ax, metric in zip(_panels(figure, len(metrics), 3), metrics):
+        ax.set_title(metric, fontsize=10)
+        drawn = False
+        for method in methods:
+            points = [(number, e["metrics"].get(method, {}).get(metric)) for number, e in evals]
+            points = [(x, y) for x, y in points if is_number(y)]
+            if points:
+                ax.plot(*zip(*points), "o-", ms=4, lw=1.2, label=method)
+                drawn = True
+        if not drawn:
+            _no_values(ax, "missing weights" if metric in evals[-1][1].get("missing", {}) else "no values")
+            continue
+        ax.set_xticks(rounds, [f"r{n}" for n in rounds])
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, frameon=False)
+    return _png(figure)

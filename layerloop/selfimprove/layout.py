@@ -31,6 +31,8 @@ TRAIN_DIR = "train"
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.jsonl"
 STEPS_DIR = "steps"
+EVAL_DIR = "eval"
+EVAL_FILE = "eval.json"
 # scores.parquet columns that are not scores; every other column is one.
 FIXED_COLUMNS = ("key", "input_key", "source_key", "round", "status", "error", "accepted", "rule", "reasons",
                  "checkpoint_hash")
@@ -68,6 +70,16 @@ class RoundPaths:
     @property
     def metrics(self) -> Path:
         return self.train / METRICS_FILE
+
+    @property
+    def evaluation(self) -> Path:
+        """``eval/``: the round's evaluation directory (``layerloop evaluate``'s layout)."""
+        return self.dir / EVAL_DIR
+
+    @property
+    def eval_json(self) -> Path:
+        """``eval.json``: the round's held-out metrics (``eval/metrics.json``)."""
+        return self.dir / EVAL_FILE
 
     @property
     def candidates(self) -> Path:

@@ -117,15 +117,15 @@ class _StepBar:
     """A bar over the loop's steps on a terminal's stderr (``round k: step`` as its postfix); the steps
     already finished (their markers exist) count as done."""
 
-    def __init__(self, out: Path, rounds: int, enabled: bool):
+    def __init__(self, out: Path, rounds: int, enabled: bool, evaluate: bool = False):
         from tqdm import tqdm
 
         from layerloop import logs
 
         self.out, self.rounds = out, rounds
-        self.steps = [(k, name) for k, name in plan_steps(rounds) if name not in ALWAYS_RUN]
-        self.bar = tqdm(total=len(plan_steps(rounds)), unit="step", desc="self-improve", file=logs.TERMINAL,
-                        disable=not logs.progress_enabled(enabled), dynamic_ncols=True)
+        self.steps = [(k, name) for k, name in plan_steps(rounds, evaluate) if name not in ALWAYS_RUN]
+        self.bar = tqdm(total=len(plan_steps(rounds, evaluate)), unit="step", desc="self-improve",
+                        file=logs.TERMINAL, disable=not logs.progress_enabled(enabled), dynamic_ncols=True)
         self.enabled = not self.bar.disable
         self.refresh()
 
@@ -157,7 +157,7 @@ def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int, bar: _StepBar
 
     threads = torch.get_num_threads()
     results = []
-    for k, name in plan_steps(rounds):
+    for k, name in plan_steps(rounds, cfg.evaluation is not None):
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if bar is not None:
@@ -180,8 +180,11 @@ def _set_torch_threads() -> None:
             pin_threads(cpus)
 
 
-def plan_steps(rounds: int) -> list[tuple[int, str]]:
-    return [(-1, "data")] + [(k, s) for k in range(rounds) for s in STEPS] + [(rounds - 1, "summary")]
+def plan_steps(rounds: int, evaluate: bool = False) -> list[tuple[int, str]]:
+    """The loop's steps in order; ``evaluate`` (the config has an ``evaluation``) adds each round's
+    ``evaluate`` step after its ``train``."""
+    steps = STEPS if not evaluate else ("mix", "train", "evaluate", "generate", "filter", "report")
+    return [(-1, "data")] + [(k, s) for k in range(rounds) for s in steps] + [(rounds - 1, "summary")]
 
 
 def _train_resources(cfg: SelfImproveConfig, out: Path) -> dict[str, float]:
@@ -217,8 +220,8 @@ class StepCannotRunError(RuntimeError):
     """The step the loop waits for asks for resources that no alive node of the cluster has."""
 
 
-def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]],
-                    bar: _StepBar | None = None) -> Any:
+def _wait_for_steps(ref: Any, out: Path, steps: list[tuple[int, str]],
+                    requests: dict[tuple[int, str], dict[str, float]], bar: _StepBar | None = None) -> Any:
     """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
     pending (an autoscaler may still add one), so when the step that runs now (the first without its
     marker) asks for more than any alive node offers for longer than the stall timeout
@@ -234,7 +237,7 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
             bar.refresh()
         if ready:
             return ray.get(ref)
-        current = next(((k, name) for k, name in plan_steps(rounds)
+        current = next(((k, name) for k, name in steps
                         if name not in ALWAYS_RUN and not _marker(out, k, name).exists()), None)
         need = {key: value for key, value in requests.get(current, {}).items() if value > 0}
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -273,7 +276,8 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
     config_json = ray.put(cfg.model_dump(mode="json"))
     ref = None
     requests: dict[tuple[int, str], dict[str, float]] = {}
-    for k, name in plan_steps(rounds):
+    steps = plan_steps(rounds, cfg.evaluation is not None)
+    for k, name in steps:
         options: dict[str, Any] = {**defaults, "name": f"selfimprove:{'data' if k < 0 else f'round-{k:03d}'}:{name}"}
         if name == "train":
             options.update(_train_resources(cfg, out))
@@ -281,10 +285,10 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
         args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        _wait_for_steps(ref, out, rounds, requests, bar)
+        _wait_for_steps(ref, out, steps, requests, bar)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
-    return [json.loads(_marker(out, k, name).read_text()) for k, name in plan_steps(rounds) if name != "summary"]
+    return [json.loads(_marker(out, k, name).read_text()) for k, name in steps if name != "summary"]
 
 
 def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds: int | None = None,
@@ -306,7 +310,7 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
         write_config_record(out_dir / CONFIG_FILE, "a self-improvement loop", cfg.model_dump(mode="json"),
                             cfg.fingerprint(), rounds=rounds)
         _event(out_dir, -1, "loop", "start", rounds=rounds, executor=cfg.executor)
-        bar = _StepBar(out_dir, rounds, progress)
+        bar = _StepBar(out_dir, rounds, progress, cfg.evaluation is not None)
         try:
             if cfg.executor == "ray":
                 results = _run_ray(cfg, out_dir, rounds, bar)

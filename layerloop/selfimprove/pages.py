@@ -182,6 +182,26 @@ def summary_html(stats: dict[str, Any]) -> str:
         rows.append(cells)
     body.append(_table(["score"] + [f"round {n}" for n in numbers], rows))
     body.append(_image("drift.png", "score drift"))
+    if stats.get("evaluation"):
+        body += _evaluation_section(stats["evaluation"])
     body += ["<h2>Training loss</h2>", _image("loss.png", "training loss per round"),
              "<p class='muted'>all numbers: <a href='stats.json'>stats.json</a></p>"]
     return _page("self-improvement rounds", body)
+
+
+def _evaluation_section(evals: list[dict[str, Any]]) -> list[str]:
+    """The held-out metrics of every evaluated round: a row per (round, method)."""
+    metrics = list(dict.fromkeys(m for e in evals for values in e["metrics"].values() for m in values))
+    rows = []
+    for entry in evals:
+        for method, values in entry["metrics"].items():
+            label = entry.get("labels", {}).get(method, method)
+            rows.append([f"round {entry['round']}", label, *[
+                "missing weights" if m in entry.get("missing", {}) else ("–" if values.get(m) is None else values[m])
+                for m in metrics]])
+    last = evals[-1]
+    models = ", ".join(f"{m}: {model}" for m, model in last.get("models", {}).items())
+    return ["<h2>Held-out evaluation</h2>",
+            f"<p class='muted'>n = {_esc(last.get('n'))} fixed held-out samples; models: {_esc(models)}</p>",
+            _table(["round", "method", *metrics], rows, numeric_from=2),
+            _image("evaluation.png", "held-out metrics by round")]

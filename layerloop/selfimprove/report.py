@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from layerloop.files import write_atomic, write_json_atomic
-from layerloop.selfimprove.figures import (acceptance_figure, drift_figure, scores_figure, summary_loss_figure,
-                                           training_figure)
+from layerloop.selfimprove.evaluation import read_round_evals
+from layerloop.selfimprove.figures import (acceptance_figure, drift_figure, evaluation_figure, scores_figure,
+                                           summary_loss_figure, training_figure)
 from layerloop.selfimprove.layout import summary_report_dir
 from layerloop.selfimprove.pages import round_html, summary_html
 from layerloop.selfimprove.sheets import CANDIDATE_LAYOUT, render_candidates_sheet, sheet_png, spread
@@ -74,6 +75,11 @@ def write_summary_report(out_dir: str | Path, round_dirs: list[Path] | None = No
     write_atomic(report / "acceptance.png", acceptance_figure(stats["rounds"]))
     write_atomic(report / "drift.png", drift_figure(rounds, list(dict.fromkeys(c for d in rounds for c in d.numeric))))
     write_atomic(report / "loss.png", summary_loss_figure([(d.number, read_metrics(d.paths.metrics)) for d in rounds]))
+    evals = read_round_evals([d.round_dir for d in rounds])
+    if evals:  # a loop with an `evaluation`: every held-out metric by round
+        stats["evaluation"] = [{"round": number, **result} for number, result in evals]
+        stats["files"]["evaluation"] = "evaluation.png"
+        write_atomic(report / "evaluation.png", evaluation_figure(evals))
     write_atomic(report / "index.html", summary_html(stats))
     _write_stats(report / "stats.json", stats)
     return stats

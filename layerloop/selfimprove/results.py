@@ -80,6 +80,13 @@ class TrainResult(StepResult):
 
 
 @dataclass(kw_only=True)
+class EvaluateResult(StepResult):
+    step: ClassVar[str] = "evaluate"
+    eval: str  # the round's eval.json
+    metrics: dict[str, dict[str, Any]]  # method -> metric -> value, as eval.json holds them
+
+
+@dataclass(kw_only=True)
 class GenerateResult(StepResult):
     step: ClassVar[str] = "generate"
     candidates: str
@@ -111,8 +118,8 @@ class SummaryResult(StepResult):
 
 R = TypeVar("R", bound=StepResult)
 RESULT_TYPES: dict[str, type[StepResult]] = {
-    cls.step: cls for cls in (DataResult, MixResult, TrainResult, GenerateResult, FilterResult, ReportResult,
-                              SummaryResult)}
+    cls.step: cls for cls in (DataResult, MixResult, TrainResult, EvaluateResult, GenerateResult, FilterResult,
+                              ReportResult, SummaryResult)}
 
 
 def write_result(out: str | Path, k: int, result: StepResult) -> None:

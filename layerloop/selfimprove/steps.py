@@ -42,7 +42,8 @@ def step_data(cfg: SelfImproveConfig, out: Path, k: int) -> DataResult:
     from layerloop.config import load_yaml
 
     built = {}
-    for spec in [*cfg.base, cfg.held]:
+    extra = [cfg.evaluation.heldout] if cfg.evaluation is not None else []
+    for spec in [*cfg.base, cfg.held, *extra]:
         if spec.build is None:
             run_dir = Path(spec.run_dir).resolve()
             if not committed_ok(run_dir):
@@ -190,6 +191,12 @@ def step_summary(cfg: SelfImproveConfig, out: Path, k: int) -> SummaryResult:
     return SummaryResult(report=str(summary_report_dir(out) / "index.html"), rounds=len(rounds))
 
 
+def step_evaluate(cfg: SelfImproveConfig, out: Path, k: int) -> StepResult:
+    from layerloop.selfimprove.evaluation import evaluate_round
+
+    return evaluate_round(cfg, out, k)
+
+
 STEP_FUNCTIONS: dict[str, Callable[[SelfImproveConfig, Path, int], StepResult]] = {
-    "data": step_data, "mix": step_mix, "train": step_train, "generate": step_generate, "filter": step_filter,
-    "report": step_report, "summary": step_summary}
+    "data": step_data, "mix": step_mix, "train": step_train, "evaluate": step_evaluate, "generate": step_generate,
+    "filter": step_filter, "report": step_report, "summary": step_summary}
