@@ -8,6 +8,7 @@ Layout of the output directory (``OUT``)::
     rounds/round-NNN/
         mix.json              the training mix: base data + every earlier round's accepted shards, weights
         train/                the training run (metrics.jsonl, checkpoints/, final/ with checkpoint_hash.txt)
+        eval/, eval.json      with an ``evaluation``: the LoRA on the fixed held-out set (``evaluation.py``)
         candidates/           generation + scoring build over the held inputs (kind=candidate shards)
         scores.parquet        one row per candidate: scores, accepted, the accepting rule, rejection reasons
         rejected.parquet      the rejected candidates and their reasons
@@ -17,7 +18,7 @@ Layout of the output directory (``OUT``)::
         steps/<step>.json     written when a step finished: the unit of resumption
     report/                   the cross-round report (acceptance, score drift, loss curves)
 
-Steps of round k: ``mix`` -> ``train`` -> ``generate`` -> ``filter`` -> ``report``; after the last round,
+Steps of round k: ``mix`` -> ``train`` (-> ``evaluate``) -> ``generate`` -> ``filter`` -> ``report``; after the last round,
 ``summary``. Before round 0, ``data`` builds the base and held data that name a build config.
 
 Resumption: a step is finished exactly when its ``steps/<step>.json`` marker exists; a re-run skips it. An
