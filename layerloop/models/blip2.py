@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from layerloop.models import hub
-from layerloop.models.wrappers import ModelWithProcessor
+from layerloop.models.wrappers import ModelWithProcessor, rgb_image
 
 DEFAULT_ID = "Salesforce/blip2-opt-2.7b"
 # Only what transformers loads: Hub repositories of this size ship the same weights as .bin and as
@@ -95,7 +95,7 @@ class Blip2Captioner(ModelWithProcessor):
                 batch_size: int = 8) -> list[str]:
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
-            batch = [_rgb(image) for image in images[start:start + batch_size]]
+            batch = [rgb_image(image) for image in images[start:start + batch_size]]
             if prompt:
                 inputs = self.processor(images=batch, text=[prompt] * len(batch), return_tensors="pt")
                 # The processor puts num_query_tokens image tokens, then BOS and the prompt, into input_ids.
@@ -150,12 +150,6 @@ def layer_on_neutral(foreground_rgba: np.ndarray, grey: float = 0.5) -> np.ndarr
     out = alpha * rgb + (1.0 - alpha) * (255.0 * grey)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
-    return image
 
 
 def _clean(text: str, prompt: str | None) -> str:

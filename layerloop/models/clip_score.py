@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from layerloop.models import hub
 from layerloop.models.blip2 import layer_on_neutral
+from layerloop.models.wrappers import rgb_image
 
 __all__ = ["ClipScorer", "OpenClipBundle", "layer_on_neutral", "TINY_OPEN_CLIP_CONFIG"]
 
@@ -98,7 +99,7 @@ class OpenClipBundle:
     def encode_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
         features = []
         for start in range(0, len(images), batch_size):
-            pixels = torch.stack([self.preprocess(Image.fromarray(_rgb(image)))
+            pixels = torch.stack([self.preprocess(Image.fromarray(rgb_image(image)))
                                   for image in images[start:start + batch_size]]).to(self.device)
             with self._autocast():
                 features.append(self.model.encode_image(pixels, normalize=True).float().cpu())
@@ -187,10 +188,3 @@ def _resolve_tag_weights(name: str, tag: str, revision: str | None, cache_dir, a
             error = missing
     raise error
 
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}; "
-                         "flatten RGBA layers with layer_on_neutral first")
-    return image

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoImageProcessor, BitImageProcessor, Dinov2Config, Dinov2Model
 
 from layerloop.models import hub
-from layerloop.models.wrappers import ModelWithProcessor
+from layerloop.models.wrappers import ModelWithProcessor, rgb_image
 
 __all__ = ["DEFAULT_ID", "DinoEmbedder"]
 
@@ -66,7 +66,7 @@ class DinoEmbedder(ModelWithProcessor):
     @torch.no_grad()
     def embed(self, images: Sequence[np.ndarray], batch_size: int = 16) -> np.ndarray:
         """L2-normalised CLS features, an (N, D) float32 array (N = 0 gives shape (0, D))."""
-        images = [_rgb(image) for image in images]
+        images = [rgb_image(image) for image in images]
         features = [np.zeros((0, self.dim), np.float32)]
         for start in range(0, len(images), batch_size):
             # channels_last said explicitly: a 3-pixel-high image would otherwise be read as channels-first.
@@ -87,10 +87,3 @@ class DinoEmbedder(ModelWithProcessor):
         cosine = (self.embed(images_a, batch_size) * self.embed(images_b, batch_size)).sum(axis=-1)
         return np.clip(cosine, -1.0, 1.0).astype(np.float32)
 
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}; "
-                         "flatten RGBA layers first (e.g. layer_on_neutral or the composite)")
-    return image

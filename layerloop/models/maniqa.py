@@ -35,9 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -46,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerloop.models import hub
+from layerloop.models.iqa import Mlp, QualityScorer
+from layerloop.models.wrappers import rgb_image
 
 __all__ = ["ManiqaScorer", "ManiqaNet", "KONIQ_CONFIG", "TINY_CONFIG", "DEFAULT_ID", "DEFAULT_FILENAME",
            "crop_offsets"]
@@ -155,16 +153,6 @@ class WindowAttention(nn.Module):
             logits = (logits.view(-1, mask.shape[0], self.num_heads, n, n) + mask[None, :, None]).view(
                 count, self.num_heads, n, n)
         return self.proj((logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(count, n, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class SwinBlock(nn.Module):
@@ -309,82 +297,23 @@ def crop_offsets(height: int, width: int, size: int, count: int) -> list[tuple[i
 
 def image_crops(image: np.ndarray, size: int, count: int) -> torch.Tensor:
     """(count, 3, size, size) normalised crops of an HxWx3 uint8 image."""
-    x = (torch.from_numpy(_rgb(image)).permute(2, 0, 1)[None].float() / 255.0 - _MEAN) / _STD
+    x = (torch.from_numpy(rgb_image(image)).permute(2, 0, 1)[None].float() / 255.0 - _MEAN) / _STD
     if min(x.shape[-2:]) <= size:
         x = F.interpolate(x, scale_factor=(size + 1) / min(x.shape[-2:]), mode="bilinear")
     h, w = x.shape[-2:]
     return torch.cat([x[..., top:top + size, left:left + size] for top, left in crop_offsets(h, w, size, count)])
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}; "
-                         "flatten RGBA layers with layer_on_neutral first")
-    return image
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Scorer
 # ----------------------------------------------------------------------------------------------------------
 
-class ManiqaScorer:
-    def __init__(self, net: ManiqaNet, filename: str = DEFAULT_FILENAME, model_id: str = "tiny",
-                 revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
-        self.device = torch.device(device)
-        self.dtype = dtype or torch.float32
-        self.net = net.to(self.device, self.dtype).eval()
-        self.filename = filename
-        self.model_id = model_id
-        self.revision = revision
-
-    @property
-    def config(self) -> dict:
-        return self.net.config
-
-    @classmethod
-    def from_pretrained(cls, id_or_path: str | os.PathLike = DEFAULT_ID, revision: str | None = None,
-                        dtype: torch.dtype | None = None, device: str = "cpu", filename: str = DEFAULT_FILENAME,
-                        cache_dir: str | os.PathLike | None = None, allow_download: bool = True,
-                        config: dict | None = None, weights_only: bool = True) -> "ManiqaScorer":
-        """``id_or_path``: a Hub repository holding ``filename``, a folder holding it, or the checkpoint file.
-
-        The architecture is ``config`` if given, else the folder's ``maniqa_config.json`` (as
-        ``save_pretrained`` writes) if there is one, else ``KONIQ_CONFIG``. Loading is strict."""
-        checkpoint = hub.resolve(id_or_path, revision=revision, cache_dir=cache_dir, allow_download=allow_download,
-                                 filename=None if Path(str(id_or_path)).expanduser().is_file() else filename)
-        if config is None:
-            config_file = checkpoint.parent / CONFIG_NAME
-            config = json.loads(config_file.read_text()) if config_file.is_file() else KONIQ_CONFIG
-        net = ManiqaNet(config)
-        net.load_state_dict(_read_state_dict(checkpoint, weights_only), strict=True)
-        return cls(net, filename=checkpoint.name, model_id=str(id_or_path), revision=revision, device=device,
-                   dtype=dtype)
-
-    @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu") -> "ManiqaScorer":
-        """``TINY_CONFIG`` with random weights, written as a checkpoint and loaded back through the same
-        path as the real one (scores are noise)."""
-        torch.manual_seed(seed)
-        net = ManiqaNet(TINY_CONFIG)
-        with tempfile.TemporaryDirectory(prefix="layerloop-maniqa-") as folder:
-            checkpoint = Path(folder) / DEFAULT_FILENAME
-            torch.save(net.state_dict(), checkpoint)
-            loaded = ManiqaNet(TINY_CONFIG)
-            loaded.load_state_dict(_read_state_dict(checkpoint, True), strict=True)
-        return cls(loaded, device=device)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Writes ``<filename>`` (a plain state_dict, the format of the published files) plus
-        ``maniqa_config.json``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, path / self.filename)
-        (path / CONFIG_NAME).write_text(json.dumps(self.net.config, indent=2))
-        return path
-
-    def describe(self) -> dict:
-        return {"model": self.model_id, "file": self.filename, "revision": self.revision}
+class ManiqaScorer(QualityScorer, name="maniqa", net=ManiqaNet, filename=DEFAULT_FILENAME, config=KONIQ_CONFIG,
+                   tiny=TINY_CONFIG):
+    """MANIQA (Yang et al. 2022): ViT-B/8 features of blocks 6-9, transposed-attention and Swin blocks, a
+    patch-weighted score averaged over a fixed grid of crops; the KonIQ-10k model scores about 0-1."""
 
     @torch.no_grad()
     def score(self, images: Sequence[np.ndarray], batch_size: int = 2) -> np.ndarray:
@@ -400,11 +329,3 @@ class ManiqaScorer:
         return torch.cat(scores).numpy().astype(np.float32) if scores else np.zeros(0, np.float32)
 
 
-def _read_state_dict(checkpoint: Path, weights_only: bool) -> dict[str, torch.Tensor]:
-    """The state_dict in a checkpoint file, unwrapped from ``{"params": ...}`` / ``{"state_dict": ...}`` and
-    with the ``module.`` prefix of DataParallel training removed (what pyiqa accepts)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    for wrapper in ("params", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -27,11 +27,7 @@ which leaves each image's score unchanged (masked keys get exactly zero attentio
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -39,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerloop.models import hub
+from layerloop.models.iqa import Mlp, QualityScorer
+from layerloop.models.wrappers import rgb_image
 
 __all__ = ["MusiqScorer", "MusiqNet", "KONIQ_CONFIG", "TINY_CONFIG", "DEFAULT_ID", "DEFAULT_FILENAME"]
 
@@ -144,16 +141,6 @@ class MaskedSelfAttention(nn.Module):
         pair = mask[:, None, :, None] & mask[:, None, None, :]
         weights = logits.masked_fill(~pair, _MASKED_LOGIT).softmax(dim=-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, length, dim))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class EncoderBlock(nn.Module):
@@ -301,81 +288,23 @@ def multiscale_tokens(image: torch.Tensor, config: dict):
     return tuple(torch.cat(field) for field in zip(*parts))
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}; "
-                         "flatten RGBA layers with layer_on_neutral first")
-    return image
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Scorer
 # ----------------------------------------------------------------------------------------------------------
 
-class MusiqScorer:
-    def __init__(self, net: MusiqNet, filename: str = DEFAULT_FILENAME, model_id: str = "tiny",
-                 revision: str | None = None, device: str = "cpu", dtype: torch.dtype | None = None):
-        self.device = torch.device(device)
-        self.dtype = dtype or torch.float32
-        self.net = net.to(self.device, self.dtype).eval()
-        self.filename = filename
-        self.model_id = model_id
-        self.revision = revision
-
-    @property
-    def config(self) -> dict:
-        return self.net.config
-
-    @classmethod
-    def from_pretrained(cls, id_or_path: str | os.PathLike = DEFAULT_ID, revision: str | None = None,
-                        dtype: torch.dtype | None = None, device: str = "cpu", filename: str = DEFAULT_FILENAME,
-                        cache_dir: str | os.PathLike | None = None, allow_download: bool = True,
-                        config: dict | None = None, weights_only: bool = True) -> "MusiqScorer":
-        """``id_or_path``: a Hub repository holding ``filename``, a folder holding it, or the checkpoint file.
-
-        The architecture is ``config`` if given, else the folder's ``musiq_config.json`` (as
-        ``save_pretrained`` writes) if there is one, else ``KONIQ_CONFIG``. Loading is strict."""
-        checkpoint = hub.resolve(id_or_path, revision=revision, cache_dir=cache_dir, allow_download=allow_download,
-                                 filename=None if Path(str(id_or_path)).expanduser().is_file() else filename)
-        if config is None:
-            config_file = checkpoint.parent / CONFIG_NAME
-            config = json.loads(config_file.read_text()) if config_file.is_file() else KONIQ_CONFIG
-        net = MusiqNet(config)
-        net.load_state_dict(_read_state_dict(checkpoint, weights_only), strict=True)
-        return cls(net, filename=checkpoint.name, model_id=str(id_or_path), revision=revision, device=device,
-                   dtype=dtype)
-
-    @classmethod
-    def tiny(cls, seed: int = 0, device: str = "cpu") -> "MusiqScorer":
-        """``TINY_CONFIG`` with random weights, written as a checkpoint and loaded back through the same
-        path as the real one (scores are noise)."""
-        torch.manual_seed(seed)
-        net = MusiqNet(TINY_CONFIG)
-        with tempfile.TemporaryDirectory(prefix="layerloop-musiq-") as folder:
-            checkpoint = Path(folder) / DEFAULT_FILENAME
-            torch.save(net.state_dict(), checkpoint)
-            loaded = MusiqNet(TINY_CONFIG)
-            loaded.load_state_dict(_read_state_dict(checkpoint, True), strict=True)
-        return cls(loaded, device=device)
-
-    def save_pretrained(self, path: str | os.PathLike) -> Path:
-        """Writes ``<filename>`` (a plain state_dict, the pyiqa format) plus ``musiq_config.json``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().cpu() for k, v in self.net.state_dict().items()}, path / self.filename)
-        (path / CONFIG_NAME).write_text(json.dumps(self.net.config, indent=2))
-        return path
-
-    def describe(self) -> dict:
-        return {"model": self.model_id, "file": self.filename, "revision": self.revision}
+class MusiqScorer(QualityScorer, name="musiq", net=MusiqNet, filename=DEFAULT_FILENAME, config=KONIQ_CONFIG,
+                  tiny=TINY_CONFIG):
+    """MUSIQ (Ke et al. 2021): a multi-scale transformer over patches of the whole image at its own size
+    and resized scales; the KonIQ-10k model scores about 0-100."""
 
     @torch.no_grad()
     def score(self, images: Sequence[np.ndarray], batch_size: int = 8) -> np.ndarray:
         """MUSIQ score of each HxWx3 uint8 image (any size), float32."""
         scores = []
         for start in range(0, len(images), batch_size):
-            sequences = [multiscale_tokens(torch.from_numpy(_rgb(image)).permute(2, 0, 1).float() / 127.5 - 1.0,
+            sequences = [multiscale_tokens(torch.from_numpy(rgb_image(image)).permute(2, 0, 1).float() / 127.5 - 1.0,
                                            self.config) for image in images[start:start + batch_size]]
             length = max(len(seq[3]) for seq in sequences)
             patches, spatial, scale, mask = (torch.stack([_pad_to(seq[i], length) for seq in sequences]).to(self.device)
@@ -389,11 +318,3 @@ def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(length - len(x), *x.shape[1:])])
 
 
-def _read_state_dict(checkpoint: Path, weights_only: bool) -> dict[str, torch.Tensor]:
-    """The state_dict in a checkpoint file, unwrapped from ``{"params": ...}`` / ``{"state_dict": ...}`` and
-    with the ``module.`` prefix of DataParallel training removed (what pyiqa accepts)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    for wrapper in ("params", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return {k.removeprefix("module."): v for k, v in state.items()}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from layerloop.samples import LayeredSample
 from layerloop.seeds import rng_for
@@ -46,6 +46,13 @@ class StageParams(BaseModel):
     cpus: float | None = None
     gpus: float | None = None
     concurrency: int | None = None  # Ray actor pool size; None: the executor decides
+
+
+class SamplerParams(StageParams):
+    """Parameters every diffusion-sampling stage has (generate-bfs, decompose-incontext, fill-baseline)."""
+
+    steps: int = Field(28, ge=1)  # Euler steps (FluxFillPipeline's default is 50; 28 as FLUX dev)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (tiny models are always float32)
 
 
 class Stage:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Stage, StageParams
+from layerloop.stages.base import Stage
 from layerloop.stages.registry import register_stage
 
 
 @register_stage
 class CopyInputStage(Stage):
+    """An empty layer and the input as the clean object: the decomposition baseline of doing nothing."""
+
     name = "copy-input"
-    Params = StageParams
     batch_size = 16
 
     def process_sample(self, sample: LayeredSample) -> LayeredSample:

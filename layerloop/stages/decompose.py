@@ -27,17 +27,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Stage, StageParams
+from layerloop.stages.base import SamplerParams, Stage
 from layerloop.stages.registry import register_stage
 
 
-class DecomposeParams(StageParams):
+class DecomposeParams(SamplerParams):
     checkpoint: str  # final/ of an incontext training run
-    steps: int = Field(28, ge=1)  # Euler steps over the canvas
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU (the tiny model is always float32)
     # Also compose the predicted layer back onto the predicted object with the LoRA's compose direction and
     # score the cycle: meta["scores"]["cycle_error"] = mean |compose(decompose(C)) - C| in 1/255 steps
     # (a second sampling pass per sample).
@@ -46,6 +43,9 @@ class DecomposeParams(StageParams):
 
 @register_stage
 class DecomposeInContext(Stage):
+    """Composite + region -> layer + clean object with an in-context LoRA (see the module docstring); its
+    base model is read from the checkpoint, so ``models`` names the Fill repository folders it needs."""
+
     name = "decompose-incontext"
     Params = DecomposeParams
     batch_size = 4

@@ -22,21 +22,18 @@ sample's output does not depend on its batch mates.
 from __future__ import annotations
 
 import numpy as np
-from pydantic import Field
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Stage, StageParams
+from layerloop.stages.base import SamplerParams, Stage
 from layerloop.stages.registry import register_stage
 
 DEFAULT_MODEL = "black-forest-labs/FLUX.1-Fill-dev"
 
 
-class FillBaselineParams(StageParams):
+class FillBaselineParams(SamplerParams):
     model: str = DEFAULT_MODEL  # hub id, local diffusers folder, or tiny / tiny:SEED
     revision: str | None = None
-    steps: int = Field(28, ge=1)  # FLUX dev's usual step count (FluxFillPipeline's default is 50)
     guidance: float = 30.0  # FluxFillPipeline's default (FLUX.1-Fill-dev is guidance-distilled)
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
 
 
 @register_stage

@@ -23,23 +23,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
 from layerloop.samples import LayeredSample, composite as composite_layers
-from layerloop.stages.base import Stage, StageParams
+from layerloop.stages.base import SamplerParams, Stage
 from layerloop.stages.registry import register_stage
 
 
-class GenerateParams(StageParams):
+class GenerateParams(SamplerParams):
     checkpoint: str  # final/ of a BFS stage1/stage2 training run
-    steps: int = Field(28, ge=1)  # Euler steps (FluxFillPipeline's default is 50; 28 as FLUX dev)
     guidance: float | None = None  # None: the guidance the LoRA was trained with (bfs_task.json)
     rgba_vae: str | None = None  # final/ of an rgba-vae run; None: the one named in bfs_task.json
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
 
 
 @register_stage
 class GenerateBFS(Stage):
+    """Background + box + caption -> composite and foreground layer with a trained BFS LoRA."""
+
     name = "generate-bfs"
     Params = GenerateParams
     batch_size = 4

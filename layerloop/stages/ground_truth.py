@@ -11,14 +11,16 @@ from __future__ import annotations
 import numpy as np
 
 from layerloop.samples import LayeredSample
-from layerloop.stages.base import Stage, StageParams
+from layerloop.stages.base import Stage
 from layerloop.stages.registry import register_stage
 
 
 @register_stage
 class GroundTruthStage(Stage):
+    """The held-out sample's own layers as the output: the reference row, which a perfect method would
+    match (and the floor of a set metric such as KID)."""
+
     name = "ground-truth"
-    Params = StageParams
     batch_size = 16
 
     def process_sample(self, sample: LayeredSample) -> LayeredSample:

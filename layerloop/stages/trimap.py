@@ -76,7 +76,8 @@ def make_trimap(object_mask: np.ndarray, band_px: int) -> tuple[np.ndarray, int]
 
 @register_stage
 class TrimapStage(Stage):
-    """Object mask -> trimap by erosion (definite foreground) and dilation (outer edge of the band)."""
+    """Object mask -> trimap: erosion gives the definite foreground, dilation the outer edge of the unknown
+    band, whose width is a fraction of the image (``band``, at least ``min_band_px``)."""
 
     name = "trimap"
     Params = TrimapParams
