@@ -393,14 +393,13 @@ class ConfigModel(BaseModel):
         return fingerprint_of(self.model_dump(mode="json", exclude=set(self.FINGERPRINT_EXCLUDE)))
 
 
-_Strict = ConfigModel  # the former name
 
 
 # ------------------------------------------------------------------------------------------ sources
 _NAME = Field(pattern=r"^[A-Za-z0-9_-]+$")  # becomes the key prefix, so it must be key-safe
 
 
-class _SourceConfig(ConfigModel):
+class SourceConfigBase(ConfigModel):
     """A source section. Read access as a mapping is kept for callers of the untyped days
     (``config.source["n"]``, ``config.source.get("path")``)."""
 
@@ -422,7 +421,7 @@ class _SourceConfig(ConfigModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
-class RoremConfig(_SourceConfig):
+class RoremConfig(SourceConfigBase):
     config_label: ClassVar[str] = "a rorem source"
     type: Literal["rorem"]
     path: str
@@ -431,7 +430,7 @@ class RoremConfig(_SourceConfig):
     allow_outside_root: bool = False  # read meta.json paths and symlinks that resolve outside ``path``
 
 
-class FolderConfig(_SourceConfig):
+class FolderConfig(SourceConfigBase):
     config_label: ClassVar[str] = "a folder source"
     type: Literal["folder"]
     path: str
@@ -442,7 +441,7 @@ class FolderConfig(_SourceConfig):
     allow_outside_root: bool = False  # follow folders and symlinks that resolve outside ``path``
 
 
-class HFConfig(_SourceConfig):
+class HFConfig(SourceConfigBase):
     config_label: ClassVar[str] = "an hf source"
     type: Literal["hf"]
     path: str
@@ -457,7 +456,7 @@ class HFConfig(_SourceConfig):
     allow_outside_root: bool = False  # read path cells that resolve outside ``path`` (its folder for a file)
 
 
-class WebDatasetConfig(_SourceConfig):
+class WebDatasetConfig(SourceConfigBase):
     # no allow_outside_root: the urls are the data, and tar members are read by offset, not by name
     config_label: ClassVar[str] = "a webdataset source"
     type: Literal["webdataset"]
@@ -469,7 +468,7 @@ class WebDatasetConfig(_SourceConfig):
     variants: Annotated[int, Field(ge=1)] = 1  # items per tar sample (<key>-v0, -v1 ...): candidates per input
 
 
-class DemoConfig(_SourceConfig):
+class DemoConfig(SourceConfigBase):
     config_label: ClassVar[str] = "a demo source"
     type: Literal["demo"]
     path: str | None = None  # None: rendered into <run dir>/demo-data (pipelines/pipeline.py, source_config)
@@ -479,7 +478,7 @@ class DemoConfig(_SourceConfig):
     name: Annotated[str, _NAME] = "demo"
 
 
-class LogoConfig(_SourceConfig):
+class LogoConfig(SourceConfigBase):
     config_label: ClassVar[str] = "a logos source"
     type: Literal["logos"]
     n: Annotated[int, Field(ge=1)]
@@ -488,7 +487,7 @@ class LogoConfig(_SourceConfig):
     name: Annotated[str, _NAME] = "logos"
 
 
-class RunShardsConfig(_SourceConfig):
+class RunShardsConfig(SourceConfigBase):
     """A run directory's own committed shards, read whole (``datasets/shard_source.py``): the held-out set of
     an evaluation. ``select``: keep that many samples, chosen by ``seed`` (a fixed subset of the run)."""
 
@@ -500,7 +499,7 @@ class RunShardsConfig(_SourceConfig):
     name: Annotated[str, _NAME] = "heldout"
 
 
-SOURCE_CONFIGS: dict[str, type[_SourceConfig]] = {
+SOURCE_CONFIGS: dict[str, type[SourceConfigBase]] = {
     "rorem": RoremConfig, "folder": FolderConfig, "hf": HFConfig, "webdataset": WebDatasetConfig,
     "demo": DemoConfig, "logos": LogoConfig, "shards": RunShardsConfig,
 }
@@ -557,7 +556,7 @@ class BuildConfig(ConfigModel):
     def _source_as_written(self, source: Any) -> Any:
         # As written (no defaults): run.json and the fingerprint are what they were for untyped sources.
         # A test or caller may have assigned a plain mapping: recorded as given.
-        return source.as_written() if isinstance(source, _SourceConfig) else dict(source)
+        return source.as_written() if isinstance(source, SourceConfigBase) else dict(source)
 
     def stage_names(self) -> list[str]:
         return [entry.get("stage", "?") for entry in self.stages]

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from layerloop.config import (SOURCE_CONFIGS, DemoConfig, FolderConfig, HFConfig, LogoConfig,  # noqa: F401
-                              RoremConfig, RunShardsConfig, WebDatasetConfig, _SourceConfig, validate_model)
+                              RoremConfig, RunShardsConfig, WebDatasetConfig, SourceConfigBase, validate_model)
 from layerloop.datasets.base import (OUTSIDE_ROOT, OutsideRootError, Source, SourceItem, check_inside_root,
                                      make_key, new_sample, readable, real_root)
 from layerloop.samples import Failure, LayeredSample
@@ -1076,12 +1076,12 @@ def _absolute_url(url: str) -> str:
     return url if url.startswith("pipe:") or "://" in url else _absolute(url)
 
 
-def build_source(cfg: dict[str, Any] | _SourceConfig) -> Source:
+def build_source(cfg: dict[str, Any] | SourceConfigBase) -> Source:
     """A source from its config section: ``{"type": "rorem"|"folder"|"hf"|"webdataset"|"demo"|"logos", ...}``
     (a mapping or a validated source config)."""
     from layerloop.errors import ConfigError
 
-    if isinstance(cfg, _SourceConfig):
+    if isinstance(cfg, SourceConfigBase):
         cfg = cfg.as_written()
     cfg = dict(cfg)
     kind = cfg.get("type")

@@ -143,7 +143,7 @@ class ClipScorer:
                         cache_dir: str | os.PathLike | None = None, allow_download: bool = True) -> "ClipScorer":
         name = str(id_or_path)
         if not Path(name).expanduser().exists() and name in open_clip.list_models():
-            weights = _resolve_tag_weights(name, pretrained, revision, cache_dir, allow_download)
+            weights = resolve_tag_weights(name, pretrained, revision, cache_dir, allow_download)
             model = open_clip.create_model(name, pretrained=str(weights), device=device)
             bundle = OpenClipBundle(model, open_clip.get_tokenizer(name), open_clip.get_model_config(name),
                                     device=device, dtype=dtype)
@@ -170,7 +170,7 @@ class ClipScorer:
         return (CLIPSCORE_WEIGHT * np.maximum(cosine, 0.0)).astype(np.float32)
 
 
-def _resolve_tag_weights(name: str, tag: str, revision: str | None, cache_dir, allow_download: bool) -> Path:
+def resolve_tag_weights(name: str, tag: str, revision: str | None, cache_dir, allow_download: bool) -> Path:
     """The local weight file of an open_clip (architecture, pretrained tag) pair, through hub.resolve."""
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     if not tag_cfg or not tag_cfg.get("hf_hub"):

@@ -55,9 +55,9 @@ class ModelRef:
         if self.is_tiny:
             return None
         if self.open_clip_tag:
-            from layerloop.models.clip_score import _resolve_tag_weights
+            from layerloop.models.clip_score import resolve_tag_weights
 
-            return _resolve_tag_weights(self.model, self.open_clip_tag, self.revision, cache_dir, allow_download)
+            return resolve_tag_weights(self.model, self.open_clip_tag, self.revision, cache_dir, allow_download)
         return hub.resolve(self.model, revision=self.revision, cache_dir=cache_dir, allow_download=allow_download,
                            filename=self.filename,
                            allow_patterns=list(self.allow_patterns) if self.allow_patterns else None)

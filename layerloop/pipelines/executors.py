@@ -280,7 +280,7 @@ class RayExecutor:
         if not tasks:
             return
         import ray
-        import ray.data
+        import ray.data  # noqa: F401  (loads Ray Data before the cluster starts)
 
         self.init_ray()
         stages = pipeline.build_stages()

@@ -30,10 +30,9 @@ from pydantic import Field, model_validator
 
 from layerloop.config import ConfigModel, RayConfig, apply_override
 
-_Strict = ConfigModel
 
 
-class DataSpec(_Strict):
+class DataSpec(ConfigModel):
     """Shards the loop reads: an existing run directory, or a build it runs itself into ``OUT/data/<name>``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
@@ -51,19 +50,19 @@ class DataSpec(_Strict):
         return self
 
 
-class TrainSpec(_Strict):
+class TrainSpec(ConfigModel):
     config: str | dict[str, Any]  # training config: path, packaged name, or an inline mapping
     overrides: list[str] = Field(default_factory=list)
 
 
-class GenerateSpec(_Strict):
+class GenerateSpec(ConfigModel):
     stages: list[dict[str, Any]] = Field(min_length=1)  # generation stages on the held shards
     variants: int = Field(2, ge=1)  # candidates per held input (each its own noise)
     source: dict[str, Any] = Field(default_factory=dict)  # extra webdataset source fields (member names)
     samples_per_shard: int = Field(16, ge=1)
 
 
-class LoopEvaluation(_Strict):
+class LoopEvaluation(ConfigModel):
     """Evaluate every round's LoRA on one fixed held-out set after training (``round-NNN/eval.json``, in the
     shape of ``layerloop evaluate``'s ``metrics.json``), and round 0's starting point with it (``start``).
     The held-out set must not be the loop's ``held`` inputs: those are what the loop selects from."""
@@ -78,7 +77,7 @@ class LoopEvaluation(_Strict):
     kid_subsets: int = Field(100, ge=1)
 
 
-class SelfImproveConfig(_Strict):
+class SelfImproveConfig(ConfigModel):
     config_label: ClassVar[str] = "a self-improvement config"
     # What changes the results (not the executor, Ray settings, output directory or the round count:
     # more rounds may be added to a finished loop).

@@ -16,10 +16,9 @@ from pydantic import Field, model_validator
 
 from layerloop.config import ConfigModel, apply_override
 
-_Strict = ConfigModel
 
 
-class DataSourceConfig(_Strict):
+class DataSourceConfig(ConfigModel):
     """Shards of one source: a run directory or tar urls, with a relative sampling weight (accepted
     samples of later rounds are typically weighted 2)."""
 
@@ -35,13 +34,13 @@ class DataSourceConfig(_Strict):
         return self
 
 
-class RayTrainConfig(_Strict):
+class RayTrainConfig(ConfigModel):
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray
     max_failures: int = 0  # worker-group restarts; each restart resumes from the latest checkpoint
     cpus_per_worker: float = 1.0
 
 
-class TrainConfig(_Strict):
+class TrainConfig(ConfigModel):
     config_label: ClassVar[str] = "a training config"
 
     name: str = "train"

@@ -82,7 +82,7 @@ def test_offline_and_missing_raises(monkeypatch, tmp_path):
 
 
 def test_pretrained_tag_resolves_through_the_cache(monkeypatch, tmp_path):
-    from layerloop.models.clip_score import _resolve_tag_weights
+    from layerloop.models.clip_score import resolve_tag_weights
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -94,5 +94,5 @@ def test_pretrained_tag_resolves_through_the_cache(monkeypatch, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     # Only the .bin copy is cached: the safetensors name is tried first, then the .bin one is used.
-    path = _resolve_tag_weights("ViT-H-14", "laion2b_s32b_b79k", None, None, True)
+    path = resolve_tag_weights("ViT-H-14", "laion2b_s32b_b79k", None, None, True)
     assert path == repo / "snapshots" / commit / "open_clip_pytorch_model.bin"
