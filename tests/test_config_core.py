@@ -21,6 +21,9 @@ from layerloop.training.config import TrainConfig, load_train_config, load_train
 PACKAGED_FINGERPRINTS = {
     "decompose_incontext_demo": "4724ac1b99b33d5d",
     "demo": "cdce2e623525be33",
+    "evaluate_bfs_demo": "e5432892ddde4193",
+    "evaluate_bfs_rorem": "33c9f28f64b8cdcf",
+    "evaluate_decompose_demo": "13f7f4bcd1800a88",
     "generate_bfs_demo": "a60cd3ad30809123",
     "logos_demo": "116d7e2697fe5aaf",
     "pairs_demo": "d462c7d0150e7e9d",
@@ -39,6 +42,10 @@ def _load_packaged(name: str) -> ConfigModel:
         return load_train_config(name)
     if name.startswith("selfimprove"):
         return load_selfimprove_config(name)
+    if name.startswith("evaluate"):
+        from layerloop.evaluation.config import load_evaluate_config
+
+        return load_evaluate_config(name)
     return load_config(name)
 
 

@@ -221,8 +221,8 @@ class StepCannotRunError(RuntimeError):
     """The step the loop waits for asks for resources that no alive node of the cluster has."""
 
 
-def _wait_for_steps(ref: Any, out: Path, steps: list[tuple[int, str]],
-                    requests: dict[tuple[int, str], dict[str, float]], bar: _StepBar | None = None) -> Any:
+def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]],
+                    bar: _StepBar | None = None, evaluate: bool = False) -> Any:
     """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
     pending (an autoscaler may still add one), so when the step that runs now (the first without its
     marker) asks for more than any alive node offers for longer than the stall timeout
@@ -232,6 +232,7 @@ def _wait_for_steps(ref: Any, out: Path, steps: list[tuple[int, str]],
     from layerloop.pipelines.executors import stall_timeout
 
     timeout, since = stall_timeout(), None
+    steps = plan_steps(rounds, evaluate)
     while True:
         ready, _ = ray.wait([ref], timeout=1.0 if bar is not None and bar.enabled else 5.0)
         if bar is not None:
@@ -286,7 +287,7 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
         args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        _wait_for_steps(ref, out, steps, requests, bar)
+        _wait_for_steps(ref, out, rounds, requests, bar, cfg.evaluation is not None)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
     return [json.loads(_marker(out, k, name).read_text()) for k, name in steps if name != "summary"]
