@@ -180,6 +180,18 @@ def tar_record(index_path: str | Path) -> tuple[int, str] | None:
     return int(metadata[TAR_SIZE_KEY]), metadata[TAR_SHA256_KEY].decode("ascii")
 
 
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """``pq.read_table(path, columns=columns)`` of one parquet file, read without ``pyarrow.dataset``
+    (which imports pandas: a quarter of a second and 45 MB for ``layerloop inspect``). The table is the
+    same; a file that ``ParquetFile`` cannot read goes to ``read_table``, so what it raises is unchanged."""
+    try:
+        with pq.ParquetFile(path) as parquet:
+            return parquet.read(columns=columns)
+    except Exception:  # noqa: BLE001 - read_table below raises its own error for the same file
+        pass
+    return pq.read_table(path, columns=columns)
+
+
 def error_text(error: BaseException) -> str:
     """``Type: first line of the message`` (webdataset and tarfile append streams and names to ``args``)."""
     first = error.args[0] if error.args and isinstance(error.args[0], str) else str(error)

@@ -20,8 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from layerloop.datasets.shards import read_parquet
 from layerloop.report import UnknownSampleError, load_index, trace_sample
 from layerloop.selfimprove.layout import (CONFIG_FILE, DATA_DIR, ROUNDS_DIR, RoundPaths, read_mix,
                                           summary_report_dir)
@@ -58,7 +57,7 @@ def _decision(round_path: Path, key: str) -> dict[str, Any] | None:
     path = RoundPaths(round_path).scores
     if not path.exists():
         return None
-    table = pq.read_table(path, columns=["key", "accepted", "rule", "reasons"]).to_pylist()
+    table = read_parquet(path, columns=["key", "accepted", "rule", "reasons"]).to_pylist()
     return next(({"accepted": r["accepted"], "rule": r["rule"], "reasons": r["reasons"]} for r in table
                  if r["key"] == key), None)
 
