@@ -26,8 +26,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from layerloop import logs
 
 
@@ -145,15 +143,17 @@ def _cmd_self_improve(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from layerloop.report import inspect_run, trace_sample
     from layerloop.selfimprove.lineage import describe_loop, is_selfimprove_dir, trace
 
     if is_selfimprove_dir(args.dir):
         if args.key:
             print(json.dumps(trace(args.dir, args.key), indent=2, sort_keys=True, default=str))
         else:
-            print(describe_loop(args.dir))
-    elif args.key:
+            print(describe_loop(args.dir))  # JSON files only: no pyarrow
+        return 0
+    from layerloop.report import inspect_run, trace_sample
+
+    if args.key:
         print(json.dumps(trace_sample(args.dir, args.key), indent=2, sort_keys=True, default=str))
     else:
         print(inspect_run(args.dir, samples=args.samples))
@@ -306,23 +306,34 @@ def main(argv: list[str] | None = None) -> int:
 def _user_error(error: BaseException) -> tuple[int | None, str]:
     """(exit code, one-line message) for the errors written for the user; (None, "") for a bug."""
     from layerloop import errors
-    from layerloop.pipelines.preflight import ModelsMissing
-    from layerloop.pipelines.runs import RunLockedError, RunMismatchError
-    from layerloop.report import UnknownSampleError
 
-    if isinstance(error, ValidationError):
+    # The classes of modules this command never imported match nothing (``()``): an error cannot come from
+    # a module that was not loaded, and importing them (pydantic, the Hugging Face hub) only slows the message.
+    validation_error = _loaded_class("pydantic_core", "ValidationError")
+    models_missing = _loaded_class("layerloop.pipelines.preflight", "ModelsMissing")
+    run_errors = (_loaded_class("layerloop.pipelines.runs", "RunLockedError"),
+                  _loaded_class("layerloop.pipelines.runs", "RunMismatchError"))
+    unknown_sample = _loaded_class("layerloop.report.scan", "UnknownSampleError")
+
+    if isinstance(error, validation_error):
         return errors.EXIT_REFUSED, f"invalid config:\n{error}"
     if isinstance(error, errors.LayerloopError) and not isinstance(error, errors.EnvironmentFailure):
         return error.exit_code, str(error)
-    if isinstance(error, (ModelsMissing, RunLockedError, RunMismatchError, ValueError)):
+    if isinstance(error, (models_missing, *run_errors, ValueError)):
         return errors.EXIT_REFUSED, str(error)
-    if isinstance(error, UnknownSampleError):
+    if isinstance(error, unknown_sample):
         return errors.EXIT_REFUSED, error.args[0] if error.args else str(error)
     if isinstance(error, OSError) and error.errno is None:  # ours: "X is not a run directory", ...
         return errors.EXIT_REFUSED, str(error)
     if isinstance(error, OSError):  # the system's: disk full, read-only, permission denied ...
         return errors.EXIT_ENVIRONMENT, errors.describe_os_error(error)
     return None, ""
+
+
+def _loaded_class(module: str, name: str) -> type | tuple[()]:
+    """``module.name`` when ``module`` is loaded, else ``()`` (``isinstance(x, ())`` is False)."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else ()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,11 @@ one test also reads a shard written by the real ShardWriter."""
 
 from __future__ import annotations
 
+import io
 import json
+import random
+import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +413,81 @@ def test_old_index_without_record_with_a_broken_tar_is_named(tmp_path):
     assert "demo-000001  tar demo-000001.tar is unreadable (ReadError" in text
     trace = trace_sample(run_dir, "demo_0003")
     assert "demo-000001.tar is unreadable" in trace["shard_damage"] and trace["metadata"] is None
+
+
+def _read_records_with_webdataset(tar_path: Path, keys: list[str], members: tuple[str, ...] | None) -> dict:
+    """``read_records`` as it was written with webdataset (``wds.WebDataset``), the reference for the
+    reader that replaced it (importing webdataset imports torch)."""
+    from layerloop.datasets.shards import error_text
+    from layerloop.report import DamagedShardError
+
+    wanted, found = set(keys), {}
+
+    def select(fname: str) -> bool:
+        return fname.split(".", 1)[0] in wanted and (members is None or fname.split(".", 1)[1] in members)
+
+    records = iter(wds.WebDataset(str(tar_path), shardshuffle=False, empty_check=False, select_files=select))
+    try:
+        for record in records:
+            if record["__key__"] in wanted:
+                found[record["__key__"]] = record
+                wanted.discard(record["__key__"])
+                if not wanted:
+                    break
+    except Exception as error:  # noqa: BLE001
+        raise DamagedShardError(f"tar {tar_path.name} is unreadable ({error_text(error)})") from error
+    finally:
+        records.close()
+    return found
+
+
+def _odd_tar(entries: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    return buffer.getvalue()
+
+
+def test_read_records_reads_as_webdataset_does(real_run, tmp_path):
+    """Same records (members, ``__key__``, ``__url__``, ``__local_path__``) and the same error, message and
+    cause for intact tars, tars cut at every 512-byte block and at odd offsets, overwritten bytes, empty
+    and garbage files, and odd member names (duplicates, metadata, no extension, upper-case extension)."""
+    from layerloop.report import read_records
+
+    def outcome(read, *args):
+        try:
+            return "ok", read(*args)
+        except Exception as error:  # noqa: BLE001
+            cause = error.__cause__
+            return "error", type(error).__name__, str(error), type(cause).__name__, [str(a) for a in cause.args]
+
+    intact = (real_run / "demo-000000.tar").read_bytes()
+    keys = [r["key"] for r in pq.read_table(real_run / "demo-000000.parquet").to_pylist()]
+    rng = random.Random(0)
+    variants = [intact, b"", b"\x01" * 2048,
+                _odd_tar([("a.json", b"1"), ("a.json", b"2")]),
+                _odd_tar([("__meta__", b"x"), ("a.JSON", b"1"), ("a.png", b"p"), ("b", b"no extension"),
+                          ("c.__bad__", b"1"), ("c.json", b"c"), ("x/__k__/y.json", b"m"), ("d.e.f.txt", b"t")])]
+    variants += [intact[:n] for n in range(0, len(intact), 512)] + [intact[:rng.randrange(len(intact))]
+                                                                    for _ in range(10)]
+    for _ in range(10):
+        damaged = bytearray(intact)
+        start = rng.randrange(len(damaged))
+        damaged[start:start + 64] = bytes(rng.randrange(256) for _ in range(64))
+        variants.append(bytes(damaged))
+    key_sets = [keys[:1], keys[-1:], keys, ["nowhere"], ["a", "b", "c", "d", "x/__k__/y"]]
+    tar = tmp_path / "demo-000009.tar"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # webdataset's own warnings
+        for data in variants:
+            tar.write_bytes(data)
+            for wanted in key_sets:
+                for members in (None, ("json",)):
+                    expected = outcome(_read_records_with_webdataset, tar, wanted, members)
+                    assert outcome(read_records, tar, wanted, members) == expected, (len(data), wanted, members)

@@ -31,10 +31,13 @@ and otherwise fails with ``BuildStalledError``, one message saying what the plan
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import math
 import os
 import pickle
+import sys
 from itertools import islice
 from typing import Any, Iterator
 
@@ -74,16 +77,66 @@ def _batch(rows: list[tuple[int, Any]]) -> dict:
 def pin_threads(cpus: float) -> None:
     """Give the libraries of a Ray worker as many threads as the CPUs its task or actor holds. Ray sets
     ``OMP_NUM_THREADS`` for OpenMP, but OpenCV's own pool and torch's intra-op pool default to every core
-    of the node: two 1-CPU workers on 2 cores would then run 4+ compute threads and slow each other down."""
+    of the node: two 1-CPU workers on 2 cores would then run 4+ compute threads and slow each other down.
+
+    torch is pinned now when the worker has imported it, and otherwise the moment it is imported
+    (``_TorchThreads``): a worker whose stages have no model never imports torch (1.5 s and 600 MB)."""
     threads = max(1, int(cpus))
     import cv2
 
     if cv2.getNumThreads() != threads:
         cv2.setNumThreads(threads)
-    import torch
+    _TORCH_THREADS.pin(threads)
 
+
+class _TorchThreads(importlib.abc.MetaPathFinder):
+    """``torch.set_num_threads`` without importing torch: applied at once when torch is imported, else
+    right after its import (this finder wraps the loader of torch's own spec, then steps aside), before
+    any code can compute with it."""
+
+    def __init__(self) -> None:
+        self.threads: int | None = None
+
+    def pin(self, threads: int) -> None:
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            _set_torch_threads(torch, threads)
+            return
+        self.threads = threads
+        if self not in sys.meta_path:
+            sys.meta_path.insert(0, self)
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "torch" or self.threads is None:
+            return None
+        sys.meta_path.remove(self)  # once: torch's own finder answers from here on
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PinAfterExec(spec.loader, self.threads)
+        return spec
+
+
+class _PinAfterExec(importlib.abc.Loader):
+    def __init__(self, loader: Any, threads: int):
+        self.loader, self.threads = loader, threads
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        try:
+            self.loader.exec_module(module)
+        finally:  # the module keeps torch's own loader, as if imported without this
+            module.__loader__ = module.__spec__.loader = self.loader
+        _set_torch_threads(module, self.threads)
+
+
+def _set_torch_threads(torch: Any, threads: int) -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+_TORCH_THREADS = _TorchThreads()
 
 
 def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool,

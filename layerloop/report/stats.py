@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from layerloop.report.scan import RunIndex, existing_run_dir, index_paths, read_failures, read_run_info, scan_run
+from layerloop.report.scan import (RunIndex, existing_run_dir, index_paths, read_failures, read_run_info, scan_run,
+                                   strings)
 
 
 def parse_scores(text: str | None) -> dict[str, Any]:
@@ -78,7 +79,7 @@ def run_stats(run_dir: str | Path, index: RunIndex | pa.Table | None = None) -> 
         table, damaged, committed = index, [], len(index_paths(run_dir))
         failures = read_failures(run_dir, table)
     index = table
-    ok = index.filter(pc.equal(index["status"], "ok"))
+    ok = index.filter(pc.equal(index["status"], strings(["ok"])[0]))
 
     kinds = Counter(k if k is not None else "?" for k in ok["kind"].to_pylist())
     widths, heights = ok["width"].to_pylist(), ok["height"].to_pylist()

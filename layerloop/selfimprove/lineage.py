@@ -20,8 +20,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerloop.datasets.shards import read_parquet
-from layerloop.report import UnknownSampleError, load_index, trace_sample
 from layerloop.selfimprove.layout import (CONFIG_FILE, DATA_DIR, ROUNDS_DIR, RoundPaths, read_mix,
                                           summary_report_dir)
 from layerloop.selfimprove.results import data_run_dir
@@ -43,6 +41,8 @@ def _run_dirs(out: Path) -> list[tuple[str, int | None, Path]]:
 
 
 def _locate(out: Path, key: str) -> tuple[str, int | None, Path]:
+    from layerloop.report import UnknownSampleError, load_index
+
     for role, k, run_dir in _run_dirs(out):
         try:
             index = load_index(run_dir)
@@ -54,6 +54,8 @@ def _locate(out: Path, key: str) -> tuple[str, int | None, Path]:
 
 
 def _decision(round_path: Path, key: str) -> dict[str, Any] | None:
+    from layerloop.datasets.shards import read_parquet
+
     path = RoundPaths(round_path).scores
     if not path.exists():
         return None
@@ -70,6 +72,8 @@ def _mix_summary(round_path: Path) -> list[dict[str, Any]]:
 
 def trace(out: str | Path, key: str) -> dict[str, Any]:
     """The chain of records from ``key`` back to its origin, with a one-line ``summary``."""
+    from layerloop.report import trace_sample  # here: pyarrow is not needed to describe a loop
+
     out = Path(out)
     role, k, run_dir = _locate(out, key)
     chain: list[dict[str, Any]] = []

@@ -1,0 +1,122 @@
+"""What the Ray workers of a stateless build import: not torch, except through webdataset's shard writer.
+
+The method, and why it is not flaky: the build runs in a subprocess with a Ray of its own (the session's
+``ray_local`` workers are reused by every test, and any earlier model test may have imported torch in them,
+so looking into their ``sys.modules`` after the build would depend on test order). The subprocess puts a
+``sitecustomize.py`` on ``PYTHONPATH``; every Python process started from it, Ray's workers included, loads
+it at start-up. It installs an import watcher that appends the process's argv and the importing stack to a
+log the moment ``torch`` is imported for the first time in that process, so nothing depends on which worker
+ran which task, on worker reuse or on timing. A canary import in a Ray task after the build proves that the
+watcher runs in the workers (otherwise an empty log would prove nothing).
+
+torch still reaches a worker in one place: ``ShardWriter.write`` imports webdataset for its ``TarWriter``,
+and webdataset's ``__init__`` imports torch (webdataset 1.0: every submodule import runs the package
+``__init__``). That import is allowed below and nothing else is; without webdataset in the writer the
+allowed list becomes empty.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WATCHER = '''
+import os, sys, traceback
+
+_LOG = os.environ.get("LAYERLOOP_TEST_IMPORT_LOG")
+_WATCHED = ("torch", "layerloop_import_canary")
+
+
+class _ImportWatcher:
+    def find_spec(self, name, path=None, target=None):
+        if _LOG and name in _WATCHED and name not in sys.modules:
+            with open(os.path.join(_LOG, f"{os.getpid()}-{name}.log"), "a") as log:
+                log.write(repr(sys.argv) + "\\n" + "".join(traceback.format_stack()) + "\\n")
+        return None
+
+
+sys.meta_path.insert(0, _ImportWatcher())
+'''
+
+BUILD = '''
+import sys
+
+import ray
+
+from layerloop.config import load_config
+from layerloop.pipelines.build import build
+
+out = sys.argv[1]
+config = load_config("demo", ["source.n=4", "source.size=64", "stages.load.short_side=64",
+                              "shards.samples_per_shard=2", "executor=ray", "ray.num_cpus=2"])
+result = build(config, out=out, executor="ray", progress=False, report=False)
+assert result.ok + result.failed == 4, result.summary()
+
+
+@ray.remote(num_cpus=1)
+def canary():
+    try:
+        import layerloop_import_canary  # noqa: F401 - does not exist: only the watcher sees the attempt
+    except ImportError:
+        pass
+
+
+ray.get([canary.remote() for _ in range(4)])
+ray.shutdown()
+'''
+
+# Where a worker may import torch: webdataset's package __init__, reached from the shard writer.
+ALLOWED_TORCH_IMPORTERS = ("webdataset/__init__.py",)
+
+
+def _worker_logs(log_dir: Path, name: str) -> list[str]:
+    return [text for path in sorted(log_dir.glob(f"*-{name}.log"))
+            if "default_worker.py" in (text := path.read_text()).splitlines()[0]]
+
+
+@pytest.mark.ray
+def test_stateless_ray_build_imports_torch_in_no_worker_but_through_webdataset(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(WATCHER)
+    log_dir = tmp_path / "imports"
+    log_dir.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path(__file__).resolve().parents[2]),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["LAYERLOOP_TEST_IMPORT_LOG"] = str(log_dir)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(BUILD), str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assert _worker_logs(log_dir, "layerloop_import_canary"), "the watcher did not run in the Ray workers"
+    unexpected = [stack for stack in _worker_logs(log_dir, "torch")
+                  if not any(allowed in stack for allowed in ALLOWED_TORCH_IMPORTERS)]
+    assert not unexpected, "a Ray worker of a stateless build imported torch:\n" + unexpected[0][-3000:]
+
+
+PIN = """
+import sys
+from layerloop.pipelines.executors import pin_threads
+pin_threads(1)
+assert "torch" not in sys.modules
+pin_threads(3)
+import torch
+assert torch.get_num_threads() == 3, torch.get_num_threads()
+assert type(torch.__spec__.loader).__module__ != "layerloop.pipelines.executors"  # torch's own loader
+assert not any(type(f).__module__ == "layerloop.pipelines.executors" for f in sys.meta_path)
+pin_threads(2)
+assert torch.get_num_threads() == 2
+"""
+
+
+def test_pin_threads_pins_torch_when_it_is_imported_later():
+    """``pin_threads`` in a fresh interpreter: torch is not imported, and gets the last pinned thread count
+    the moment something imports it (a model stage's ``setup``, the evaluate stage's measures)."""
+    done = subprocess.run([sys.executable, "-c", PIN], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
