@@ -480,6 +480,9 @@ class DemoConfig(SourceConfigBase):
 
 class LogoConfig(SourceConfigBase):
     config_label: ClassVar[str] = "a logos source"
+    # The logos' image formation changed (2: placed unlit layer, non-linear rendering of C, kind "rendered"):
+    # the version is part of a build's fingerprint, so a run directory of the old logos is refused, not mixed.
+    output_version: ClassVar[int] = 2
     type: Literal["logos"]
     n: Annotated[int, Field(ge=1)]
     seed: int = 0
@@ -560,6 +563,15 @@ class BuildConfig(ConfigModel):
 
     def stage_names(self) -> list[str]:
         return [entry.get("stage", "?") for entry in self.stages]
+
+    def fingerprint(self) -> str:
+        """As every config's, plus the source type's ``output_version`` where it has one (what the same
+        config produces changed)."""
+        data = self.model_dump(mode="json", exclude=set(self.FINGERPRINT_EXCLUDE))
+        version = getattr(type(self.source), "output_version", None)
+        if version is not None:
+            data["source_output_version"] = version
+        return fingerprint_of(data)
 
 
 # ----------------------------------------------------------------------- the former public functions

@@ -4,8 +4,15 @@ One schema serves every kind of layered example (docs/architecture.md, "The samp
 
 * ``quadruple``: F (foreground RGBA with effects), B (background), M (box mask), C (composite),
   with the invariant ``C == round(a*F_rgb + (1-a)*B)`` per pixel;
+* ``rendered``: F (a layer: e.g. a logo placed where it appears, unlit), B (the clean object), M (the
+  region mask) and a C that is not their alpha blend: rendered from them by a non-linear image formation
+  (shading multiplied over the layer, highlights, ink opacity and absorption, print texture, emboss:
+  ``datasets/logos.py``), or a real input. The alpha-blend invariant does not hold, by design;
 * ``pair``: a real composite C with background B from object removal and a surrogate foreground S;
 * ``candidate``: a generated sample waiting to be scored and filtered.
+
+The invariant is checked (``LayeredSample.validate``, and so by the shard writer) for ``quadruple`` only
+(``INVARIANT_KINDS``).
 
 Besides the serialised fields a sample carries working state between stages (the source photo, trimap,
 float alpha, raw undecoded inputs) in ``work``; it never reaches a shard. A sample that failed carries a
@@ -26,7 +33,9 @@ import numpy as np
 from PIL import Image
 
 SCHEMA_VERSION = 1
-KINDS = ("quadruple", "pair", "candidate")
+# "rendered": a composite made by a non-linear rendering of (F, B) (or a real input), no alpha-blend invariant
+KINDS = ("quadruple", "pair", "candidate", "rendered")
+INVARIANT_KINDS = ("quadruple",)  # the kinds whose C must equal round(a*F + (1-a)*B)
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # tar member name -> (LayeredSample attribute, PIL mode, channels)
@@ -106,7 +115,9 @@ class LayeredSample:
 
     # ------------------------------------------------------------- validation
     def validate(self, check_invariant: bool = True) -> None:
-        """Raise SampleError unless the sample is writable: key, kind, modes, sizes, invariant."""
+        """Raise SampleError unless the sample is writable: key, kind, modes, sizes, and (for the kinds in
+        ``INVARIANT_KINDS``, only ``quadruple``) the alpha-blend invariant; a ``rendered`` sample's C is
+        not an alpha blend of its layers by design."""
         if not KEY_PATTERN.match(self.key):
             raise SampleError(f"{self.key!r}: key must match {KEY_PATTERN.pattern}")
         if self.kind not in KINDS:
@@ -127,7 +138,7 @@ class LayeredSample:
                 shape = value.shape[:2]
             elif value.shape[:2] != shape:
                 raise SampleError(f"{self.key}: {attr} is {value.shape[:2]}, other layers are {shape}")
-        if check_invariant and self.kind == "quadruple":
+        if check_invariant and self.kind in INVARIANT_KINDS:
             err = composite_error(self.composite, self.foreground, self.background)
             if err > 1:
                 raise SampleError(f"{self.key}: composite differs from a*F + (1-a)*B by {err}/255")

@@ -25,12 +25,12 @@ PACKAGED_FINGERPRINTS = {
     "evaluate_bfs_rorem": "33c9f28f64b8cdcf",
     "evaluate_decompose_demo": "13f7f4bcd1800a88",
     "generate_bfs_demo": "a60cd3ad30809123",
-    "logos_demo": "116d7e2697fe5aaf",
+    "logos_demo": "d68cb346bf50d02d",  # #14 changed what it produces (non-linear logos): was 116d7e2697fe5aaf
     "pairs_demo": "d462c7d0150e7e9d",
     "rorem": "e0381861157f7cdc",
     "rorem_pairs": "0c094a34d1a683bf",
     "selfimprove_bfs_demo": "e9b64e32f105f809",
-    "selfimprove_incontext_demo": "9f3fc33d46dffbfc",
+    "selfimprove_incontext_demo": "6f75d0d858f013fb",  # #14: top-k by cycle_error: was 9f3fc33d46dffbfc
     "train_bfs": "c6f744fd9eb45728",
     "train_bfs_demo": "5107b9340a57bf13",
     "train_incontext_demo": "70b6c9b83ed6c000",

@@ -1,39 +1,109 @@
-"""Synthetic logo seed data for layer decomposition (issue 5): procedural logos printed on procedural objects.
+"""Synthetic logo seed data for layer decomposition (issues 5 and 14): procedural logos printed on
+procedural objects, with a non-linear image formation.
 
-Each sample is a quadruple in the project's one schema (docs/architecture.md, "The sample"):
+Each sample is a ``LayeredSample`` of kind ``rendered`` (docs/architecture.md, "The sample"):
 
 * B, the clean object: a shaded mug, bottle, box or t-shirt over a plain or textured backdrop, or a
-  textured surface (wood, concrete, fabric, paper) seen at an angle;
-* F, the logo layer *as it appears on the object*: the flat logo (emblem, ring, star, letters, stripes or
-  a repeated-text pattern) warped onto the surface (cylindrical for mugs and bottles, perspective for flat
-  faces, a gentle ripple for cloth), multiplied by the object's shading and given its specular highlight
-  (so the logo follows the light), with a global opacity and a print texture (worn ink speckle or halftone)
-  in alpha;
-* M, the region mask: the logo's support, dilated by a few pixels (what a user would draw around it);
-* C = ``composite(F, B)``, so the quadruple invariant holds exactly.
+  textured surface (wood, concrete, fabric, paper) seen at an angle, under the scene's light;
+* F, the logo layer: the design (emblem, ring, star, letters, stripes or a repeated-text pattern) *placed
+  where it appears* (wrapped around a cylinder, seen in perspective on a flat face, rippled on cloth, cut
+  at the object's silhouette) but free of the surface's influence: unlit, no shading, highlight, print
+  texture, emboss or ink opacity; its colours are the design's named inks and its alpha is the design's
+  own (antialiased) coverage;
+* M, the region mask: the logo's support dilated by ``REGION_DILATION`` pixels (what a user would draw);
+* C, the composite, *rendered* from (F, B, the formation parameters) by ``render_composite``; it is not
+  ``a*F + (1-a)*B``, so the BFS quadruple invariant does not hold (kind ``rendered``, not ``quadruple``).
 
-What a decomposition model must learn from these is the inverse of exactly those effects: undo the
-shading and highlight on the layer, the warp stays (F is the layer in place), and fill in the object
-behind it. Every random draw is recorded in ``meta["logo"]`` and a sample depends on (seed, index) only.
+Image formation (``render_composite``), per pixel, values in [0, 1], F = (f, a), B the clean object::
+
+    I   = irradiance * light          the surface's diffuse light (ambient included) times the scene
+                                      light's tint and cast shadow (B was drawn under the same light)
+    k   = a * o * t                   ink coverage: layer alpha x ink opacity o x print texture t
+                                      (worn ink, halftone, paper grain, fabric weave)
+    ink = (1 - m') f I + m' f B       body ink is lit like the surface (shading multiplied over the
+                                      logo colours); an absorbing ink filters the lit surface instead
+                                      (multiply blend): m' = m where the ink is darker than the surface
+                                      (a light ink cannot darken-filter, it covers: m' = 0)
+    D   = ((1 - k) B + k ink) e (1 - s)   embossed logos: e is the bevel shading n.L / L_z of the height
+                                      map depth * blur(a), s the raised logo's drop shadow
+    C   = 1 - (1 - D)(1 - h)          highlights added in screen mode (they saturate towards white,
+                                      clipped): h = k g lobe * light + the emboss bevel's highlight
+    C   = B outside M                 nothing outside the user's region changes
+
+Categories (the Cycle paper's result categories), one per sample, ``CATEGORIES[index % 5]`` by default,
+each adding its effect on top of the shading/highlight every sample has:
+
+| category       | what is varied                                                                      |
+|----------------|-------------------------------------------------------------------------------------|
+| `lighting`     | low ambient, a tinted light (warm, cool, green, magenta), cast shadows (an edge or   |
+|                | blinds) across object and logo, glossy ink with a strong highlight                  |
+| `perspective`  | strong perspective (corner jitter 28 %, rotation up to 25 deg) on flat faces, logos  |
+|                | wrapped far round a cylinder towards the grazing, darker side                       |
+| `text`         | wordmarks and repeated-text patterns, always with a print texture                   |
+| `emboss`       | "3D" logos: raised (drop shadow) or debossed, bevel lighting and bevel highlights    |
+| `transparency` | ink opacity 0.35-0.7 and absorbing (multiply) inks that let the surface show through  |
+
+Why this layer (geometry given, lighting learnt): the issue lets the layer be the flat design or the design
+placed where it appears. We place it. With the flat design as the layer, decomposition would also have to
+find where the logo sits and how the surface bends it, and output an image that is not pixel-aligned with
+its input; the in-context canvas (C, F, B side by side, one region mask) and the per-pixel losses and
+metrics (PSNR/SSIM, recomposition) all assume aligned panels, and the alignment error would swamp what the
+cycle term is meant to teach. With the placed layer, F, B and C are pixel-aligned, and what separates C
+from F and B is exactly the surface's influence: the *compose* direction (F, B, M -> C)
+must learn the non-linear formation (the shading multiplied over the inks, the screen-added highlight, the
+ink's opacity and absorption, the print texture, the bevel), and the *decompose* direction (C, M -> F, B)
+must undo it: recover the design's full, unlit colours and its full alpha from a shaded, highlighted,
+faint or textured print, and the clean object under it. A plain alpha blend of the true layers does not
+reproduce C (``alpha_blend_gap``), so neither direction is linear.
+
+How far the plain alpha blend of the ground-truth layers is from C (``alpha_blend_gap``: mean
+``|round(a*F + (1-a)*B) - C|`` in 1/255 steps, every channel; "region" over the region mask M, "overall"
+over the whole image, "ink" over the layer's support a > 0; "signal" is mean |C - B| in M, the logo's own
+contrast), seed 0, 256 px, indices 0-199 (40 per category); the BFS quadruple invariant allows at most 1
+at any pixel (``python -c`` over ``LogoSynthesizer(256, 0).make(i)``, 14 s on one core):
+
+| category       | n   | region mean | region median | region min | ink mean | overall | signal |
+|----------------|-----|-------------|---------------|------------|----------|---------|--------|
+| `lighting`     |  40 |        23.4 |          19.6 |        2.7 |     41.3 |    2.20 |   17.3 |
+| `perspective`  |  40 |        11.9 |          10.0 |        0.8 |     22.3 |    0.80 |   21.7 |
+| `text`         |  40 |         7.0 |           6.2 |        1.6 |     19.1 |    0.43 |   10.1 |
+| `emboss`       |  40 |        16.6 |          14.4 |        3.9 |     28.3 |    1.60 |   24.9 |
+| `transparency` |  40 |        20.0 |          16.3 |        3.2 |     38.9 |    1.61 |   14.1 |
+| all            | 200 |        15.8 |          12.3 |        0.8 |     30.0 |    1.33 |   17.6 |
+
+So the alpha blend misses C by 16 steps on average over the region (30 over the ink itself), about as much
+as the logo's own contrast against the object (17.6): a linear model explains little of what the
+surface does to the print. It is smallest for `text` (thin strokes: most of the region is margin) and for
+dark inks (shading barely changes black); the lowest single samples (region 0.8-1.7, ink 3.0-5.0) are
+small wordmarks, text patterns or a thin black ring on mugs and bottles, mostly dark inks on the lit side. ``tests/datasets/test_logos.py`` asserts the gap on a
+fixed 96 px set (seed 0, indices 0-19) and states its thresholds.
+
+Every random draw is recorded in ``meta["logo"]`` (``category``, ``object``, ``warp``, ``light``,
+``opacity``, ``ink``, ``specular``, ``emboss``, ``texture``), strict JSON, so an evaluation can tell the
+cases apart (``datasets/shard_source.py`` keeps ``meta["logo"]`` of a held-out sample); a sample depends
+on (seed, index) only (``layerloop.seeds.rng_for``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from layerloop.samples import LayeredSample, composite
+from layerloop.samples import LayeredSample, composite, quantise_foreground
 from layerloop.seeds import rng_for
 
 SOURCE = "logos"
+KIND = "rendered"  # the sample kind: C is rendered, not alpha-blended (samples.py)
 OBJECTS = ("mug", "bottle", "box", "tshirt", "surface")
 LOGO_KINDS = ("emblem", "ring", "star", "letters", "stripes", "text pattern")
+TEXT_KINDS = ("letters", "text pattern")  # what the `text` category draws
+CATEGORIES = ("lighting", "perspective", "text", "emboss", "transparency")
 SURFACES = ("wood", "concrete", "fabric", "paper")
-PRINTS = ("clean", "worn", "halftone")
+PRINTS = ("clean", "worn", "halftone", "grain", "weave")
 LOGO_NOUNS = {"emblem": "emblem logo", "ring": "ring logo", "star": "star logo", "letters": "wordmark logo",
               "stripes": "striped logo", "text pattern": "repeating text pattern"}
 # Named colours (RGB 0..1): captions say the names, so the palette is small and unambiguous.
@@ -43,58 +113,92 @@ COLOURS: dict[str, tuple[float, float, float]] = {
     "yellow": (0.96, 0.80, 0.12), "orange": (0.95, 0.48, 0.10), "purple": (0.45, 0.18, 0.60),
     "pink": (0.92, 0.45, 0.62), "teal": (0.05, 0.50, 0.52), "grey": (0.55, 0.56, 0.58),
 }
+# Light tints of the `lighting` category (RGB multipliers); the other categories are lit neutrally.
+TINTS: dict[str, tuple[float, float, float]] = {
+    "neutral": (1.0, 1.0, 1.0), "warm": (1.0, 0.84, 0.64), "cool": (0.74, 0.86, 1.0),
+    "green": (0.84, 1.0, 0.78), "magenta": (1.0, 0.78, 0.94),
+}
 WORDS = ("ACME", "NOVA", "ORBIT", "PIXEL", "DELTA", "LUMEN", "ZEPHYR", "KOI", "ATLAS", "FOLK", "VOLT", "MOSS")
 MIN_LUMA_GAP = 0.22  # a logo colour this close in luminance to its object would be nearly invisible
 REGION_DILATION = 5  # pixels: the region mask a user draws is a little larger than the ink
+EMBOSS_MAX_SIGMA = 1.5  # pixels: the bevel (3 sigma) stays inside the region mask
+EMBOSS_MAX_SHIFT = 2.5  # pixels: how far a raised logo's drop shadow may fall
 
 
-def _luma(rgb: tuple[float, float, float]) -> float:
-    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+def _luma(rgb: Any) -> Any:
+    """Rec. 601 luma of an RGB triple or of an ... x 3 array."""
+    rgb = np.asarray(rgb, dtype=np.float64)
+    value = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    return float(value) if value.ndim == 0 else value
 
 
 class LogoSynthesizer:
-    """``make(index)``: one logo-on-object quadruple, a pure function of (seed, index, constructor args).
+    """``make(index)``: one logo-on-object sample of kind ``rendered``, a pure function of (seed, index,
+    constructor args).
 
-    ``objects`` / ``logo_kinds`` restrict what is drawn; ``opacity`` and ``logo_scale`` are (min, max)
-    ranges for the global ink opacity and the logo size relative to the printable face."""
+    ``objects`` / ``logo_kinds`` / ``categories`` restrict what is drawn (sample ``index`` has category
+    ``categories[index % len(categories)]``); ``opacity`` is the (min, max) ink opacity of every category
+    but ``transparency``, which draws from ``transparency``; ``logo_scale`` the logo size relative to the
+    printable face."""
 
     def __init__(self, size: int = 256, seed: int = 0, objects: tuple[str, ...] = OBJECTS,
-                 logo_kinds: tuple[str, ...] = LOGO_KINDS, opacity: tuple[float, float] = (0.75, 1.0),
+                 logo_kinds: tuple[str, ...] = LOGO_KINDS, categories: tuple[str, ...] = CATEGORIES,
+                 opacity: tuple[float, float] = (0.85, 1.0), transparency: tuple[float, float] = (0.35, 0.7),
                  logo_scale: tuple[float, float] = (0.55, 0.85)):
         if size < 64:
             raise ValueError(f"size must be at least 64 pixels, got {size}")
-        for name, values, known in (("objects", objects, OBJECTS), ("logo_kinds", logo_kinds, LOGO_KINDS)):
+        for name, values, known in (("objects", objects, OBJECTS), ("logo_kinds", logo_kinds, LOGO_KINDS),
+                                    ("categories", categories, CATEGORIES)):
             unknown = sorted(set(values) - set(known)) if values else ["(empty)"]
             if unknown:
                 raise ValueError(f"{name}: unknown or empty {unknown}; choose from {known}")
-        if not 0 < opacity[0] <= opacity[1] <= 1 or not 0 < logo_scale[0] <= logo_scale[1] <= 1:
-            raise ValueError(f"opacity and logo_scale must be ordered ranges in (0, 1], got {opacity}, {logo_scale}")
+        for name, (low, high) in (("opacity", opacity), ("transparency", transparency), ("logo_scale", logo_scale)):
+            if not 0 < low <= high <= 1:
+                raise ValueError(f"{name} must be an ordered range in (0, 1], got {(low, high)}")
         self.size, self.seed = int(size), int(seed)
-        self.objects, self.logo_kinds = tuple(objects), tuple(logo_kinds)
-        self.opacity, self.logo_scale = tuple(opacity), tuple(logo_scale)
+        self.objects, self.logo_kinds, self.categories = tuple(objects), tuple(logo_kinds), tuple(categories)
+        self.opacity, self.transparency, self.logo_scale = tuple(opacity), tuple(transparency), tuple(logo_scale)
 
     def rng(self, index: int) -> np.random.Generator:
         return rng_for(SOURCE, self.seed, index)
 
+    def category(self, index: int) -> str:
+        return self.categories[index % len(self.categories)]
+
     def make(self, index: int) -> LayeredSample:
         rng = self.rng(index)
+        category = self.category(index)
         params: dict[str, Any] = {}
-        obj = _draw_object(rng, self.size, self.objects, params)
-        logo = _draw_logo(rng, obj, self.logo_kinds, self.logo_scale, params)
-        fg_rgb, alpha = _place_logo(rng, obj, logo, self.opacity, params)
-        foreground = np.dstack([_to_u8(fg_rgb), _to_u8(alpha)])
-        foreground[foreground[..., 3] == 0, :3] = 0  # invisible colour carries nothing: keep it canonical
-        background = _to_u8(obj["image"])
+        light = _draw_light(rng, category)
+        obj = _draw_object(rng, self.size, self.objects, light, params)
+        scene_light = _light_map(light, self.size)  # H x W x 3: tint x cast shadow
+        background = _to_u8(obj["image"] * scene_light)
+        kinds = tuple(k for k in self.logo_kinds if k in TEXT_KINDS) if category == "text" else self.logo_kinds
+        # strong perspective moves the corners by up to 28 %: a smaller logo stays on the face
+        scale = tuple(0.8 * s for s in self.logo_scale) if category == "perspective" else self.logo_scale
+        logo = _draw_logo(rng, obj, kinds or self.logo_kinds, scale, params)
+        rgb, coverage, warp = _place_logo(rng, obj, logo, category, params)
+        foreground = quantise_foreground(rgb, coverage)  # the layer: placed, unlit, the design's own alpha
         support = (foreground[..., 3] > 0).astype(np.uint8)
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * REGION_DILATION + 1,) * 2)
         mask = np.where(cv2.dilate(support, kernel) > 0, 255, 0).astype(np.uint8)
-        logo = f"{params['logo']['colour']} {LOGO_NOUNS[params['logo']['kind']]}"
-        caption = f"{_article(logo)} {logo} printed on {_article(obj['caption'])} {obj['caption']}"
-        key = f"{SOURCE}_{index:06d}"
-        sample = LayeredSample(key=key, kind="quadruple", composite=composite(foreground, background),
-                               background=background, foreground=foreground, mask=mask, caption=caption,
+        opacity_range = self.transparency if category == "transparency" else self.opacity
+        formation, maps = _draw_formation(rng, category, obj, logo, warp, light, scene_light, opacity_range, params)
+        image = render_composite(foreground, background, mask, formation, maps)
+        params["logo"].update(category=category, object=obj["kind"], light=light, **formation)
+        logo_name = f"{params['logo']['colour']} {LOGO_NOUNS[params['logo']['kind']]}"
+        emboss = formation["emboss"]
+        if emboss is None:
+            adjective = "translucent " if category == "transparency" else ""
+            verb = "printed on"
+        else:
+            adjective, verb = ("embossed ", "raised on") if emboss["mode"] == "raised" else ("debossed ", "pressed into")
+        logo_name = adjective + logo_name
+        caption = f"{_article(logo_name)} {logo_name} {verb} {_article(obj['caption'])} {obj['caption']}"
+        sample = LayeredSample(key=f"{SOURCE}_{index:06d}", kind=KIND, composite=image, background=background,
+                               foreground=foreground, mask=mask, caption=caption,
                                meta={"source": SOURCE, "source_id": f"{index:06d}", "seed": self.seed,
-                                     "size": self.size, **params})
+                                     "size": self.size, **_plain(params)})
         sample.validate()
         return sample
 
@@ -106,18 +210,99 @@ def logo_samples(n: int, seed: int = 0, size: int = 256, start: int = 0, **optio
         yield synthesizer.make(index)
 
 
+def alpha_blend_gap(sample: LayeredSample) -> dict[str, float]:
+    """How far the plain alpha blend of a sample's layers is from its composite, in 1/255 steps:
+    ``region`` / ``ink`` / ``overall``: mean ``|round(a*F + (1-a)*B) - C|`` (every channel) over the
+    region mask's pixels / over the layer's support (alpha > 0) / over the whole image; ``max``: the
+    largest; ``signal``: mean ``|C - B|`` over the region (the logo's own contrast, for scale). A
+    quadruple has ``max <= 1``."""
+    linear = composite(sample.foreground, sample.background).astype(np.int16)
+    image = sample.composite.astype(np.int16)
+    gap = np.abs(linear - image)
+    region, ink = sample.mask > 0, sample.foreground[..., 3] > 0
+    signal = np.abs(image - sample.background.astype(np.int16))[region]
+    return {"region": _mean(gap[region]), "ink": _mean(gap[ink]), "overall": float(gap.mean()),
+            "max": int(gap.max(initial=0)), "signal": _mean(signal)}
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if values.size else 0.0
+
+
+# ============================================================================ the non-linear formation
+def render_composite(foreground: np.ndarray, background: np.ndarray, region: np.ndarray,
+                     formation: dict[str, Any], maps: dict[str, np.ndarray]) -> np.ndarray:
+    """C (H x W x 3 uint8) from the layer F (RGBA uint8), the clean object B (RGB uint8), the region mask
+    (H x W, > 0 inside), the formation's parameters (``opacity``, ``ink.absorption``, ``ink.surface_luma``,
+    ``specular.gloss``, ``emboss``; as in ``meta["logo"]``) and its maps: ``light`` (H x W x 3, the
+    surface's irradiance x the scene light), ``highlight`` (H x W x 3, the ink's specular lobe x the scene
+    light) and ``texture`` (H x W, the print's coverage modulation). The model is in the module docstring."""
+    f = foreground[..., :3].astype(np.float64) / 255.0
+    a = foreground[..., 3].astype(np.float64) / 255.0
+    b = background.astype(np.float64) / 255.0
+    inside = np.asarray(region) > 0
+    k = (a * formation["opacity"] * maps["texture"])[..., None]
+    ink_spec = formation["ink"]
+    absorbing = ink_spec["absorption"] * (_luma(f) < ink_spec["surface_luma"])[..., None]
+    ink = (1.0 - absorbing) * f * maps["light"] + absorbing * f * b
+    d = (1.0 - k) * b + k * ink
+    highlight = k * formation["specular"]["gloss"] * maps["highlight"]
+    emboss = formation["emboss"]
+    if emboss is not None:
+        bevel, shadow, sheen = _emboss_maps(a, emboss)
+        d = d * bevel[..., None] * (1.0 - shadow[..., None])
+        highlight = highlight + sheen[..., None] * maps["tint"]
+    d = np.clip(d, 0.0, 1.0)
+    c = 1.0 - (1.0 - d) * (1.0 - np.clip(highlight, 0.0, 1.0))  # screen: highlights saturate to white
+    c = np.where(inside[..., None], c, b)
+    return _to_u8(c)
+
+
+def _emboss_maps(alpha: np.ndarray, emboss: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bevel shading e, drop shadow s, bevel highlight) of a logo embossed by the height map
+    ``depth * blur(alpha, sigma)`` (negative depth: debossed) under the light ``emboss["light"]`` (x, y, z;
+    image axes, z towards the viewer): e = n.L / L_z (1 on flat ground), the highlight is Blinn-Phong on
+    the bevel minus its flat value, the shadow is the raised logo shifted away from the light."""
+    sigma, depth = emboss["sigma"], emboss["depth"] * (1.0 if emboss["mode"] == "raised" else -1.0)
+    height = depth * cv2.GaussianBlur(alpha.astype(np.float32), (0, 0), sigma).astype(np.float64)
+    gy, gx = np.gradient(height)
+    normal = np.dstack([-gx, -gy, np.ones_like(height)])
+    normal /= np.linalg.norm(normal, axis=2, keepdims=True)
+    light = np.asarray(emboss["light"], dtype=np.float64)
+    light = light / np.linalg.norm(light)
+    bevel = np.clip(normal @ light / light[2], 0.2, 2.0)
+    half = light + np.array([0.0, 0.0, 1.0])
+    half = half / np.linalg.norm(half)
+    power = emboss["shininess"]
+    sheen = emboss["bevel_gloss"] * np.clip((normal @ half).clip(0, 1) ** power - half[2] ** power, 0.0, 1.0)
+    shadow = np.zeros_like(alpha, dtype=np.float64)
+    if emboss["mode"] == "raised" and emboss["shadow"] > 0:
+        dx, dy = -light[0] / light[2] * emboss["depth"], -light[1] / light[2] * emboss["depth"]
+        reach = math.hypot(dx, dy)
+        if reach > EMBOSS_MAX_SHIFT:  # the shadow stays inside the region mask
+            dx, dy = dx * EMBOSS_MAX_SHIFT / reach, dy * EMBOSS_MAX_SHIFT / reach
+        moved = cv2.warpAffine(alpha.astype(np.float32), np.float32([[1, 0, dx], [0, 1, dy]]),
+                               (alpha.shape[1], alpha.shape[0]), flags=cv2.INTER_LINEAR, borderValue=0)
+        moved = cv2.GaussianBlur(moved, (0, 0), sigma).astype(np.float64)
+        shadow = emboss["shadow"] * np.clip(moved - alpha, 0.0, 1.0)
+    return bevel, shadow, sheen
+
+
 # ============================================================================ objects (the clean B)
-def _draw_object(rng: np.random.Generator, size: int, objects: tuple[str, ...], params: dict) -> dict[str, Any]:
-    """The clean object image plus what placing a logo on it needs: the printable face (a box in
-    pixels), its kind of surface (``cylinder`` / ``flat`` / ``cloth``), its shading and specular maps
-    (H x W, the light the logo must receive) and its colour."""
+def _draw_object(rng: np.random.Generator, size: int, objects: tuple[str, ...], light: dict[str, Any],
+                 params: dict) -> dict[str, Any]:
+    """The clean object image (under a white light; ``make`` multiplies the scene light's tint and cast
+    shadow over it) plus what printing a logo on it needs: the printable face (a box in pixels), its kind
+    of surface (``cylinder`` / ``flat`` / ``cloth``), its ``irradiance`` (H x W: the diffuse light the
+    surface receives, ambient included, without its albedo texture), its ``specular`` map (H x W, added
+    light), the ``highlight`` lobe a glossy ink on it shows (cylinders: the object's own band; others: None,
+    placed around the logo later), its ``albedo`` (RGB) and its colour."""
     kind = str(rng.choice(objects))
     backdrop = _backdrop(rng, size, params)
     names = list(COLOURS)
     colour_name = str(rng.choice(names))
     colour = np.array(COLOURS[colour_name])
-    light_x = float(rng.uniform(-0.7, 0.7))  # horizontal light direction (-1 left .. 1 right)
-    ambient = float(rng.uniform(0.35, 0.55))
+    light_x, ambient = light["x"], light["ambient"]  # horizontal light direction (-1 left .. 1 right)
     draw = {"object": kind, "object_colour": colour_name, "light_x": light_x, "ambient": ambient}
     if kind in ("mug", "bottle"):
         obj = _cylinder_object(rng, size, kind, colour, light_x, ambient, backdrop, draw)
@@ -128,6 +313,8 @@ def _draw_object(rng: np.random.Generator, size: int, objects: tuple[str, ...], 
     else:
         obj = _surface_object(rng, size, colour, light_x, ambient, draw)
         colour_name = draw["object_colour"]
+    obj.setdefault("albedo", colour)
+    obj.setdefault("highlight", None)
     obj.update(kind=kind, colour=COLOURS[colour_name], colour_name=colour_name)
     params["object"] = draw
     return obj
@@ -149,10 +336,12 @@ def _backdrop(rng: np.random.Generator, size: int, params: dict) -> np.ndarray:
     return np.clip(image, 0, 1)
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Value noise in [-1, 1]: a random cells x cells grid upsampled smoothly."""
+def _smooth_noise(rng: np.random.Generator, size: int | tuple[int, int], cells: int) -> np.ndarray:
+    """Value noise in [-1, 1]: a random cells x cells grid upsampled smoothly to ``size`` (square side or
+    (height, width))."""
+    height, width = (size, size) if isinstance(size, int) else size
     grid = rng.uniform(-1, 1, (cells + 1, cells + 1)).astype(np.float32)
-    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC).clip(-1, 1).astype(np.float64)
+    return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC).clip(-1, 1).astype(np.float64)
 
 
 def _cylinder_object(rng, size, kind, colour, light_x, ambient, backdrop, draw) -> dict[str, Any]:
@@ -174,7 +363,8 @@ def _cylinder_object(rng, size, kind, colour, light_x, ambient, backdrop, draw) 
     shade = ambient + (1 - ambient) * diffuse
     gloss = rng.uniform(0.15, 0.45)
     highlight_x = light_x * 0.5  # the highlight sits halfway towards the light (viewer in front)
-    specular = gloss * np.exp(-((nx - highlight_x) / 0.12) ** 2)
+    band = np.exp(-((nx - highlight_x) / 0.12) ** 2)  # the highlight's shape, 0..1
+    specular = gloss * band
     rim_b = radius * tilt
     body = (np.abs(xx - cx) <= radius) & (yy >= top) & (yy <= bottom + rim_b * nz)
     image = backdrop.copy()
@@ -214,8 +404,9 @@ def _cylinder_object(rng, size, kind, colour, light_x, ambient, backdrop, draw) 
     # printable face: the front of the body, clear of the rims
     face = (cx - radius * 0.85, top + rim_b + size * 0.03, cx + radius * 0.85, bottom - size * 0.04)
     caption = f"{draw['object_colour']} {kind}"
-    return {"image": np.clip(image, 0, 1), "shade": shade, "specular": specular, "support": body,
-            "face": face, "surface": "cylinder", "cx": cx, "radius": radius, "tilt": tilt, "caption": caption}
+    return {"image": np.clip(image, 0, 1), "irradiance": shade, "specular": specular * body,
+            "highlight": band * body, "support": body, "face": face, "surface": "cylinder", "cx": cx,
+            "radius": radius, "tilt": tilt, "caption": caption}
 
 
 def _box_object(rng, size, colour, light_x, ambient, backdrop, draw) -> dict[str, Any]:
@@ -250,7 +441,7 @@ def _box_object(rng, size, colour, light_x, ambient, backdrop, draw) -> dict[str
     draw.update(left=left, right=right, top=top, bottom=bottom, depth=depth, side=side)
     margin = size * 0.04
     face = (left + margin, top + margin, right - margin, bottom - margin)
-    return {"image": np.clip(image, 0, 1), "shade": shade * texture, "specular": np.zeros((size, size)),
+    return {"image": np.clip(image, 0, 1), "irradiance": shade, "specular": np.zeros((size, size)),
             "support": front, "face": face, "surface": "flat",
             "caption": f"{draw['object_colour']} box"}
 
@@ -280,7 +471,7 @@ def _tshirt_object(rng, size, colour, light_x, ambient, backdrop, draw) -> dict[
     image[support] = np.clip(colour * shade[..., None], 0, 1)[support]
     draw.update(cx=cx, half_width=w, bottom=bottom)
     face = (cx - w * 0.8, top + s * 0.12, cx + w * 0.8, top + s * 0.5)
-    return {"image": np.clip(image, 0, 1), "shade": shade, "specular": np.zeros((s, s)), "support": support,
+    return {"image": np.clip(image, 0, 1), "irradiance": shade, "specular": np.zeros((s, s)), "support": support,
             "face": face, "surface": "cloth", "caption": f"{draw['object_colour']} t-shirt"}
 
 
@@ -303,13 +494,13 @@ def _surface_object(rng, size, colour, light_x, ambient, draw) -> dict[str, Any]
     else:
         texture = 0.97 + 0.02 * _smooth_noise(rng, size, 50)
     falloff = 1 - 0.35 * ((xx - (0.5 + 0.4 * light_x)) ** 2 + (yy - 0.3) ** 2)
-    shade = np.clip(ambient + (1 - ambient) * falloff, 0, 1) * texture
-    image = np.clip(colour * shade[..., None], 0, 1)
+    irradiance = np.clip(ambient + (1 - ambient) * falloff, 0, 1)
+    image = np.clip(colour * (irradiance * texture)[..., None], 0, 1)
     draw.update(material=material, object_colour=base)
     m = size * 0.12
-    return {"image": image, "shade": shade, "specular": np.zeros((size, size)),
+    return {"image": image, "irradiance": irradiance, "specular": np.zeros((size, size)), "albedo": colour,
             "support": np.ones((size, size), bool), "face": (m, m, size - m, size - m), "surface": "flat",
-            "caption": f"{material} surface"}
+            "material": material, "caption": f"{material} surface"}
 
 
 # ============================================================================ logos (flat RGBA)
@@ -487,53 +678,89 @@ def _text_centered(draw: ImageDraw.ImageDraw, text: str, W: int, H: int, fill_fr
     draw.text(((W - (right - left)) / 2 - left, (H - (bottom - top)) / 2 - top), text, fill=255, font=font)
 
 
-# ============================================================================ placing the logo
-def _place_logo(rng, obj, logo, opacity_range, params) -> tuple[np.ndarray, np.ndarray]:
-    """Warp the flat logo onto the object's face, then light it and apply the print effects. Returns the
-    layer's straight colour (H x W x 3, 0..1) and alpha (H x W, 0..1)."""
+# ============================================================================ the scene light
+def _draw_light(rng: np.random.Generator, category: str) -> dict[str, Any]:
+    """The scene's light: direction (x right, y down, z towards the viewer; unit length, z >= 0.45),
+    ambient level, intensity (a surface facing the light shows ``intensity`` x its albedo), tint and an
+    optional cast shadow. The `lighting` category gets low ambient, a dimmer tinted light and (60 %) a
+    cast shadow; the others a neutral light without shadow."""
+    strong = category == "lighting"
+    x = float(rng.uniform(-0.85, 0.85) if strong else rng.uniform(-0.7, 0.7))
+    y = float(rng.uniform(-0.6, 0.1))
+    planar = math.hypot(x, y)
+    limit = math.sqrt(1 - 0.45 ** 2)
+    if planar > limit:
+        x, y = x * limit / planar, y * limit / planar
+    z = math.sqrt(max(0.0, 1.0 - x * x - y * y))
+    ambient = float(rng.uniform(0.15, 0.3) if strong else rng.uniform(0.35, 0.55))
+    intensity = float(rng.uniform(0.55, 0.85) if strong else rng.uniform(0.75, 0.95))
+    tint = str(rng.choice([name for name in TINTS if name != "neutral"])) if strong else "neutral"
+    shadow = None
+    if strong and rng.random() < 0.6:
+        shadow = {"style": str(rng.choice(["edge", "blinds"])), "angle": float(rng.uniform(0, 180)),
+                  "offset": float(rng.uniform(-0.2, 0.2)), "depth": float(rng.uniform(0.3, 0.55)),
+                  "softness": float(rng.uniform(0.01, 0.04)), "period": float(rng.uniform(0.12, 0.25))}
+    return {"x": x, "y": y, "z": z, "ambient": ambient, "intensity": intensity, "tint": tint,
+            "tint_rgb": list(TINTS[tint]), "shadow": shadow}
+
+
+def _light_map(light: dict[str, Any], size: int) -> np.ndarray:
+    """H x W x 3 multiplier of the whole scene: the light's intensity and tint times its cast shadow (a
+    soft edge or window blinds across the frame), applied to B and to the ink alike."""
+    attenuation = np.ones((size, size))
+    shadow = light["shadow"]
+    if shadow is not None:
+        yy, xx = (np.mgrid[0:size, 0:size].astype(np.float64) + 0.5) / size - 0.5
+        angle = math.radians(shadow["angle"])
+        distance = xx * math.cos(angle) + yy * math.sin(angle) - shadow["offset"]
+        if shadow["style"] == "edge":
+            covered = 0.5 + 0.5 * np.tanh(distance / shadow["softness"])
+        else:
+            covered = 0.5 + 0.5 * np.tanh(3.0 * np.sin(2 * math.pi * distance / shadow["period"]))
+        attenuation = 1.0 - shadow["depth"] * covered
+    return attenuation[..., None] * (light["intensity"] * np.asarray(light["tint_rgb"], dtype=np.float64))
+
+
+# ============================================================================ placing the logo (F)
+Warp = Callable[[np.ndarray], np.ndarray]
+
+
+def _place_logo(rng, obj, logo, category, params) -> tuple[np.ndarray, np.ndarray, Warp]:
+    """The layer's geometry: the flat design warped onto the object's face (premultiplied, so no colour
+    bleeds in from outside the design) and cut at the object's silhouette. Returns the layer's straight
+    colour (H x W x 3, the design's inks, 0..1), its alpha (H x W, the design's coverage, 0..1) and the
+    warp (logo canvas -> image) for whatever else lives on the print (its wear, its halftone)."""
     size = obj["image"].shape[0]
     x0, y0, x1, y1 = obj["face"]
     lh, lw = logo["coverage"].shape
     # where the logo's centre lands on the face (it must stay on it)
     cx = float(rng.uniform(x0 + lw / 2, max(x0 + lw / 2, x1 - lw / 2) + 1e-6))
     cy = float(rng.uniform(y0 + lh / 2, max(y0 + lh / 2, y1 - lh / 2) + 1e-6))
-    flat = np.dstack([logo["rgb"], logo["coverage"]]).astype(np.float32)
-    placement: dict[str, Any] = {"surface": obj["surface"], "center": [cx, cy]}
+    strong = category == "perspective"
+    placement: dict[str, Any] = {"surface": obj["surface"], "strong": strong}
     if obj["surface"] == "cylinder":
-        warped = _cylindrical_warp(flat, obj, cx, cy, size, placement)
+        if strong:  # far round the cylinder: foreshortened towards the silhouette
+            cx = obj["cx"] + (1 if rng.random() < 0.5 else -1) * obj["radius"] * float(rng.uniform(0.45, 0.7))
+        warp = _cylindrical_warp(obj, cx, cy, lh, lw, size, placement)
     else:
-        warped = _perspective_warp(rng, flat, cx, cy, size, obj["surface"] == "cloth", placement)
-    rgb, coverage = warped[..., :3].astype(np.float64), np.clip(warped[..., 3].astype(np.float64), 0, 1)
-    coverage *= obj["support"]
-    # lighting: ink is lit like the object under it (its shading), and a glossy object's highlight shows
-    # on the ink too (added light, not multiplied)
-    lit = np.clip(rgb * obj["shade"][..., None] + obj["specular"][..., None], 0, 1)
-    opacity = float(rng.uniform(*opacity_range))
-    style = str(rng.choice(PRINTS))
-    ink = np.ones((size, size))
-    if style == "worn":
-        wear = float(rng.uniform(0.15, 0.4))
-        speckle = cv2.GaussianBlur(rng.uniform(0, 1, (size, size)).astype(np.float32), (0, 0), 1.0).astype(np.float64)
-        patches = _smooth_noise(rng, size, 8) * 0.5 + 0.5
-        ink = np.clip(1 - wear * (speckle * 2 + patches - 1.2) * 2.5, 0.15, 1)
-        placement["wear"] = wear
-    elif style == "halftone":
-        period = float(rng.uniform(2.5, 4.0))
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-        dots = (np.cos(2 * math.pi * xx / period) + np.cos(2 * math.pi * yy / period)) / 4 + 0.5
-        ink = np.clip(0.7 + 0.5 * dots, 0, 1)
-        placement["period"] = period
-    alpha = coverage * opacity * ink
-    placement.update(opacity=opacity, print=style)
-    params["logo"]["placement"] = placement
-    return lit, alpha
+        jitter, rotation = (0.28, 25.0) if strong else (0.12, 12.0)
+        warp = _perspective_warp(rng, cx, cy, lh, lw, size, obj["surface"] == "cloth", jitter, rotation, placement)
+    placement["center"] = [cx, cy]
+    cover = logo["coverage"]
+    premultiplied = np.dstack([logo["rgb"] * cover[..., None], cover]).astype(np.float32)
+    warped = warp(premultiplied).astype(np.float64)
+    coverage = np.clip(warped[..., 3], 0, 1)
+    rgb = np.clip(warped[..., :3] / np.maximum(coverage, 1e-6)[..., None], 0, 1)
+    rgb[coverage <= 1e-6] = 0
+    coverage = coverage * obj["support"]
+    params["logo"]["warp"] = placement
+    return rgb, coverage, warp
 
 
-def _cylindrical_warp(flat, obj, cx, cy, size, placement) -> np.ndarray:
+def _cylindrical_warp(obj, cx, cy, lh, lw, size, placement) -> Warp:
     """Wrap the logo around the vertical cylinder: a logo column at arc length s from the centre line
     lands at x = cx_cyl + R sin(theta0 + s / R); rows bend with the rim ellipse (y shifts by
     tilt * R * cos(theta)), so horizontal lines curve like a label seen from slightly above."""
-    lh, lw = flat.shape[:2]
     R, ccx, tilt = obj["radius"], obj["cx"], obj["tilt"]
     theta0 = math.asin(float(np.clip((cx - ccx) / R, -0.9, 0.9)))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
@@ -546,31 +773,120 @@ def _cylindrical_warp(flat, obj, cx, cy, size, placement) -> np.ndarray:
     map_x = np.where(visible, map_x, -10).astype(np.float32)
     map_y = np.where(visible, map_y, -10).astype(np.float32)
     placement.update(theta0=theta0)
-    return cv2.remap(flat, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return lambda image: cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                                   borderValue=0)
 
 
-def _perspective_warp(rng, flat, cx, cy, size, ripple, placement) -> np.ndarray:
-    """A flat face seen at an angle: the logo rectangle's corners move independently by up to 12 % of
-    its size, a small rotation on top (cv2.warpPerspective). On cloth a low-frequency ripple follows."""
-    lh, lw = flat.shape[:2]
-    angle = math.radians(float(rng.uniform(-12, 12)))
-    jitter = rng.uniform(-0.12, 0.12, (4, 2)) * np.array([lw, lh])
+def _perspective_warp(rng, cx, cy, lh, lw, size, ripple, jitter, rotation, placement) -> Warp:
+    """A flat face seen at an angle: the logo rectangle's corners move independently by up to ``jitter``
+    of its size, a rotation of up to ``rotation`` degrees on top (cv2.warpPerspective). On cloth a
+    low-frequency ripple follows."""
+    angle = math.radians(float(rng.uniform(-rotation, rotation)))
+    moves = rng.uniform(-jitter, jitter, (4, 2)) * np.array([lw, lh])
     corners = np.array([[-lw / 2, -lh / 2], [lw / 2, -lh / 2], [lw / 2, lh / 2], [-lw / 2, lh / 2]])
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    dst = (corners + jitter) @ rot.T + np.array([cx, cy])
+    dst = (corners + moves) @ rot.T + np.array([cx, cy])
     src = np.array([[0, 0], [lw, 0], [lw, lh], [0, lh]], np.float32)
     matrix = cv2.getPerspectiveTransform(src, dst.astype(np.float32))
-    warped = cv2.warpPerspective(flat, matrix, (size, size), flags=cv2.INTER_LINEAR,
-                                 borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     placement.update(rotation_deg=math.degrees(angle), corners=dst.round(2).tolist())
+    maps = None
     if ripple:
         amp, freq = float(rng.uniform(1.0, 2.5)), float(rng.uniform(1.5, 3.0))
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-        map_x = xx + amp * np.sin(2 * math.pi * freq * yy / size).astype(np.float32)
-        map_y = yy + amp * np.sin(2 * math.pi * freq * xx / size + 1.0).astype(np.float32)
-        warped = cv2.remap(warped, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        maps = (xx + amp * np.sin(2 * math.pi * freq * yy / size).astype(np.float32),
+                yy + amp * np.sin(2 * math.pi * freq * xx / size + 1.0).astype(np.float32))
         placement.update(ripple_amplitude=amp, ripple_frequency=freq)
-    return warped
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        warped = cv2.warpPerspective(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        if maps is not None:
+            warped = cv2.remap(warped, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                               borderValue=0)
+        return warped
+
+    return apply
+
+
+# ============================================================================ the formation's parameters
+def _draw_formation(rng, category, obj, logo, warp, light, scene_light, opacity_range,
+                    params) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The parameters ``render_composite`` takes (what ``meta["logo"]`` records) and its maps."""
+    size = obj["image"].shape[0]
+    opacity = float(rng.uniform(*opacity_range))
+    absorption = float(rng.uniform(0.65, 1.0) if category == "transparency" else rng.uniform(0.0, 0.2))
+    ink = {"absorption": absorption, "surface_luma": _luma(obj["albedo"]),
+           "rule": "multiply where the ink is darker than the surface, cover elsewhere"}
+    texture, texture_info = _print_texture(rng, category, obj, logo, warp, size)
+    gloss = float(rng.uniform(0.35, 0.7) if category == "lighting" else rng.uniform(0.1, 0.35))
+    if obj["highlight"] is not None:
+        lobe = obj["highlight"]
+        specular: dict[str, Any] = {"gloss": gloss, "lobe": "cylinder band"}
+    else:  # a flat or cloth face: a round lobe near the logo, towards the light
+        lh, lw = logo["coverage"].shape
+        extent = max(lh, lw)
+        cx, cy = params["logo"]["warp"]["center"]
+        reach = float(rng.uniform(0.1, 0.5)) * extent
+        centre = [cx + light["x"] * reach, cy + light["y"] * reach]
+        sigma = float(rng.uniform(0.25, 0.5)) * extent
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+        lobe = np.exp(-((xx - centre[0]) ** 2 + (yy - centre[1]) ** 2) / (2 * sigma ** 2))
+        specular = {"gloss": gloss, "lobe": "gaussian", "center": centre, "sigma": sigma}
+    emboss = None
+    if category == "emboss":
+        raised = bool(rng.random() < 0.7)
+        emboss = {"mode": "raised" if raised else "debossed", "depth": float(rng.uniform(1.5, 3.0)),
+                  "sigma": float(rng.uniform(0.8, EMBOSS_MAX_SIGMA)), "bevel_gloss": float(rng.uniform(0.2, 0.5)),
+                  "shininess": 24.0, "shadow": float(rng.uniform(0.25, 0.5)) if raised else 0.0,
+                  "light": [light["x"], light["y"], light["z"]]}
+    formation = {"opacity": opacity, "ink": ink, "specular": specular, "emboss": emboss, "texture": texture_info}
+    maps = {"light": obj["irradiance"][..., None] * scene_light, "highlight": lobe[..., None] * scene_light,
+            "texture": texture, "tint": scene_light}
+    return formation, maps
+
+
+def _print_texture(rng, category, obj, logo, warp, size) -> tuple[np.ndarray, dict[str, Any]]:
+    """The print's coverage modulation t (H x W, 0..1) and its parameters. ``worn`` ink and ``halftone``
+    dots belong to the print, so they are drawn on the logo canvas and warped with it; paper ``grain`` and
+    fabric ``weave`` belong to the surface, so they are drawn in the image. Cloth prints take the weave
+    (70 %); the `text` category always has a texture."""
+    fabric = obj["kind"] == "tshirt" or obj.get("material") == "fabric"
+    if fabric and rng.random() < 0.7:
+        style = "weave"
+    else:
+        choices = ("worn", "halftone", "grain") if category == "text" else ("clean", "clean", "worn", "halftone", "grain")
+        style = str(rng.choice(choices))
+    info: dict[str, Any] = {"print": style}
+    lh, lw = logo["coverage"].shape
+    if style == "clean":
+        return np.ones((size, size)), info
+    if style in ("worn", "halftone"):
+        if style == "worn":
+            wear = float(rng.uniform(0.15, 0.4))
+            speckle = cv2.GaussianBlur(rng.uniform(0, 1, (lh, lw)).astype(np.float32), (0, 0), 1.0).astype(np.float64)
+            patches = _smooth_noise(rng, (lh, lw), 8) * 0.5 + 0.5
+            flat = np.clip(1 - wear * (speckle * 2 + patches - 1.2) * 2.5, 0.15, 1)
+            info["wear"] = wear
+        else:
+            period = float(rng.uniform(2.5, 4.0))
+            yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float64)
+            dots = (np.cos(2 * math.pi * xx / period) + np.cos(2 * math.pi * yy / period)) / 4 + 0.5
+            flat = np.clip(0.7 + 0.5 * dots, 0, 1)
+            info["period"] = period
+        # warp (t - 1), so that outside the logo canvas t is 1, not 0
+        return np.clip(1.0 + warp((flat - 1.0).astype(np.float32)).astype(np.float64), 0, 1), info
+    if style == "grain":
+        amount = float(rng.uniform(0.25, 0.5))
+        noise = cv2.GaussianBlur(rng.normal(0, 1, (size, size)).astype(np.float32), (0, 0), 0.8).astype(np.float64)
+        noise /= max(float(noise.std()), 1e-6)
+        info["amount"] = amount
+        return np.clip(1 - amount * np.clip(noise, 0, None), 0.1, 1), info
+    period = float(rng.uniform(2.0, 3.2))
+    amount = float(rng.uniform(0.25, 0.45))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    threads = 0.5 + 0.5 * np.sin(2 * math.pi * xx / period) * np.sin(2 * math.pi * yy / period)
+    info.update(period=period, amount=amount)
+    return 1 - amount * (1 - threads), info
 
 
 # ============================================================================ helpers
@@ -580,3 +896,16 @@ def _to_u8(image: np.ndarray) -> np.ndarray:
 
 def _article(phrase: str) -> str:
     return "an" if phrase[:1].lower() in "aeiou" else "a"
+
+
+def _plain(value: Any) -> Any:
+    """Metadata as plain JSON values: numpy scalars and arrays to Python numbers and lists, tuples to lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

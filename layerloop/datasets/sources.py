@@ -5,7 +5,7 @@
 * ``HFSource``: a Hugging Face ``datasets`` data set from local files (imagefolder, parquet, save_to_disk);
 * ``WebDatasetSource``: webdataset tar shards, including shards written by layerloop itself;
 * ``DemoSource``: generated demo scenes in the RORem layout;
-* ``LogoSource``: synthetic logo-on-object quadruples (``datasets/logos.py``), complete samples.
+* ``LogoSource``: synthetic logo-on-object samples of kind ``rendered`` (``datasets/logos.py``), complete.
 
 Every source lists its items up front in a deterministic order with unique keys (``make_key``), reports
 what it could not list as ``listing_failures()`` (stage ``"list"``), and leaves decoding to the ``load``
@@ -1030,10 +1030,10 @@ class DemoSource(_CachedSource):
 
 # ------------------------------------------------------------------------------------------ logos
 class LogoSource(_CachedSource):
-    """Synthetic logo quadruples: item ``i`` is ``LogoSynthesizer(size, seed).make(i)``.
+    """Synthetic logo samples: item ``i`` is ``LogoSynthesizer(size, seed).make(i)``.
 
     Unlike the file sources, ``read`` returns the *complete* sample (F, B, M, C, caption, kind
-    ``quadruple``; the invariant holds by construction), so a build needs no stages at all
+    ``rendered``: C is a non-linear rendering of the layer on the object), so a build needs no stages at all
     (``stages: []``): generation is cheap and deterministic in (seed, index), so it happens in the worker
     and nothing is rendered to disk first."""
 

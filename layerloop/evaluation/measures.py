@@ -114,7 +114,8 @@ def recomposition_error(layer_rgba: np.ndarray, object_rgb: np.ndarray, composit
     """How far a decomposition is from re-creating its composite: the mean over pixels and RGB channels of
     ``|round(a*F + (1-a)*B) - C|`` in 1/255 steps, with F, a the RGBA layer, B the object (background)
     under it and C the composite, all uint8. The recomposition is ``layerloop.samples.composite``, the
-    project's one compositing rule, so a consistent triple (C made by that rule) scores exactly 0."""
+    project's one compositing rule, so a consistent triple (C made by that rule) scores exactly 0. A
+    ``rendered`` sample's C is a non-linear rendering of its layers, so there even the truth scores above 0."""
     layer, under, comp = (np.asarray(x) for x in (layer_rgba, object_rgb, composite_rgb))
     for name, array, channels in (("layer_rgba", layer, 4), ("object_rgb", under, 3), ("composite_rgb", comp, 3)):
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != channels:

@@ -234,9 +234,7 @@ class InContextLoRA(InContextLosses, nn.Module):
         gradients pass): masked-image latents with the generated panels emptied, then the packed mask."""
         check_direction(direction)
         b = canvas.shape[0]
-        empty = self.pack(self.empty_panel(height, width).repeat(1, 1, 1, len(PANELS))).expand(b, -1, -1)
-        generated = self.panel_tokens(GENERATED[direction], height, width)[None, :, None]
-        masked = torch.where(generated, empty.to(canvas.dtype), canvas)
+        masked = self.given_only(direction, canvas, height, width)
         mask = torch.from_numpy(task_mask(direction, height, width)).to(self.device).expand(b, -1, -1).clone()
         if direction == DECOMPOSE:
             mask[:, :, :width] = REGION_HINT * (region.to(mask.dtype) > 0)
@@ -264,9 +262,9 @@ class InContextLoRA(InContextLosses, nn.Module):
     def one_step(self, direction: str, canvas: torch.Tensor, x0: torch.Tensor, region: torch.Tensor,
                  captions: Sequence[str], t: torch.Tensor, noise: torch.Tensor, height: int,
                  width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v, x0_hat) for one task at timesteps ``t`` (B,): the conditioning comes from ``canvas``, the
-        noisy input from ``x0`` (the two differ only in the cycle term, where the given panels are
-        estimates)."""
+        """(v, x0_hat) for one task at timesteps ``t`` (B,): the conditioning comes from ``canvas`` (its
+        generated panels are emptied), the noisy input ``(1 - t) x0 + t noise`` from ``x0``. The supervised
+        terms pass the true canvas as both; the cycle passes t = 1, where ``x0`` does not enter at all."""
         t = t.to(self.device).float().view(-1, 1, 1)
         x_t = (1.0 - t) * x0 + t * noise
         v = self.velocity(x_t, self.condition(direction, canvas, region, height, width), t.view(-1),

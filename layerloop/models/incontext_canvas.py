@@ -117,8 +117,13 @@ def prompt_for(direction: str, caption: str) -> str:
 
 
 def recomposition_error(composite: np.ndarray, layer: np.ndarray, background: np.ndarray) -> float:
-    """Mean absolute difference between C and ``composite(F, B)``, in 1/255 steps: how well a predicted
-    decomposition explains the input it came from."""
+    """Mean absolute difference between C and ``composite(F, B)`` (the alpha blend), in 1/255 steps.
+
+    For alpha-blended data it is 0 for the true layers, and for a predicted decomposition it says how well
+    the layers explain the input they came from. For a composite that is a non-linear rendering of
+    (layer, object) (kind ``rendered``) it is not 0 even for the true layers: it is then a consistency score
+    of the predicted layers (do they blend back to the input), not a distance to the truth; the cycle error
+    (the compose direction applied to the decomposition) is the non-linear counterpart."""
     expected = composite_layers(layer, background).astype(np.float64)
     return float(np.abs(expected - composite.astype(np.float64)).mean())
 

@@ -1,19 +1,30 @@
 """Training losses of the in-context LoRA, as a mixin of ``InContextLoRA`` (``models/incontext.py``).
 
 Flow matching (as FLUX): ``x_t = (1 - t) x0 + t * noise``, the transformer predicts ``v = noise - x0``,
-and the one-step clean estimate is ``x0_hat = x_t - t * v``. Losses are computed on the tokens a task
-generates; the given panels are reproduced from the conditioning, which the Fill base already does. The
-cycle term chains two one-step estimates at independent timesteps (decompose then compose must give back
-the composite, compose then decompose the layer and object), so training never runs a sampler.
+and the one-step clean estimate is ``x0_hat = x_t - t * v``. The supervised losses are computed on the
+tokens a task generates; the given panels are reproduced from the conditioning, which the Fill base already
+does.
 
-The mixin relies on the model's ``one_step``, ``panel_tokens``, ``config`` and ``device``.
+The cycle term (the Cycle-Consistent Tuning paper's: compose(decompose(C)) = C, decompose(compose(F, B)) =
+(F, B)) chains two one-step x0 estimates, so training never runs a sampler, and never shows the cycle the
+ground truth it is compared with or the ground truth of the panels it generates (see ``cycle_loss``).
+
+The mixin relies on the model's ``one_step``, ``panel_tokens``, ``empty_panel``, ``pack``, ``config`` and
+``device``.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
-from layerloop.models.incontext_canvas import COMPOSE, DECOMPOSE, DIRECTIONS, GENERATED, LatentCanvas
+from layerloop.models.incontext_canvas import COMPOSE, DECOMPOSE, DIRECTIONS, GENERATED, PANELS, LatentCanvas
+
+# (first direction, second direction, loss name) of the two cycles.
+CYCLES = ((DECOMPOSE, COMPOSE, "cycle_decompose_compose"), (COMPOSE, DECOMPOSE, "cycle_compose_decompose"))
+# Noise level of both cycle passes: pure noise, where the sampler starts (see ``cycle_loss``).
+CYCLE_T = 1.0
 
 
 class InContextLosses:
@@ -22,43 +33,67 @@ class InContextLosses:
     def supervised_loss(self, batch: LatentCanvas, direction: str, t: torch.Tensor,
                         noise: torch.Tensor) -> torch.Tensor:
         """Flow-matching MSE ``|v - (noise - x0)|^2`` on the tokens ``direction`` generates."""
-        return self._supervised(batch, direction, t, noise)[0]
-
-    def _supervised(self, batch: LatentCanvas, direction: str, t: torch.Tensor,
-                    noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v, x0_hat = self.one_step(direction, batch.x0, batch.x0, batch.region, batch.captions, t, noise,
-                                  batch.height, batch.width)
+        v, _ = self.one_step(direction, batch.x0, batch.x0, batch.region, batch.captions, t, noise,
+                             batch.height, batch.width)
         tokens = self.panel_tokens(GENERATED[direction], batch.height, batch.width)
-        loss = (v - (noise - batch.x0))[:, tokens].pow(2).mean()
-        return loss, x0_hat
+        return (v - (noise - batch.x0))[:, tokens].pow(2).mean()
 
-    def cycle_loss(self, batch: LatentCanvas, t1: torch.Tensor, t2: torch.Tensor, noise1: torch.Tensor,
-                   noise2: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both cycle terms from scratch: the first pass of each direction at ``t1`` / ``noise1``, the
-        second at ``t2`` / ``noise2``. ``training_loss`` shares the first passes with the supervised
-        terms instead."""
-        first = {d: self._supervised(batch, d, t1, noise1)[1] for d in DIRECTIONS}
-        return self._cycle(batch, first, t2, noise2)
+    def given_only(self, direction: str, canvas: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``canvas`` with the panels ``direction`` generates replaced by the empty panel (what Fill puts
+        there in the conditioning): a tensor that holds nothing of those panels, the given ones intact."""
+        b = canvas.shape[0]
+        empty = self.pack(self.empty_panel(height, width).repeat(1, 1, 1, len(PANELS))).expand(b, -1, -1)
+        generated = self.panel_tokens(GENERATED[direction], height, width)[None, :, None]
+        return torch.where(generated, empty.to(canvas.dtype), canvas)
 
-    def _cycle(self, batch: LatentCanvas, x0_hat: dict[str, torch.Tensor], t2: torch.Tensor,
-               noise2: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
-        """L1 in latent space. decompose->compose: the estimated layer and object replace the true ones
-        (as conditioning and as the given part of the noisy canvas) and the composite must come back;
-        compose->decompose: the estimated composite replaces the true one and the layer and object must
-        come back. Gradients flow through both passes into the one LoRA."""
+    def cycle_loss(self, batch: LatentCanvas, noise1: Mapping[str, torch.Tensor] | torch.Tensor,
+                   noise2: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both cycle terms, L1 in latent space on the panels the cycle returns to:
+
+        * ``cycle_decompose_compose``: decompose the true composite C (given panel) into (F', B') (one-step
+          estimate), give (F', B') to compose, and compare its one-step composite C'' with C;
+        * ``cycle_compose_decompose``: compose the true (F, B) into C', decompose C', and compare the
+          estimated (F'', B'') with (F, B).
+
+        ``noise1`` / ``noise2`` are the noise of the first / second passes (one tensor for both cycles or
+        one per first direction, shaped like ``batch.x0``).
+
+        **No ground truth enters a pass it could leak into.** Each pass is the sampler's very first step: the
+        noisy input is pure noise (t = ``CYCLE_T`` = 1) on the whole canvas, and the conditioning holds only
+        that pass's given panels (its generated panels are emptied, in the tensor passed in as well). So the
+        first pass sees the first direction's given panels (C, or F and B) and noise, never the panels it
+        generates; its x0 estimate ``noise - v`` becomes the given panels of the second pass, whose noisy
+        input is again pure noise, so the panels the cycle is compared with (the first pass's input) reach
+        it only through the first pass's estimate. Why t = 1 rather than noise at a sampled t: the previous
+        version noised the true target panels at t, which at small t hands the estimate the answer; dropping
+        the target term (``x_t = t * noise`` for t < 1) would feed the network inputs of a noise scale it is
+        never trained or sampled at, so its estimate would mean nothing; t = 1 is exactly what inference
+        starts from, where the estimate is the model's prediction of the panels from the given ones alone.
+        Its price: a one-step estimate from pure noise is the conditional mean, smooth where the answer is
+        uncertain; the cycle constrains that mean, and the supervised terms cover every t.
+
+        **Gradients flow through both passes** into the one LoRA, as in the paper (the cycle trains the
+        first direction through the second, which is how composition's determinism constrains
+        decomposition). The chain is two network calls and two differences (``x0_hat = noise - v``): no
+        division or exponent, and L1 gives bounded gradients per element, so the term stays finite wherever
+        the supervised terms do.
+        """
         h, w = batch.height, batch.width
-        if isinstance(noise2, torch.Tensor):
-            noise2 = {DECOMPOSE: noise2, COMPOSE: noise2}
+        noise1, noise2 = _per_direction(noise1), _per_direction(noise2)
+        t = torch.full((batch.x0.shape[0],), CYCLE_T, device=batch.x0.device)
         terms = {}
-        for first, second, name in ((DECOMPOSE, COMPOSE, "cycle_decompose_compose"),
-                                    (COMPOSE, DECOMPOSE, "cycle_compose_decompose")):
-            estimated = self.panel_tokens(GENERATED[first], h, w)[None, :, None]
-            canvas = torch.where(estimated, x0_hat[first], batch.x0)
-            _, x0_hat2 = self.one_step(second, canvas, canvas, batch.region, batch.captions, t2,
-                                       noise2[second], h, w)
-            target = self.panel_tokens(GENERATED[second], h, w)
-            terms[name] = (x0_hat2 - batch.x0)[:, target].abs().mean()
+        for first, second, name in CYCLES:
+            given = self.given_only(first, batch.x0, h, w)
+            _, x0_hat1 = self.one_step(first, given, given, batch.region, batch.captions, t, noise1[first], h, w)
+            # the first pass's estimates are the second pass's given panels; what it generates is emptied
+            canvas = self.given_only(second, torch.where(self._tokens(first, h, w), x0_hat1, given), h, w)
+            _, x0_hat2 = self.one_step(second, canvas, canvas, batch.region, batch.captions, t, noise2[first], h, w)
+            returned = self.panel_tokens(GENERATED[second], h, w)  # = the first pass's given panels
+            terms[name] = (x0_hat2 - batch.x0)[:, returned].abs().mean()
         return terms
+
+    def _tokens(self, direction: str, height: int, width: int) -> torch.Tensor:
+        return self.panel_tokens(GENERATED[direction], height, width)[None, :, None]
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Logit-normal t in (0, 1): most weight at mid noise, where the tasks are decided."""
@@ -67,20 +102,29 @@ class InContextLosses:
 
     def training_loss(self, batch: LatentCanvas, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """All terms of one training step and their sum ``loss``: supervised decompose and compose, plus
-        ``cycle_weight`` x both cycle terms. Each direction draws its own t and noise; the cycle's second
-        passes draw independent ones. Noise and timesteps come from ``generator`` (CPU) for exact resume."""
+        ``cycle_weight`` x both cycle terms (``cycle_loss``). Each direction draws its own t and noise; the
+        cycle draws its own noise afterwards (first passes, then second passes, decompose->compose first), so
+        the supervised terms do not depend on whether the cycle is on. Noise and timesteps come from
+        ``generator`` (CPU) for exact resume."""
         b = batch.x0.shape[0]
         draw = lambda: torch.randn(batch.x0.shape, generator=generator).to(self.device)  # noqa: E731
         terms: dict[str, torch.Tensor] = {}
-        first = {}
         for direction in DIRECTIONS:
             t, noise = self.sample_timesteps(b, generator), draw()
-            terms[direction], first[direction] = self._supervised(batch, direction, t, noise)
+            terms[direction] = self.supervised_loss(batch, direction, t, noise)
         loss = terms[DECOMPOSE] + terms[COMPOSE]
         if self.config.cycle_weight > 0:
-            t2 = self.sample_timesteps(b, generator)
-            terms.update(self._cycle(batch, first, t2, {DECOMPOSE: draw(), COMPOSE: draw()}))
+            noise1 = {first: draw() for first, _, _ in CYCLES}
+            noise2 = {first: draw() for first, _, _ in CYCLES}
+            terms.update(self.cycle_loss(batch, noise1, noise2))
             cycle = terms["cycle_decompose_compose"] + terms["cycle_compose_decompose"]
             loss = loss + self.config.cycle_weight * cycle
         terms["loss"] = loss
         return terms
+
+
+def _per_direction(noise: Mapping[str, torch.Tensor] | torch.Tensor) -> Mapping[str, torch.Tensor]:
+    """One noise tensor per cycle (keyed by its first direction); a single tensor serves both."""
+    if isinstance(noise, torch.Tensor):
+        return {DECOMPOSE: noise, COMPOSE: noise}
+    return noise

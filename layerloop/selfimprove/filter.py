@@ -4,10 +4,11 @@ Four jobs, one function each, in the order ``run_filter`` runs them:
 
 1. ``decide``: one row per candidate (failed ones included) from the candidate shards, the policy's
    decisions on the ok ones, and the scores table.
-2. ``write_accepted``: the accepted candidates as quadruples with their lineage, in ``accepted/`` (a run
-   directory written under a temporary name and renamed). A candidate's composite is the generator's own
-   C; the accepted sample keeps F and B and recomputes ``C = a*F + (1-a)*B`` so that it is a valid
-   ``quadruple`` that every training task reads.
+2. ``write_accepted``: the accepted candidates with their lineage, in ``accepted/`` (a run directory
+   written under a temporary name and renamed). What an accepted sample's C is depends on the family
+   (``accept``): BFS keeps the generated F and B and recomputes ``C = a*F + (1-a)*B``, a valid
+   ``quadruple``; decomposition (``incontext``) keeps the real input composite the layers were decomposed
+   from, as kind ``rendered`` (the generated layer and object are what is new; no alpha-blend invariant).
 3. ``write_score_tables``: ``scores.parquet`` (every candidate) and ``rejected.parquet``.
 4. ``write_round_record``: ``round.json`` (counts, policy, the note on noise scores, checkpoint, mix).
 
@@ -47,7 +48,7 @@ def run_filter(cfg: SelfImproveConfig, out: Path, k: int) -> FilterResult:
     held = data_run_dir(out, cfg.held.name)
     source = LineageSource(round=k, held=held, held_rows={r["key"]: r for r in load_index(held).to_pylist()},
                            train=train, mix=[s["name"] for s in mix["sources"] if s["used"]],
-                           policy_text=verdict.policy_text, candidates=paths.candidates)
+                           policy_text=verdict.policy_text, candidates=paths.candidates, family=cfg.family)
     write_accepted(cfg, paths, verdict, source)
     write_score_tables(paths, verdict.scores)
     counts = write_round_record(cfg, k, paths, verdict, train, mix)
@@ -161,11 +162,24 @@ class LineageSource:
     mix: list[str]  # the names of the mix's used sources
     policy_text: str
     candidates: Path
+    family: str = "bfs"  # the loop's family: decides what an accepted sample's composite is (``accept``)
+
+
+# Kind of an accepted sample per loop family (``accept``).
+ACCEPTED_KIND = {"bfs": "quadruple", "incontext": "rendered"}
 
 
 def accept(candidate: LayeredSample, decision: Decision, source: LineageSource) -> LayeredSample:
-    """The accepted quadruple of ``candidate``, made from it in place under the same key (``r<round>_<held
-    key>-v<variant>``, unique across rounds): C recomputed from F and B, and ``meta["lineage"]``."""
+    """The accepted sample of ``candidate``, made from it in place under the same key (``r<round>_<held
+    key>-v<variant>``, unique across rounds), with ``meta["lineage"]``:
+
+    * ``bfs``: a ``quadruple``, C recomputed from the generated F and B (the generator's own composite need
+      not satisfy the alpha-blend invariant; the filter's recomposition score bounds the difference);
+    * ``incontext``: a ``rendered`` sample that keeps the candidate's composite, the real input C the
+      decomposition was made from (``decompose-incontext`` stores it unchanged), with the generated layer
+      as F and the generated clean object as B. Recomputing C there would replace a real photo by the
+      alpha blend of the model's guesses (pure noise for an untrained model), and for non-linear
+      renderings ``a*F + (1-a)*B`` is not C even for the true layers."""
     origin = source.held_rows.get(candidate.meta.get("source_id"), {})
     lineage = {
         "round": source.round, "candidate_key": candidate.key,
@@ -177,8 +191,12 @@ def accept(candidate: LayeredSample, decision: Decision, source: LineageSource) 
         "rule": decision.rule, "policy": source.policy_text, "candidates_run": str(source.candidates),
         "mix": source.mix,
     }
-    candidate.kind = "quadruple"
-    candidate.composite = composite(candidate.foreground, candidate.background)
+    kind = ACCEPTED_KIND.get(source.family)
+    if kind is None:
+        raise ValueError(f"no accepted-sample kind for family {source.family!r}; known: {sorted(ACCEPTED_KIND)}")
+    candidate.kind = kind
+    if kind == "quadruple":
+        candidate.composite = composite(candidate.foreground, candidate.background)
     candidate.meta["round"] = source.round
     candidate.meta["parents"] = [candidate.key]
     candidate.meta["lineage"] = lineage
@@ -213,8 +231,9 @@ class _ShardBatches:
 
 
 def write_accepted(cfg: SelfImproveConfig, paths: RoundPaths, verdict: Verdict, source: LineageSource) -> None:
-    """``accepted/``: the accepted candidates, in the candidate shards' order, as quadruples with lineage,
-    ``cfg.accepted_per_shard`` to a shard, plus its ``run.json``."""
+    """``accepted/``: the accepted candidates, in the candidate shards' order, as ``accept`` makes them
+    (BFS quadruples, decomposition ``rendered`` samples) with lineage, ``cfg.accepted_per_shard`` to a
+    shard, plus its ``run.json``."""
     from layerloop.datasets.shards import read_samples, shard_paths
 
     accepted_keys, k = verdict.accepted_keys, source.round

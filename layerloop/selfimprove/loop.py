@@ -12,7 +12,7 @@ Layout of the output directory (``OUT``)::
         candidates/           generation + scoring build over the held inputs (kind=candidate shards)
         scores.parquet        one row per candidate: scores, accepted, the accepting rule, rejection reasons
         rejected.parquet      the rejected candidates and their reasons
-        accepted/             the accepted samples as kind=quadruple shards, with their lineage
+        accepted/             the accepted samples (BFS: kind=quadruple, decomposition: kind=rendered), lineage
         round.json            counts, policy, checkpoint hash, the mix
         report/               round report (index.html, scores/accepted/rejected/loss PNGs, stats.json)
         steps/<step>.json     written when a step finished: the unit of resumption
@@ -32,10 +32,15 @@ retries a step whose worker or node died, and places the train step on a GPU nod
 GPU), and the builds inside ``data`` and ``generate`` run on Ray Data as
 ``layerloop build`` does. ``executor: local`` runs the same steps in this process.
 
-Accepted samples: a candidate's composite is the generator's own C; the accepted sample keeps the
-generated F and B and recomputes ``C = a*F + (1-a)*B`` so that it is a valid ``quadruple`` (the
-docs/architecture.md invariant) that every training task reads. The filter's recomposition score bounds how far
-that is from the generator's composite; the candidate itself stays in ``candidates/``.
+Accepted samples (``filter.accept``): for the BFS family a candidate's composite is the generator's own C;
+the accepted sample keeps the generated F and B and recomputes ``C = a*F + (1-a)*B`` so that it is a valid
+``quadruple`` (the docs/architecture.md invariant) that every training task reads. The filter's
+recomposition score bounds how far that is from the generator's composite. For the decomposition family
+(``incontext``) the candidate's composite is the real held input the layers were decomposed from: the
+accepted sample keeps it byte for byte, with the generated layer as F and the generated clean object as B,
+as kind ``rendered`` (no alpha-blend invariant: the composite is a real or rendered image, and the new
+information is the layers). The round's training reads that kind too (``steps.train_config``). Either
+way the candidate itself stays in ``candidates/``.
 
 Modules: ``layout`` names the files above (``RoundPaths``), ``steps`` says what each step does (``filter``
 the filter step's jobs), ``results`` holds each step's typed result (the JSON of its marker), and this

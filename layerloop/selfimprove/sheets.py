@@ -2,7 +2,8 @@
 their decision and scores.
 
 Rejected candidates are shown from ``candidates/``. Accepted ones are shown as ``accepted/`` stores them
-(the quadruple with its recomputed composite, the sample training reads); a round directory without an
+(the sample training reads: a BFS quadruple with its recomputed composite, a decomposition with its
+real input composite); a round directory without an
 ``accepted/`` run (built by hand, or before the filter ran) shows them from ``candidates/``. Only the
 shown samples' tar members are read (``layerloop.report.read_records``), never the whole round.
 """
@@ -41,7 +42,7 @@ def spread(items: list[Any], count: int) -> list[Any]:
 
 def image_source(data: RoundData, which: str) -> Path:
     """The run directory the ``which`` ("accepted" or "rejected") sheet shows images from: ``accepted/``
-    for the accepted candidates when the round has it (the quadruples as stored, which training reads),
+    for the accepted candidates when the round has it (the samples as stored, which training reads),
     else ``candidates/``."""
     paths = data.paths
     return paths.accepted if which == "accepted" and paths.accepted.is_dir() else paths.candidates

@@ -110,7 +110,22 @@ def train_config(cfg: SelfImproveConfig, out: Path, k: int):
     data.pop("out", None)
     if k > 0 and cfg.continue_training:
         data.setdefault("task", {})["init_lora"] = str(RoundPaths.of(out, k - 1).final)
+    if cfg.family == "incontext":
+        data["task"] = _reading_accepted_kind(data.get("task") or {})
     return TrainConfig.model_validate(data)
+
+
+def _reading_accepted_kind(task: dict[str, Any]) -> dict[str, Any]:
+    """The in-context ``task`` section with the kind accepted decompositions are written as
+    (``filter.ACCEPTED_KIND``: ``rendered``) among the kinds it trains on, so that the mix's accepted
+    shards are read (a stream source with none of its kinds is an error)."""
+    from layerloop.selfimprove.filter import ACCEPTED_KIND
+    from layerloop.training.incontext_task import InContextParams
+
+    kinds = list(task.get("kinds") or InContextParams.model_fields["kinds"].default_factory())
+    if ACCEPTED_KIND["incontext"] not in kinds:
+        kinds.append(ACCEPTED_KIND["incontext"])
+    return {**task, "kinds": kinds}
 
 
 def final_loss(summary: dict[str, Any], metrics: Path) -> float | None:

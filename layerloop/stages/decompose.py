@@ -18,8 +18,20 @@ stage declares GPUs and CUDA exists, else on CPU. Panels are decomposed at their
 a multiple of 2 x the VAE scale (4 for the tiny model, 16 for FLUX): set ``load``'s ``multiple_of``.
 
 Each sample's noise comes from its own seed (``self.rng(sample)``: run seed, key, stage name), so its
-output does not depend on its batch mates. ``recomposition_error`` is the mean |C - (a F + (1 - a) B)| of
-the prediction, in 1/255 steps: how well the predicted layers explain the input, a first filter signal.
+output does not depend on its batch mates.
+
+What the outputs mean when the composite is a non-linear rendering of (layer, object) (logo samples of
+kind ``rendered``: warp, shading, highlights, print texture): ``composite`` is always the input, byte for
+byte (never a recomposition), so a candidate, and an accepted decomposition after the filter
+(``selfimprove/filter.accept``), keeps the real image; ``foreground`` is the predicted *layer* as the
+training data defines it (for rendered samples, free of the surface's influence) and ``background`` the
+predicted clean object. ``recomposition_error`` is the mean |C - (a F' + (1 - a) B')| of the prediction in
+1/255 steps, the project's alpha blend (``samples.composite``): for alpha-blended data (BFS quadruples) it
+is 0 for the true layers and measures how well the prediction explains the input; for non-linear data it
+is *not* 0 for the truth (the blend of the true layers is not C), so it is only a consistency score of the
+predicted layers, biased toward a layer that has the lighting and warp baked in, and never a distance to
+the truth. The score that fits non-linear composition is ``cycle_error`` (``cycle: true``): the LoRA's own
+compose direction applied to its decomposition, against C.
 """
 
 from __future__ import annotations

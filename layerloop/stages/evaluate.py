@@ -19,7 +19,9 @@ baseline, ``meta["generator"]["layer"] == False``) is judged on its own output a
 * ``layer_psnr``/``layer_ssim``: F' against the ground-truth layer (RGBA, ``evaluation.measures``; PSNR
   is capped at ``psnr_max_db``, 100 dB, since identical images have an infinite PSNR);
 * ``object_psnr``/``object_ssim``: B' against the ground-truth clean object;
-* ``recomposition_error``: mean |a'F' + (1-a')B' - C| in 1/255 steps;
+* ``recomposition_error``: mean |a'F' + (1-a')B' - C| in 1/255 steps (on ``rendered`` samples, whose C is a
+  non-linear rendering, even the ground-truth layers do not give 0: it measures how far the layers explain C
+  by alpha blending, not correctness);
 * ``fg_clip``: CLIPScore of the layer against the caption (real photos have no ground-truth layers; this
   and the recomposition error are what can be measured there).
 A metric whose reference is missing is recorded as None, never as a made-up number.

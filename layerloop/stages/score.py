@@ -6,7 +6,8 @@ Metrics (choose with ``metrics``):
   neutral grey vs the caption: does the layer show what the caption says;
 * ``clip_composite``: CLIPScore of the composite vs the caption;
 * ``hps``: HPS v2.1 of the composite vs the caption (human preference);
-* ``recomposition``: mean and max of ``|a*F + (1-a)*B - C|`` in 1/255 steps, model-free: for generated
+* ``recomposition``: mean and max of ``|a*F + (1-a)*B - C|`` in 1/255 steps (not 0 for the true layers of a
+  ``rendered`` sample, whose C is non-linear: rank decompositions by ``cycle_error`` there), model-free: for generated
   candidates it measures whether the model's layers explain its own composite.
 
 Model metrics load their model once per worker (the stage then runs in an actor pool, on GPUs when it

@@ -2,20 +2,25 @@
 
 | family      | data                               | trains        | loss                                                  |
 |-------------|------------------------------------|---------------|-------------------------------------------------------|
-| `incontext` | quadruples (logo shards, and the   | the one LoRA  | FM(decompose) + FM(compose)                           |
-|             | foundation's F/B quadruples)       |               | + `cycle_weight` * (cycle d->c + cycle c->d)           |
+| `incontext` | `rendered` logo samples, and the   | the one LoRA  | FM(decompose) + FM(compose)                           |
+|             | foundation's F/B quadruples        |               | + `cycle_weight` * (cycle d->c + cycle c->d)           |
 
 The model is `models/incontext.py`'s `InContextLoRA`: FLUX.1-Fill-dev (or `tiny` / `tiny:SEED`, a random
 tiny instance for tests and the demo) with one peft LoRA; the VAE, the text encoder and the transformer's
 own weights stay frozen. `task.cycle_weight: 0` drops the cycle term (and its forward passes).
 
-Every data source of the config feeds the one stream `quadruple` (weighted by the sources' `weight`):
-logo quadruples teach layer/object decomposition, the foundation's quadruples foreground/background
-decomposition; `task.kinds` adds accepted `candidate`s of a self-improvement round.
+Every data source of the config feeds the one stream `quadruple` (weighted by the sources' `weight`) with
+the samples of the kinds in `task.kinds`, by default `rendered` and `quadruple`: the logo samples
+(`datasets/logos.py`, kind `rendered`: C is a non-linear rendering of the layer over the object, which the
+compose direction must learn and the decompose direction must undo) teach layer/object decomposition, the
+foundation's quadruples foreground/background decomposition. `task.kinds` may add `candidate`s; `pair`s
+have no ground-truth layers and are refused.
 
-Pixels: each sample is cropped to the largest square around its region mask (`bfs_task.square_crop`),
-resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real) and, for quadruples, its
-composite is recomputed from the resized F and B, so C = a F + (1 - a) B holds exactly at training size.
+Pixels: each sample is cropped to the largest square around its region mask (`bfs_task.square_crop`) and
+resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real). A quadruple's composite
+is recomputed from the resized F and B, so C = a F + (1 - a) B holds exactly at training size; every other
+kind's composite (a `rendered` one above all: it is not an alpha blend of its layers) is cropped and
+resized like its layers.
 
 What `save_weights` writes, and what `stages/decompose.py` loads with
 `models/incontext_pipeline.InContextPipeline.from_checkpoint`: the LoRA (`lora.safetensors` + `lora.json`,
@@ -39,7 +44,7 @@ from layerloop.models import incontext as ic
 from layerloop.models.incontext_checkpoint import TASK_FILE, read_task_info  # noqa: F401  (re-exported)
 from layerloop.models.incontext_pipeline import build_model, load_model  # noqa: F401  (re-exported)
 from layerloop.models.refs import is_tiny, torch_dtype
-from layerloop.samples import KINDS, LayeredSample, composite
+from layerloop.samples import INVARIANT_KINDS, KINDS, LayeredSample, composite
 from layerloop.training.bfs_task import square_crop
 from layerloop.training.config import TrainConfig
 from layerloop.training.loop import register_task
@@ -61,7 +66,7 @@ class InContextParams(BaseModel):
     timestep_std: float = Field(1.0, gt=0)
     text_tokens: int | None = Field(None, ge=1)  # T5 sequence length; None: 512 (FLUX.1-Fill-dev). Tiny: 64
     init_lora: str | None = None  # start from a saved LoRA (a previous run's final/)
-    kinds: list[str] = Field(default_factory=lambda: ["quadruple"])  # sample kinds trained on
+    kinds: list[str] = Field(default_factory=lambda: ["rendered", "quadruple"])  # sample kinds trained on
     gradient_checkpointing: bool = False
 
     @field_validator("kinds")
@@ -93,9 +98,9 @@ def prepare_sample(sample: LayeredSample, resolution: int) -> LayeredSample:
     foreground = _resize(crop(sample.foreground), "RGBA", resolution)
     background = _resize(crop(sample.background), "RGB", resolution)
     mask = np.where(_resize(crop(sample.mask), "L", resolution, Image.NEAREST) > 0, 255, 0).astype(np.uint8)
-    if sample.kind == "quadruple":
+    if sample.kind in INVARIANT_KINDS:
         image = composite(foreground, background)  # keep the invariant exact at training size
-    else:
+    else:  # rendered (and candidates): C is no alpha blend of F and B, so it is resized, never recomputed
         image = _resize(crop(sample.composite), "RGB", resolution)
     return LayeredSample(key=sample.key, kind=sample.kind, composite=image, background=background,
                          foreground=foreground, mask=mask, caption=sample.caption)

@@ -9,9 +9,9 @@ import torch
 
 from layerloop.datasets.logos import logo_samples
 from layerloop.models.incontext import (
-    COMPOSE, DECOMPOSE, GENERATED, MATTE, PANELS, REGION_HINT, CanvasBatch, InContextLoRA, ModelNotAvailableError,
-    canonical_layer, checkpoint_hash, condition_mask, make_candidate, pack_canvas, prompt_for, recomposition_error,
-    task_mask, unpack_canvas,
+    COMPOSE, DECOMPOSE, GENERATED, MATTE, PANELS, REGION_HINT, CanvasBatch, InContextLoRA, LatentCanvas,
+    ModelNotAvailableError, canonical_layer, checkpoint_hash, condition_mask, make_candidate, pack_canvas, prompt_for,
+    recomposition_error, task_mask, unpack_canvas,
 )
 from layerloop.samples import LayeredSample, composite
 
@@ -161,11 +161,91 @@ def test_cycle_switch(batch_samples):
     # the cycle term alone sends gradient into the LoRA through both chained passes
     model.zero_grad()
     g = torch.Generator().manual_seed(1)
-    t1, t2 = torch.full((b,), 0.4), torch.full((b,), 0.7)
-    cyc = model.cycle_loss(batch, t1, t2, torch.randn(batch.x0.shape, generator=g),
-                           torch.randn(batch.x0.shape, generator=g))
+    cyc = model.cycle_loss(batch, torch.randn(batch.x0.shape, generator=g), torch.randn(batch.x0.shape, generator=g))
     sum(cyc.values()).backward()
     assert all(p.grad.abs().sum() > 0 for p in model.lora_parameters())
+    assert all(torch.isfinite(p.grad).all() for p in model.lora_parameters())
+
+
+def _with_panels_replaced(model, batch, names, seed: int = 7) -> LatentCanvas:
+    """``batch`` with the latents of the named panels replaced by something else (scaled random tokens)."""
+    other = 3.0 * torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(seed))
+    tokens = model.panel_tokens(names, batch.height, batch.width)
+    x0 = batch.x0.clone()
+    x0[:, tokens] = other[:, tokens]
+    return LatentCanvas(x0, batch.region, batch.captions, batch.height, batch.width)
+
+
+def test_the_cycle_never_sees_the_ground_truth_of_what_it_generates(model, batch_samples):
+    """Each cycle starts from its given panels and noise only: replacing the panels its first pass generates
+    (decompose: F and B; compose: C) leaves it bit for bit unchanged, replacing its given panels does not.
+    The old cycle noised the true target panels in its first pass (the answer, at small t)."""
+    perturb_lora(model)
+    batch = model.encode(CanvasBatch.from_samples(batch_samples))
+
+    def terms(b):
+        with torch.no_grad():
+            return model.training_loss(b, torch.Generator().manual_seed(3))
+
+    base = terms(batch)
+    new_layers = terms(_with_panels_replaced(model, batch, GENERATED[DECOMPOSE]))  # decomposition's truth
+    new_composite = terms(_with_panels_replaced(model, batch, GENERATED[COMPOSE]))  # composition's truth
+    assert torch.equal(new_layers["cycle_decompose_compose"], base["cycle_decompose_compose"])
+    assert torch.equal(new_composite["cycle_compose_decompose"], base["cycle_compose_decompose"])
+    # the given panels (and the panels compared with, which are the same) do matter
+    assert not torch.allclose(new_composite["cycle_decompose_compose"], base["cycle_decompose_compose"])
+    assert not torch.allclose(new_layers["cycle_compose_decompose"], base["cycle_compose_decompose"])
+    # the supervised terms are unchanged in kind: they see (and are scored on) the truth
+    assert not torch.allclose(new_layers["decompose"], base["decompose"])
+    assert not torch.allclose(new_composite["compose"], base["compose"])
+    # the same holds whatever the first pass's noise: nothing of the replaced panels enters the cycle
+    g = torch.Generator().manual_seed(11)
+    noise1, noise2 = torch.randn(batch.x0.shape, generator=g), torch.randn(batch.x0.shape, generator=g)
+    with torch.no_grad():
+        a = model.cycle_loss(batch, noise1, noise2)
+        b = model.cycle_loss(_with_panels_replaced(model, batch, GENERATED[DECOMPOSE], seed=8), noise1, noise2)
+    assert torch.equal(a["cycle_decompose_compose"], b["cycle_decompose_compose"])
+
+
+def test_cycle_chains_the_first_estimate_into_the_second_pass(model, batch_samples, monkeypatch):
+    """The wiring of one cycle: both passes at t = 1 (pure noise), the first conditioned on the true given
+    panels with its generated panels empty, the second on the first pass's x0 estimate, compared with the
+    first pass's input; gradient reaches the first pass's estimate through the second pass."""
+    perturb_lora(model)
+    batch = model.encode(CanvasBatch.from_samples(batch_samples))
+    calls = []
+    one_step = model.one_step
+
+    def recording(direction, canvas, x0, region, captions, t, noise, height, width):
+        v, x0_hat = one_step(direction, canvas, x0, region, captions, t, noise, height, width)
+        x0_hat.retain_grad()
+        calls.append({"direction": direction, "canvas": canvas, "t": t, "x0_hat": x0_hat, "noise": noise})
+        return v, x0_hat
+
+    monkeypatch.setattr(model, "one_step", recording)
+    g = torch.Generator().manual_seed(2)
+    noise1, noise2 = torch.randn(batch.x0.shape, generator=g), torch.randn(batch.x0.shape, generator=g)
+    terms = model.cycle_loss(batch, noise1, noise2)
+    assert [c["direction"] for c in calls] == [DECOMPOSE, COMPOSE, COMPOSE, DECOMPOSE]
+    assert all(torch.all(c["t"] == 1.0) for c in calls)
+    for first, second, name in ((calls[0], calls[1], "cycle_decompose_compose"),
+                                (calls[2], calls[3], "cycle_compose_decompose")):
+        generated = model.panel_tokens(GENERATED[first["direction"]], H, W)
+        given = ~generated
+        assert torch.equal(first["canvas"][:, given], batch.x0[:, given])  # the true given panels
+        empty = model.given_only(first["direction"], torch.zeros_like(batch.x0), H, W)  # Fill's empty panels
+        assert torch.equal(first["canvas"][:, generated], empty[:, generated])  # no ground truth there
+        assert torch.equal(first["noise"], noise1) and torch.equal(second["noise"], noise2)
+        # the second pass is given the first pass's estimate, and generates what the first one was given
+        assert torch.equal(second["canvas"][:, generated], first["x0_hat"][:, generated])
+        assert not torch.equal(second["canvas"][:, given], batch.x0[:, given])
+        expected = (second["x0_hat"] - batch.x0)[:, given].abs().mean()
+        assert torch.equal(terms[name], expected)
+    sum(terms.values()).backward()
+    for first in (calls[0], calls[2]):
+        generated = model.panel_tokens(GENERATED[first["direction"]], H, W)
+        grad = first["x0_hat"].grad
+        assert grad is not None and grad[:, generated].abs().sum() > 0 and torch.isfinite(grad).all()
 
 
 def test_loss_falls_on_a_fixed_batch(batch_samples):
@@ -236,6 +316,10 @@ def test_recomposition_error_is_zero_for_the_truth(batch_samples):
     s = batch_samples[1]
     assert recomposition_error(s.composite, s.foreground, s.background) == 0.0
     assert recomposition_error(s.composite, s.foreground, 255 - s.background) > 0
+    # a non-linear rendering (here: shading over the whole image) is not the blend of its true layers, so
+    # the score is a consistency score there, not zero for the truth
+    shaded = np.clip(np.rint(s.composite.astype(np.float64) * 0.7 + 40), 0, 255).astype(np.uint8)
+    assert recomposition_error(shaded, s.foreground, s.background) > 5
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -301,6 +301,12 @@ def test_decomposition_family_runs_two_rounds(tmp_path):
     assert all(r["accepted"] >= 1 for r in result["rounds"])
     sample = next(read_samples(round_dir(tmp_path / "dec", 1) / "accepted"))
     assert sample.meta["generator"]["family"] == "incontext"
+    # accepted decompositions keep the real input composite the candidate was decomposed from
+    candidate = next(c for c in read_samples(round_dir(tmp_path / "dec", 1) / "candidates") if c.key == sample.key)
+    assert sample.kind == "rendered" and sample.composite.tobytes() == candidate.composite.tobytes()
+    from layerloop.selfimprove.steps import train_config
+
+    assert "rendered" in train_config(config, tmp_path / "dec", 1).task["kinds"]  # round 1 trained on them
     scores = pq.read_table(round_dir(tmp_path / "dec", 1) / "scores.parquet").to_pylist()
     assert all(r["cycle_error"] > 0 for r in scores)  # the cycle score of decomposition candidates
     assert "cycle_error" in sample.meta["lineage"]["scores"]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import layerloop.stages.decompose  # noqa: F401  (registers decompose-incontext)
 from layerloop.config import load_config
@@ -15,7 +16,7 @@ from layerloop.datasets.shards import read_samples, shard_paths
 from layerloop.datasets.sources import LogoSource, build_source
 from layerloop.models import incontext as ic
 from layerloop.pipelines.build import build
-from layerloop.samples import composite_error
+from layerloop.samples import LayeredSample, composite
 from layerloop.stages import build_stage, run_stage
 from layerloop.training import load_train_config
 from layerloop.training.incontext_task import InContextTask
@@ -24,7 +25,7 @@ from layerloop.training.loop import export_final
 
 @pytest.fixture(scope="module")
 def logos(tmp_path_factory):
-    """`logos_demo` shrunk: 6 logo quadruples of 64 px in 2 shards, built with `stages: []`."""
+    """`logos_demo` shrunk: 6 logo samples (kind rendered) of 64 px in 2 shards, built with `stages: []`."""
     out = tmp_path_factory.mktemp("logos") / "run"
     config = load_config("logos_demo", ["executor=local", "source.n=6", "source.size=64",
                                         "shards.samples_per_shard=3"])
@@ -48,14 +49,15 @@ def checkpoint(tmp_path_factory, logos):
     return export_final(task, root)
 
 
-def test_logo_build_writes_valid_quadruples(logos):
+def test_logo_build_writes_valid_rendered_samples(logos):
     assert len(shard_paths(logos)) == 2
     samples = list(read_samples(sorted(str(p) for p in logos.glob("*.tar"))))
     assert [s.key for s in samples] == [f"logos_{i:06d}" for i in range(6)]
     reference = LogoSynthesizer(size=64, seed=0)
     for i, sample in enumerate(samples):
-        assert sample.kind == "quadruple" and sample.size == (64, 64)
-        assert composite_error(sample.composite, sample.foreground, sample.background) <= 1
+        assert sample.kind == "rendered" and sample.size == (64, 64)
+        sample.validate()  # no alpha-blend invariant for rendered samples: C is the synthesizer's rendering
+        np.testing.assert_array_equal(sample.composite, reference.make(i).composite)
         assert sample.mask.max() == 255 and sample.caption
         np.testing.assert_array_equal(sample.foreground, reference.make(i).foreground)  # the synthesizer's sample
         assert sample.meta["source"] == "logos" and "logo" in sample.meta
@@ -140,3 +142,25 @@ def test_cycle_score_composes_the_decomposition_back(logos, checkpoint):
     expected = np.abs(recomposed.astype(np.float64) - sample.composite.astype(np.float64)).mean()
     assert sample.meta["scores"]["cycle_error"] == pytest.approx(expected, abs=1e-4)
     assert model.config.matte == lora.config.matte
+
+
+def test_a_non_linear_input_is_kept_and_scored_for_consistency_only(logos, checkpoint):
+    """A rendered (non-linear) composite: the candidate keeps it byte for byte, and its recomposition error
+    is the predicted layers' consistency; for the true layers it is far from zero."""
+    final, _ = checkpoint
+    source = next(read_samples(sorted(str(p) for p in logos.glob("*.tar"))))
+    small = lambda a, mode: np.asarray(Image.fromarray(a, mode).resize((32, 32), Image.NEAREST))  # noqa: E731
+    layer, obj, mask = small(source.foreground, "RGBA"), small(source.background, "RGB"), small(source.mask, "L")
+    lit = composite(layer, obj).astype(np.float64) * np.linspace(0.5, 1.2, 32)[None, :, None]  # shading
+    image = np.clip(np.rint(lit), 0, 255).astype(np.uint8)
+    held = LayeredSample(key="held_rendered", kind="rendered", composite=image, mask=mask, caption=source.caption,
+                         background=obj, foreground=layer)
+    held.validate()  # no alpha-blend invariant for this kind
+    assert ic.recomposition_error(image, layer, obj) > 5
+    out = _decompose([held], final)[0]
+    assert out.ok and out.kind == "candidate"
+    assert out.composite.tobytes() == image.tobytes()
+    error = ic.recomposition_error(out.composite, out.foreground, out.background)
+    assert out.meta["generator"]["recomposition_error"] == pytest.approx(error, abs=1e-4)
+    assert json.loads(out.to_wds()["json"])["kind"] == "candidate"
+

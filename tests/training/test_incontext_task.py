@@ -7,20 +7,22 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from layerloop.datasets.logos import logo_samples
 from layerloop.datasets.shards import ShardWriter
 from layerloop.models import incontext as ic
-from layerloop.samples import LayeredSample
+from layerloop.samples import LayeredSample, composite, composite_error
 from layerloop.training import load_train_config, run_training
+from layerloop.training.bfs_task import square_crop
 from layerloop.training.incontext_task import InContextTask, load_model, prepare_sample
 from layerloop.training.loop import build_task
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    """Logo quadruples (64 px) in one run directory, two shards."""
+    """Logo samples (64 px, kind rendered) in one run directory, two shards."""
     root = tmp_path_factory.mktemp("incontext") / "logos"
     root.mkdir()
     samples = list(logo_samples(8, seed=0, size=64))
@@ -105,15 +107,34 @@ def test_loss_falls_when_overfitting_a_fixed_batch(shards, batch):
     assert history[-1] < 0.75 * history[0], history
 
 
-def test_prepared_samples_keep_the_invariant_and_the_region():
+def test_prepared_samples_keep_their_composite_rule_and_the_region():
     sample = next(logo_samples(1, seed=2, size=64))
+    assert sample.kind == "rendered"
     small = prepare_sample(sample, 16)
+    assert small.kind == "rendered"
     assert small.composite.shape == (16, 16, 3) and small.foreground.shape == (16, 16, 4)
-    small.validate()  # C = a F + (1 - a) B at training size
+    small.validate()
     assert set(np.unique(small.mask)) <= {0, 255} and small.mask.any()
     assert prepare_sample(small, 16) is small
+    # rendered: C is the input's C cropped and resized like the layers, never recomputed as a*F + (1-a)*B
+    top, left, side = square_crop(sample)
+    crop = sample.composite[top:top + side, left:left + side]
+    np.testing.assert_array_equal(small.composite, np.asarray(Image.fromarray(crop).resize((16, 16), Image.BILINEAR)))
+    assert composite_error(small.composite, small.foreground, small.background) > 1
+    # quadruple: C recomputed from the resized layers, so the invariant holds exactly at training size
+    quadruple = LayeredSample(key=sample.key, kind="quadruple", composite=composite(sample.foreground, sample.background),
+                              background=sample.background, foreground=sample.foreground, mask=sample.mask)
+    small_quadruple = prepare_sample(quadruple, 16)
+    assert composite_error(small_quadruple.composite, small_quadruple.foreground, small_quadruple.background) == 0
     with pytest.raises(ValueError, match="lacks"):
         prepare_sample(LayeredSample(key="x", composite=sample.composite, mask=sample.mask), 16)
+
+
+def test_trains_on_rendered_samples_and_quadruples_by_default(shards):
+    task = InContextTask(_cfg(shards))
+    assert task.params.kinds == ["rendered", "quadruple"]
+    assert set(task.streams()["quadruple"]) == {"rendered", "quadruple"}
+    assert InContextTask(_cfg(shards, kinds=["rendered"])).streams()["quadruple"] == ("rendered",)
 
 
 def test_stop_and_resume_gives_identical_lora_and_an_inference_checkpoint(shards, tmp_path):
@@ -129,7 +150,7 @@ def test_stop_and_resume_gives_identical_lora_and_an_inference_checkpoint(shards
     assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)  # training moved the zero-init B
     assert straight["checkpoint_hash"] == resumed["checkpoint_hash"] == ic.checkpoint_hash(tmp_path / "straight" / "final")
     metrics = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["kind"] == "quadruple" for m in metrics)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and all(m["kind"] == "rendered" for m in metrics)
     # final/ is an inference checkpoint: load_model rebuilds the tiny base and loads the trained LoRA.
     model = load_model(tmp_path / "straight" / "final")
     assert model.config.base_model == "tiny-0" and model.config.rank == 4
