@@ -1,14 +1,10 @@
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from layerloop.models.hub import ModelNotAvailable
 from layerloop.models.maniqa import (
-    DEFAULT_FILENAME,
     KONIQ_CONFIG,
-    TINY_CONFIG,
     ManiqaNet,
     ManiqaScorer,
     crop_offsets,
@@ -88,34 +84,10 @@ def test_shifted_window_mask(scorer):
     assert (mask[0] == 0).all() and (mask[3] != 0).any()
 
 
-def test_save_and_load_round_trip(scorer, tmp_path):
-    images = _images(3, SHAPES[2:])
-    scorer.save_pretrained(tmp_path / "maniqa")
-    assert (tmp_path / "maniqa" / DEFAULT_FILENAME).is_file()
-    assert json.loads((tmp_path / "maniqa" / "maniqa_config.json").read_text()) == TINY_CONFIG
-    from_folder = ManiqaScorer.from_pretrained(tmp_path / "maniqa")
-    from_file = ManiqaScorer.from_pretrained(tmp_path / "maniqa" / DEFAULT_FILENAME)
-    expected = scorer.score(images)
-    np.testing.assert_array_equal(from_folder.score(images), expected)
-    np.testing.assert_array_equal(from_file.score(images), expected)
-    assert from_folder.describe() == {"model": str(tmp_path / "maniqa"), "file": DEFAULT_FILENAME, "revision": None}
 
 
-def test_wrapped_and_ddp_checkpoints_load(scorer, tmp_path):
-    state = {"module." + k: v for k, v in scorer.net.state_dict().items()}
-    torch.save({"state_dict": state}, tmp_path / "wrapped.pt")
-    loaded = ManiqaScorer.from_pretrained(tmp_path / "wrapped.pt", config=TINY_CONFIG)
-    images = _images(4, SHAPES[:1])
-    np.testing.assert_array_equal(loaded.score(images), scorer.score(images))
 
 
-def test_offline_and_missing_raises(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    with pytest.raises(ModelNotAvailable, match="layerloop models pull") as info:
-        ManiqaScorer.from_pretrained()
-    assert "chaofengc/IQA-PyTorch-Weights" in str(info.value) and "ckpt_koniq10k.pt" in str(info.value)
 
 
 def test_real_architecture_matches_the_published_checkpoint_keys():

@@ -1,14 +1,10 @@
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from layerloop.models.hub import ModelNotAvailable
 from layerloop.models.musiq import (
-    DEFAULT_FILENAME,
     KONIQ_CONFIG,
-    TINY_CONFIG,
     MusiqNet,
     MusiqScorer,
     multiscale_tokens,
@@ -74,35 +70,10 @@ def test_token_layout_of_the_koniq_model():
     assert (original[0] % 10).tolist() == [0, 1, 2, 4, 5, 7, 8]
 
 
-def test_save_and_load_round_trip(scorer, tmp_path):
-    images = _images(3, SHAPES[:2])
-    scorer.save_pretrained(tmp_path / "musiq")
-    assert (tmp_path / "musiq" / DEFAULT_FILENAME).is_file()
-    assert json.loads((tmp_path / "musiq" / "musiq_config.json").read_text()) == TINY_CONFIG
-    from_folder = MusiqScorer.from_pretrained(tmp_path / "musiq")
-    from_file = MusiqScorer.from_pretrained(tmp_path / "musiq" / DEFAULT_FILENAME)
-    expected = scorer.score(images)
-    np.testing.assert_array_equal(from_folder.score(images), expected)
-    np.testing.assert_array_equal(from_file.score(images), expected)
-    assert from_file.describe() == {"model": str(tmp_path / "musiq" / DEFAULT_FILENAME), "file": DEFAULT_FILENAME,
-                                    "revision": None}
 
 
-def test_wrapped_and_ddp_checkpoints_load(scorer, tmp_path):
-    state = {"module." + k: v for k, v in scorer.net.state_dict().items()}
-    torch.save({"params": state}, tmp_path / "wrapped.pth")
-    loaded = MusiqScorer.from_pretrained(tmp_path / "wrapped.pth", config=TINY_CONFIG)
-    images = _images(4, SHAPES[:1])
-    np.testing.assert_array_equal(loaded.score(images), scorer.score(images))
 
 
-def test_offline_and_missing_raises(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    with pytest.raises(ModelNotAvailable, match="layerloop models pull") as info:
-        MusiqScorer.from_pretrained()
-    assert "chaofengc/IQA-PyTorch-Weights" in str(info.value) and "musiq_koniq_ckpt-e95806b9.pth" in str(info.value)
 
 
 def test_real_architecture_matches_the_published_checkpoint_keys():
