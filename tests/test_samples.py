@@ -130,3 +130,51 @@ def test_strict_json_member_has_the_bytes_of_the_previous_encoding():
     expected = json.dumps(sample.metadata(), sort_keys=True, ensure_ascii=False).encode("utf-8")
     assert sample.to_wds()["json"] == expected
     assert json.loads(expected.decode("utf-8"), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+
+
+# ------------------------------------------------------------- PNG encoders (issue #16)
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+def test_opencv_png_encoder_is_lossless_plain_png(level):
+    import cv2
+
+    from layerloop.samples import encode_png
+
+    rng = np.random.default_rng(level)
+    for shape, mode in (((5, 7), "L"), ((6, 9, 3), "RGB"), ((4, 3, 4), "RGBA"), ((1, 1), "L")):
+        array = rng.integers(0, 256, shape, dtype=np.uint8)
+        data = encode_png(array, mode, level, "opencv")
+        image = Image.open(io.BytesIO(data))
+        assert image.mode == mode
+        np.testing.assert_array_equal(np.asarray(image), array)
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # a second decoder
+        if mode == "RGB":
+            decoded = decoded[..., ::-1]
+        elif mode == "RGBA":
+            decoded = decoded[..., [2, 1, 0, 3]]
+        np.testing.assert_array_equal(decoded, array)
+        assert data == encode_png(array.copy(), mode, level, "opencv")  # deterministic
+
+
+def test_png_encoder_choice_reaches_the_record_and_defaults_keep_the_old_bytes():
+    from layerloop.samples import encode_png
+
+    sample = make_quadruple()
+    default = sample.to_wds()
+    assert default == sample.to_wds(6, "pil")
+    assert default["composite.png"] == encode_png(sample.composite, "RGB")
+    fast = sample.to_wds(1, "opencv")
+    assert fast["composite.png"] != default["composite.png"]
+    back = LayeredSample.from_wds(fast)
+    for attr in ("composite", "background", "foreground", "mask", "object_mask"):
+        np.testing.assert_array_equal(getattr(back, attr), getattr(sample, attr))
+    with pytest.raises(ValueError, match="unknown PNG encoder"):
+        encode_png(sample.mask, "L", 1, "nope")
+
+
+def test_composite_equals_the_float_formula_for_every_value():
+    a, f, b = np.meshgrid(np.arange(256), np.arange(256), np.arange(256), indexing="ij")
+    fg = np.stack([f, f, f, a], -1).reshape(-1, 1, 4).astype(np.uint8)
+    bg = np.stack([b, b, b], -1).reshape(-1, 1, 3).astype(np.uint8)
+    alpha = a.reshape(-1, 1, 1) / 255.0
+    expected = np.clip(np.rint(alpha * fg[..., :3] + (1.0 - alpha) * bg), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(composite(fg, bg), expected)

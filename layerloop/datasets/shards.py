@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from layerloop.errors import EXIT_OWNERSHIP_LOST, LayerloopError, attach_path
 from layerloop.files import TMP_MARK, sha256_file, temp_sibling
 from layerloop.files import sha256_file as file_sha256  # noqa: F401 - the name this module used to define
-from layerloop.samples import LayeredSample, safe_text
+from layerloop.samples import PNG_DEFAULT_ENCODER, PNG_DEFAULT_LEVEL, LayeredSample, safe_text
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +299,16 @@ class ShardWriter:
     commit or remove a shard once another driver holds the run lock. Without one (tests, tools writing a
     private directory) it commits unconditionally. ``damaged`` maps shard index -> why a committed-looking
     shard was removed for rebuilding (filled by ``committed_summary``; per process: a Ray worker's copy
-    stays on the worker)."""
+    stays on the worker). ``png_level`` / ``png_encoder``: how image members are encoded
+    (``samples.encode_png``; the defaults are the historical bytes)."""
 
-    def __init__(self, out_dir: str | Path, name: str, owner: RunOwner | None = None):
+    def __init__(self, out_dir: str | Path, name: str, owner: RunOwner | None = None,
+                 png_level: int = PNG_DEFAULT_LEVEL, png_encoder: str = PNG_DEFAULT_ENCODER):
         self.out_dir = Path(out_dir)
         self.name = name
         self.owner = owner
+        self.png_level = png_level
+        self.png_encoder = png_encoder
         self.damaged: dict[int, str] = {}
 
     def paths(self, index: int) -> tuple[Path, Path]:
@@ -356,7 +360,7 @@ class ShardWriter:
                 for sample in samples:
                     if sample.ok:
                         try:
-                            record = sample.to_wds()
+                            record = sample.to_wds(self.png_level, self.png_encoder)
                             check_tar_record(record)
                         except Exception as error:  # schema violation: recorded, nothing written
                             sample.fail("write", error)

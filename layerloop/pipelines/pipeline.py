@@ -60,7 +60,8 @@ class Pipeline:
         return cls(
             source=build_source(source_config(config.source, out_dir)),
             stage_specs=config.stages,
-            writer=ShardWriter(out_dir, config.shards.name),
+            writer=ShardWriter(out_dir, config.shards.name, png_level=config.shards.png_compress_level,
+                               png_encoder=config.shards.png_encoder),
             seed=config.seed,
             samples_per_shard=config.shards.samples_per_shard,
         )

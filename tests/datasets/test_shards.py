@@ -245,3 +245,33 @@ def test_index_accepts_any_python_text(tmp_path):
         in rows[1]["message"]
     assert rows[1]["source_id"] == "\\udce9t\u00e9.png"
     assert tar_members(tmp_path / "t-000000.tar") == []  # both failed: a valid, empty tar
+
+
+def test_writer_png_encoder_and_level_give_readable_deterministic_shards(tmp_path):
+    """Issue #16: ``shards.png_encoder`` / ``png_compress_level`` reach the tar; same settings, same bytes."""
+    samples = [make_quadruple(f"t_{i}", seed=i) for i in range(2)]
+    tars = {}
+    for name, level, encoder in (("a", 1, "opencv"), ("b", 1, "opencv"), ("c", 6, "pil")):
+        (tmp_path / name).mkdir()
+        writer = ShardWriter(tmp_path / name, "t", png_level=level, png_encoder=encoder)
+        writer.write(0, samples)
+        tars[name] = writer.paths(0)[0].read_bytes()
+        back = list(read_samples(tmp_path / name))
+        for got, want in zip(back, samples):
+            np.testing.assert_array_equal(got.foreground, want.foreground)
+            np.testing.assert_array_equal(got.composite, want.composite)
+    assert tars["a"] == tars["b"] and tars["a"] != tars["c"]
+
+
+def test_png_settings_at_their_defaults_are_not_recorded():
+    from layerloop.config import ShardsConfig, load_config
+
+    assert ShardsConfig().model_dump() == {"name": "layerloop", "samples_per_shard": 16}
+    assert ShardsConfig(png_encoder="pil", png_compress_level=6).model_dump() == ShardsConfig().model_dump()
+    assert ShardsConfig(png_compress_level=3).model_dump()["png_compress_level"] == 3
+    base = load_config("demo", ["shards.png_encoder=pil", "shards.png_compress_level=6"])
+    assert base.fingerprint() != load_config("demo").fingerprint()  # the demo writes opencv/1 (its bytes differ)
+    assert base.fingerprint() == load_config("demo", ["shards.png_encoder=pil",
+                                                       "shards.png_compress_level=6"]).fingerprint()
+    with pytest.raises(Exception, match="png_compress_level"):
+        load_config("demo", ["shards.png_compress_level=10"])
