@@ -78,10 +78,22 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from layerloop.training import load_train_config, run_training
+    from layerloop.training import TrainConfig, load_training, run_training
 
-    cfg = load_train_config(args.config, list(args.overrides))
+    cfg = load_training(args.config, list(args.overrides))
     logs.set_run_dir(cfg.out_dir(args.out))
+    if not isinstance(cfg, TrainConfig):  # a recipe: its stages in order, each into OUT/<stage>/
+        from layerloop.training.recipe import run_recipe
+
+        result = run_recipe(cfg, args.out)
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+        for stage, summary in result["stages"].items():
+            if summary.get("skipped"):
+                line = f"layerloop: {stage}: already trained, skipped; weights in {summary.get('final')}"
+            else:
+                line = _train_line(summary).replace("layerloop: ", f"layerloop: {stage}: ", 1)
+            print(line, file=sys.stderr)
+        return 0
     summary = run_training(cfg, args.out)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     print(_train_line(summary), file=sys.stderr)
@@ -210,7 +222,8 @@ def make_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_cmd_build)
 
     train = _config_command(commands, "train", "train a LoRA (BFS generator, ...) from shards, resumably",
-                            "training config (train_bfs_demo, train_bfs, or a YAML path)",
+                            "training config (train_bfs_demo, train_bfs, or a YAML path), or a recipe "
+                            "(train_bfs_recipe_demo: rgba-vae -> phi -> stage1 -> stage2 into OUT/<stage>/)",
                             "key=value overrides, e.g. steps=200 data.accepted.weight=2",
                             "output directory (checkpoints, metrics.jsonl, final/)")
     train.set_defaults(func=_cmd_train)

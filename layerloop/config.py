@@ -42,7 +42,16 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_serializer,
+)
 
 from layerloop.errors import ConfigError
 from layerloop.files import sha256_text
@@ -515,6 +524,14 @@ SourceConfig = Annotated[Union[RoremConfig, FolderConfig, HFConfig, WebDatasetCo
 class ShardsConfig(ConfigModel):
     name: str = "layerloop"  # shard file prefix: <name>-NNNNNN.tar
     samples_per_shard: int = Field(16, ge=1)
+    # PNG encoding of the image members (``samples.encode_png``, issue #16): "pil" (Pillow, adaptive row
+    # filters) or "opencv" (libpng with Sub-filtered rows and zlib's RLE strategy, several times faster at
+    # a similar size),
+    # and the zlib level 0-9. The defaults are the historical bytes (Pillow, level 6) and are left out of
+    # run.json and the fingerprint, so configs that do not set them keep their fingerprints; a config that
+    # sets them writes other bytes and so gets another fingerprint.
+    png_encoder: Literal["pil", "opencv"] = "pil"
+    png_compress_level: int = Field(6, ge=0, le=9)
 
     @field_validator("name")
     @classmethod
@@ -522,6 +539,14 @@ class ShardsConfig(ConfigModel):
         if not value or any(c in value for c in "/\\ "):
             raise ValueError(f"shard name {value!r} must be a plain file prefix")
         return value
+
+    @model_serializer(mode="wrap")
+    def _png_defaults_unrecorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for key, default in (("png_encoder", "pil"), ("png_compress_level", 6)):
+            if data.get(key) == default:
+                data.pop(key)
+        return data
 
 
 class RayConfig(ConfigModel):
@@ -537,6 +562,14 @@ class RayConfig(ConfigModel):
 class ReportConfig(ConfigModel):
     enabled: bool = True
     rows: int = Field(8, ge=1)  # samples shown on the contact sheet
+
+
+# Stage parameters whose default changed what the stage produces: a build's fingerprint records their resolved
+# value (the default where the config does not give one), so that a run directory made with the old default is
+# refused rather than continued with the new one. Each value must equal the stage's ``Params`` default (tested).
+STAGE_FINGERPRINT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "generate-bfs": {"noise": "shared"},  # #15: one noise draw for both branches; before: independent
+}
 
 
 class BuildConfig(ConfigModel):
@@ -565,9 +598,11 @@ class BuildConfig(ConfigModel):
         return [entry.get("stage", "?") for entry in self.stages]
 
     def fingerprint(self) -> str:
-        """As every config's, plus the source type's ``output_version`` where it has one (what the same
-        config produces changed)."""
+        """As every config's, plus the source type's ``output_version`` where it has one and the resolved
+        ``STAGE_FINGERPRINT_DEFAULTS`` of its stages (what the same config produces changed)."""
         data = self.model_dump(mode="json", exclude=set(self.FINGERPRINT_EXCLUDE))
+        data["stages"] = [{**STAGE_FINGERPRINT_DEFAULTS.get(str(entry.get("stage")), {}), **entry}
+                          for entry in data["stages"]]
         version = getattr(type(self.source), "output_version", None)
         if version is not None:
             data["source_output_version"] = version

@@ -20,24 +20,30 @@ from layerloop.training.config import TrainConfig, load_train_config, load_train
 # loop refuses a directory whose fingerprint differs. They must not change unless the output changes.
 PACKAGED_FINGERPRINTS = {
     "decompose_incontext_demo": "4724ac1b99b33d5d",
-    "demo": "cdce2e623525be33",
+    "demo": "79248d71811975d2",  # #16: shards written by the opencv PNG encoder at level 1: was cdce2e623525be33
     "evaluate_bfs_demo": "e5432892ddde4193",
     "evaluate_bfs_rorem": "33c9f28f64b8cdcf",
     "evaluate_decompose_demo": "13f7f4bcd1800a88",
-    "generate_bfs_demo": "a60cd3ad30809123",
+    "generate_bfs_demo": "10c69b51887d8925",  # #15: shared noise recorded: was a60cd3ad30809123
     "logos_demo": "d68cb346bf50d02d",  # #14 changed what it produces (non-linear logos): was 116d7e2697fe5aaf
     "pairs_demo": "d462c7d0150e7e9d",
     "rorem": "e0381861157f7cdc",
     "rorem_pairs": "0c094a34d1a683bf",
     "selfimprove_bfs_demo": "e9b64e32f105f809",
     "selfimprove_incontext_demo": "6f75d0d858f013fb",  # #14: top-k by cycle_error: was 9f3fc33d46dffbfc
-    "train_bfs": "c6f744fd9eb45728",
-    "train_bfs_demo": "5107b9340a57bf13",
+    "train_bfs": "2e5b8596fe12bb42",  # #15: shared noise, uniform t recorded: was c6f744fd9eb45728
+    "train_bfs_demo": "eb458e6216312cb5",  # #15: shared noise, uniform t recorded: was 5107b9340a57bf13
+    "train_bfs_recipe": "4a393db8c48661df",  # #15: the recipe (rgba-vae -> phi -> stage1 -> stage2), new
+    "train_bfs_recipe_demo": "19145cf61d17c011",  # #15: new
     "train_incontext_demo": "70b6c9b83ed6c000",
 }
 
 
 def _load_packaged(name: str) -> ConfigModel:
+    if "recipe" in load_yaml(name):  # a training recipe (its fingerprint covers its stages')
+        from layerloop.training.recipe import load_recipe_config
+
+        return load_recipe_config(name)
     if name.startswith("train"):
         return load_train_config(name)
     if name.startswith("selfimprove"):

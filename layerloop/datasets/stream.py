@@ -129,6 +129,10 @@ def index_shard(path: Path) -> list[_Entry]:
     return entries
 
 
+class NoSamplesOfKind(ValueError):
+    """A source (or every source of a stream) has no samples of the kinds the stream wants."""
+
+
 class _SourceIndex:
     """The wanted samples of one source, shard by shard, and its per-epoch order."""
 
@@ -145,8 +149,8 @@ class _SourceIndex:
             self.entries.append([e for e in entries if kinds is None or e.kind in kinds])
         self.size = sum(len(e) for e in self.entries)
         if self.size == 0:
-            raise ValueError(f"source {source.name!r} has no samples of kind {list(kinds or KINDS)} "
-                             f"in {len(self.shards)} shard(s)")
+            raise NoSamplesOfKind(f"source {source.name!r} has no samples of kind {list(kinds or KINDS)} "
+                                  f"in {len(self.shards)} shard(s)")
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def fingerprint(self) -> str:
@@ -198,8 +202,19 @@ class ShardStream:
         self.seed = int(seed)
         self.rank, self.world_size = rank, world_size
         self.kinds = tuple(kinds) if kinds else None
-        self.sources = [_SourceIndex(i, s, self.kinds, self.seed, shuffle_buffer) for i, s in enumerate(sources)]
-        weights = np.array([s.weight for s in sources], dtype=np.float64)
+        # A stream that wants some kinds draws from the sources that have them (stage 2's pair stream from the
+        # pairs source, its quadruple stream from the quadruples); a source with none of any kind is an error.
+        self.sources = []
+        for i, s in enumerate(sources):
+            try:
+                self.sources.append(_SourceIndex(i, s, self.kinds, self.seed, shuffle_buffer))
+            except NoSamplesOfKind:
+                if self.kinds is None or (not self.sources and i == len(sources) - 1):
+                    raise
+        if not self.sources:
+            raise NoSamplesOfKind(f"no source ({', '.join(s.name for s in sources)}) has samples of kind "
+                                  f"{list(self.kinds)}")
+        weights = np.array([s.source.weight for s in self.sources], dtype=np.float64)
         self._cumulative = np.cumsum(weights / weights.sum())
         self.draws = 0  # draws made over all ranks
         self.consumed = [0] * len(self.sources)  # samples taken from each source over all ranks

@@ -14,6 +14,10 @@ C and B use the RGB VAE, F uses the RGBA VAE (`make_rgba_vae`), which share one 
 
 Flow matching follows the Flux convention: `z_t = (1 - t) z0 + t z1` with z0 the data and z1 noise,
 velocity target `z1 - z0`, and the transformer's `timestep` argument is t itself in [0, 1].
+
+Noise of the two branches (`branch_noise`, used by training and inference alike): "shared" (the default, the
+BFS paper's: one noise draw interpolated with each data latent, Eq. 6, and at inference one noise tensor
+duplicated for the two branches) or "independent" (one draw per branch, what this project did before #15).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -79,6 +83,8 @@ __all__ = [
     "lora_checkpoint_hash",
     "generate",
     "sample_latents",
+    "branch_noise",
+    "NOISE_CHOICES",
     "flux_sigmas",
     "read_lora_config",
     "tiny_transformer",
@@ -110,6 +116,9 @@ LORA_WEIGHTS_NAME = "bfs_lora.safetensors"
 LORA_CONFIG_NAME = "bfs_lora.json"
 LORA_FORMAT = "layerloop-bfs-lora"
 LORA_FORMAT_VERSION = 1
+# How the two branches' noise is drawn (`branch_noise`); the first is the default (the paper's).
+NOISE_CHOICES = ("shared", "independent")
+Noise = Literal["shared", "independent"]
 # Base-model ids of this form name a `tiny(seed)` backbone, so a LoRA trained on the demo's tiny model
 # can be reloaded for inference without any download.
 TINY_PREFIX = "tiny:"
@@ -475,6 +484,19 @@ def flux_sigmas(num_steps: int, image_seq_len: int, shift: bool = True) -> torch
     return torch.tensor(sigma_schedule(num_steps, image_seq_len, shift=shift), dtype=torch.float32)
 
 
+def branch_noise(shape: tuple[int, ...] | torch.Size, generator: torch.Generator,
+                 noise: str = "shared") -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise for the composite and the foreground branch, each of ``shape``, drawn from ``generator`` (on its
+    device). ``noise="shared"``: one draw, the same tensor for both (the BFS paper); ``"independent"``: two
+    draws, C's first (the same draws as before the choice existed)."""
+    if noise not in NOISE_CHOICES:
+        raise ValueError(f"noise must be one of {NOISE_CHOICES}, got {noise!r}")
+    noise_c = torch.randn(shape, generator=generator, device=generator.device)
+    if noise == "shared":
+        return noise_c, noise_c
+    return noise_c, torch.randn(shape, generator=generator, device=generator.device)
+
+
 @torch.no_grad()
 def sample_latents(
     generator: BFSGenerator,
@@ -489,8 +511,9 @@ def sample_latents(
     guidance: float | None = 30.0,
     shift: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both branches from the given noise (each (B, C, h, w), like the latents) to data with the shared
-    Euler sampler (`sampling.py`); returns the spatial (latents_c, latents_f).
+    """Both branches from the given noise (each (B, C, h, w), like the latents; the same tensor for shared
+    noise, `branch_noise`) to data with the shared Euler sampler (`sampling.py`); returns the spatial
+    (latents_c, latents_f).
 
     background_latents: (B, C, h, w) normalised RGB-VAE latents of B; mask: (B, 1, H, W) pixel box
     mask (1 inside); text embeddings as in `BFSGenerator.forward`, on the latents' device.
@@ -521,17 +544,18 @@ def generate(
     pooled: torch.Tensor,
     *,
     seed: int = 0,
+    noise: Noise = "shared",
     vae: AutoencoderKL | None = None,
     rgba_vae: AutoencoderKL | None = None,
     **sampling: Any,
 ) -> BFSGeneration:
     """`sample_latents` from noise drawn for the whole batch from a CPU generator seeded with `seed` (so
-    results do not depend on device), decoded when VAEs are given. ``sampling``: `sample_latents`'s
+    results do not depend on device), decoded when VAEs are given. ``noise``: one draw shared by both
+    branches (the paper's) or one per branch (`branch_noise`). ``sampling``: `sample_latents`'s
     keywords (num_steps, guidance, shift). (`BFSPipeline` draws noise per sample instead, so that a
     sample's output does not depend on its batch mates.)"""
     rng = torch.Generator(device="cpu").manual_seed(seed)
-    noise_c = torch.randn(background_latents.shape, generator=rng)
-    noise_f = torch.randn(background_latents.shape, generator=rng)
+    noise_c, noise_f = branch_noise(background_latents.shape, rng, noise)
     latents_c, latents_f = sample_latents(generator, background_latents, mask, text_embeds, pooled, noise_c,
                                           noise_f, **sampling)
     result = BFSGeneration(latents_c=latents_c, latents_f=latents_f)

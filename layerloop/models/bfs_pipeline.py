@@ -5,7 +5,9 @@
 VAE, the RGBA VAE the LoRA was trained with (``bfs_task.json``, or the one derived from the RGB VAE), the
 text encoder and the guidance scale. ``pipe(backgrounds, masks, captions, seeds, steps=...)`` generates a
 composite and a foreground layer per background with the shared Euler sampler (``bfs.sample_latents``),
-each sample from its own seed, so a sample's output does not depend on its batch mates.
+each sample from its own seed, so a sample's output does not depend on its batch mates. ``noise="shared"`` (the
+default, the BFS paper's) draws one noise tensor per sample and gives it to both branches; ``"independent"`` draws
+one per branch (what the pipeline did before #15).
 """
 
 from __future__ import annotations
@@ -85,19 +87,25 @@ class BFSPipeline:
 
     @torch.no_grad()
     def __call__(self, backgrounds: np.ndarray, masks: np.ndarray, captions: Sequence[str], seeds: Sequence[int],
-                 steps: int = 28) -> BFSPipelineOutput:
+                 steps: int = 28, noise: bfs.Noise = "shared") -> BFSPipelineOutput:
         """Generate C and F for a batch of one size: ``backgrounds`` (B, H, W, 3) uint8, ``masks`` (B, H, W)
-        box masks (non-zero inside), one caption and one seed per sample."""
+        box masks (non-zero inside), one caption and one seed per sample. ``noise``: one draw per sample shared
+        by the two branches, or one per branch."""
         d = self.device
         pixels = torch.from_numpy(np.asarray(backgrounds)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         mask = torch.from_numpy(np.asarray(masks) > 0).float()[:, None]
         z_b = bfs.encode_latents(self.vae, pixels.to(d))
         _, c, h, w = z_b.shape
         text = self.text_encoder(list(captions))
-        noise = [torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(seed)) for seed in seeds]
+        if noise not in bfs.NOISE_CHOICES:
+            raise ValueError(f"noise must be one of {bfs.NOISE_CHOICES}, got {noise!r}")
+        # Per sample one draw (shared) or two, C's first (independent: the draws of before #15).
+        draws = [torch.randn(1 if noise == "shared" else 2, c, h, w, generator=torch.Generator().manual_seed(seed))
+                 for seed in seeds]
+        noise_c = torch.stack([x[0] for x in draws])
+        noise_f = noise_c if noise == "shared" else torch.stack([x[1] for x in draws])
         latents_c, latents_f = bfs.sample_latents(
-            self.generator, z_b, mask.to(d), text.embeds.to(d), text.pooled.to(d),
-            torch.stack([x[0] for x in noise]), torch.stack([x[1] for x in noise]),
+            self.generator, z_b, mask.to(d), text.embeds.to(d), text.pooled.to(d), noise_c, noise_f,
             num_steps=steps, guidance=self.guidance)
         return BFSPipelineOutput(composite=to_uint8(bfs.decode_latents(self.vae, latents_c)),
                                  foreground=to_uint8(bfs.decode_latents(self.rgba_vae, latents_f)))

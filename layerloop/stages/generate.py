@@ -3,7 +3,7 @@
 Reads ``work["gt_background"]`` (from ``load``; else ``background``), ``mask`` (the box, from
 ``box-mask``) and ``caption``; writes ``composite`` (generated C), ``foreground`` (generated F, RGBA),
 ``background`` (the input B), ``kind = "candidate"`` and ``meta["generator"]`` = {family, checkpoint,
-checkpoint_hash, steps, seed, guidance, recomposition_error}. A typical pipeline::
+checkpoint_hash, steps, seed, noise, guidance, recomposition_error}. A typical pipeline::
 
     source: {type: webdataset, urls: ...}   -> load -> box-mask -> generate-bfs
 
@@ -14,6 +14,10 @@ VAE checkpoints it was trained with. ``setup`` loads it once per actor as a
 
 Each sample's noise comes from its own seed (``self.rng(sample)``: run seed, key, stage name), so a
 sample's output does not depend on its batch mates; samples of one size are generated as one batch.
+``noise``: ``shared`` (default, the BFS paper's: one noise tensor given to both branches) or ``independent``
+(one per branch, the only behaviour before #15). The build fingerprint records the resolved value (default
+included, ``config.STAGE_FINGERPRINT_DEFAULTS``), so a run directory generated before the default changed is
+refused rather than continued with other noise; each candidate also records it in ``meta["generator"]``.
 ``recomposition_error`` is the mean |C - (a F + (1 - a) B)| in 1/255 steps: how far the generated
 composite is from what the generated layer over the given background gives, a first filter signal.
 """
@@ -21,6 +25,7 @@ composite is from what the generated layer over the given background gives, a fi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -33,6 +38,7 @@ class GenerateParams(SamplerParams):
     checkpoint: str  # final/ of a BFS stage1/stage2 training run
     guidance: float | None = None  # None: the guidance the LoRA was trained with (bfs_task.json)
     rgba_vae: str | None = None  # final/ of an rgba-vae run; None: the one named in bfs_task.json
+    noise: Literal["shared", "independent"] = "shared"  # one draw for both branches (paper) or one per branch
 
 
 @register_stage
@@ -90,7 +96,7 @@ class GenerateBFS(Stage):
         # One seed per sample (not per batch): a sample's result must not depend on which samples share its batch.
         seeds = [int(self.rng(s).integers(2**63 - 1)) for s, _ in group]
         out = self._pipe(np.stack([b for _, b in group]), np.stack([s.mask for s, _ in group]),
-                         [s.caption for s, _ in group], seeds, steps=self.params.steps)
+                         [s.caption for s, _ in group], seeds, steps=self.params.steps, noise=self.params.noise)
         for i, (sample, background) in enumerate(group):
             sample.composite, sample.foreground = out.composite[i], out.foreground[i]
             sample.background = np.ascontiguousarray(background)
@@ -99,6 +105,7 @@ class GenerateBFS(Stage):
             sample.meta["generator"] = {
                 "family": "bfs", "checkpoint": str(Path(self.params.checkpoint).resolve()),
                 "checkpoint_hash": self._pipe.checkpoint_hash, "steps": self.params.steps, "seed": seeds[i],
-                "guidance": self._pipe.guidance, "recomposition_error": round(float(error), 4),
+                "noise": self.params.noise, "guidance": self._pipe.guidance,
+                "recomposition_error": round(float(error), 4),
             }
             sample.record_stage(self.name, backend="bfs", **self.describe())

@@ -3,12 +3,28 @@
 Metrics (choose with ``metrics``):
 
 * ``clip_foreground``: CLIPScore (Hessel et al. 2021, ``2.5*max(cos, 0)``) of the foreground layer over a
-  neutral grey vs the caption: does the layer show what the caption says;
-* ``clip_composite``: CLIPScore of the composite vs the caption;
-* ``hps``: HPS v2.1 of the composite vs the caption (human preference);
+  neutral grey vs the caption: does the layer show what the caption says (the BFS paper's CLIP score);
+* ``clip_composite``: CLIPScore of the scene vs the caption;
+* ``hps``: HPS v2.1 of the scene vs the caption (human preference);
 * ``recomposition``: mean and max of ``|a*F + (1-a)*B - C|`` in 1/255 steps (not 0 for the true layers of a
   ``rendered`` sample, whose C is non-linear: rank decompositions by ``cycle_error`` there), model-free: for generated
   candidates it measures whether the model's layers explain its own composite.
+
+"The scene" depends on the sample. For a BFS candidate (``meta["generator"]["family"] == "bfs"``) it is the
+generated foreground F composited over the input background B (``composite(F, B)``; ``generate-bfs`` stores the
+input B in ``sample.background``), as the BFS paper evaluates HPS: the product is the layer, and the composite
+branch's own decoded C is only a by-product (``recomposition`` compares the two). For every other sample it is
+``sample.composite`` (a real composite, or a decomposition's input).
+
+Each sample records which image each of its scores was computed on, in ``meta["scores_on"]``: a JSON object from
+score column to one of
+
+* ``"foreground_over_grey"`` (``clip_foreground``);
+* ``"foreground_over_input_background"`` (``clip_composite`` and ``hps`` of a BFS candidate);
+* ``"composite"`` (``clip_composite`` and ``hps`` of any other sample);
+* ``"composite_vs_foreground_over_background"`` (``recomposition_mean`` and ``recomposition_max``).
+
+For example ``{"clip_foreground": "foreground_over_grey", "hps": "foreground_over_input_background", ...}``.
 
 Model metrics load their model once per worker (the stage then runs in an actor pool, on GPUs when it
 declares them). ``model: tiny`` style names (``clip_model: tiny``) select random tiny instances for tests
@@ -55,6 +71,25 @@ def hps_ref(params: ScoreParams):
     tiny = params.hps_model.startswith("tiny")
     return ModelRef(stage="score/hps", model=params.hps_model, revision=params.revision,
                     filename=None if tiny else params.hps_filename)
+
+
+FOREGROUND_OVER_GREY = "foreground_over_grey"
+FOREGROUND_OVER_INPUT_BACKGROUND = "foreground_over_input_background"
+COMPOSITE = "composite"
+RECOMPOSITION = "composite_vs_foreground_over_background"
+
+
+def is_generated_bfs(sample: LayeredSample) -> bool:
+    generator = sample.meta.get("generator")
+    return isinstance(generator, dict) and generator.get("family") == "bfs"
+
+
+def scene(sample: LayeredSample) -> tuple[np.ndarray, str]:
+    """The image ``clip_composite`` and ``hps`` score, and its ``scores_on`` name: a BFS candidate's foreground
+    over its input background (the paper's evaluation), else the sample's composite."""
+    if is_generated_bfs(sample):
+        return composite(sample.foreground, sample.background), FOREGROUND_OVER_INPUT_BACKGROUND
+    return sample.composite, COMPOSITE
 
 
 def recomposition_error(sample: LayeredSample) -> tuple[float, int]:
@@ -128,22 +163,26 @@ class ScoreStage(Stage):
         captions = [s.caption for s in live]
         columns: dict[str, np.ndarray] = {}
         metrics = self.params.metrics
+        scenes = [scene(s) for s in live] if {"clip_composite", "hps"} & set(metrics) else []
         if "clip_foreground" in metrics:
             from layerloop.models.blip2 import layer_on_neutral
 
             layers = [layer_on_neutral(s.foreground, self.params.neutral_grey) for s in live]
             columns["clip_foreground"] = self.clip.score(layers, captions)
         if "clip_composite" in metrics:
-            columns["clip_composite"] = self.clip.score([s.composite for s in live], captions)
+            columns["clip_composite"] = self.clip.score([image for image, _ in scenes], captions)
         if "hps" in metrics:
-            columns["hps"] = self.hps.score([s.composite for s in live], captions)
+            columns["hps"] = self.hps.score([image for image, _ in scenes], captions)
         for row, sample in enumerate(live):
             scores = sample.meta.setdefault("scores", {})
+            scored_on = sample.meta.setdefault("scores_on", {})
             for name, values in columns.items():
                 scores[name] = round(float(values[row]), 6)
+                scored_on[name] = FOREGROUND_OVER_GREY if name == "clip_foreground" else scenes[row][1]
             if "recomposition" in metrics:
                 mean, peak = recomposition_error(sample)
                 scores["recomposition_mean"] = round(mean, 6)
                 scores["recomposition_max"] = peak
+                scored_on["recomposition_mean"] = scored_on["recomposition_max"] = RECOMPOSITION
             sample.record_stage(self.name, **self.describe(), models=[r.label() for r in self.models()])
         return samples

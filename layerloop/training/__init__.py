@@ -7,7 +7,9 @@
 * ``checkpoint.py``: atomic ``checkpoints/step-NNNNNN/`` directories;
 * ``ray_train.py``: the same loop under ``ray.train.torch.TorchTrainer``;
 * ``bfs_task.py``: the BFS stages (phi, rgba-vae, stage1, stage2); the in-context family (issue 5) adds
-  its own task module.
+  its own task module;
+* ``recipe.py``: a recipe config runs the BFS stages in order (rgba-vae -> phi -> stage1 -> stage2), each
+  wired to the earlier ones; ``bfs_lineage.py``: the parents' hashes each BFS export records.
 
 An output directory holds ``train.json`` (config and fingerprint), ``metrics.jsonl``,
 ``checkpoints/``, ``final/`` (weights + ``checkpoint_hash.txt``) and ``summary.json``. Re-running the
@@ -22,7 +24,7 @@ from typing import Any
 
 from layerloop.training.config import TrainConfig, load_train_config
 
-__all__ = ["TrainConfig", "load_train_config", "train_from_config", "run_training"]
+__all__ = ["TrainConfig", "load_train_config", "load_training", "train_from_config", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,25 @@ def run_training(cfg: TrainConfig, out: str | Path | None = None, stop_at: int |
         return train(task, make_streams(task, cfg), cfg, out_dir, device=device, stop_at=stop_at)
 
 
+def load_training(config: str | Path | dict[str, Any], overrides: list[str] | None = None):
+    """A ``TrainConfig``, or a ``RecipeConfig`` when the config has a ``recipe:`` list (``recipe.py``)."""
+    from layerloop.config import load_config_data
+    from layerloop.training.recipe import is_recipe, load_recipe_config
+
+    if is_recipe(load_config_data(config)):
+        return load_recipe_config(config, overrides)
+    return load_train_config(config, overrides)
+
+
 def train_from_config(config: str | Path | dict[str, Any], overrides: list[str] | None = None,
                       out: str | None = None) -> dict[str, Any]:
     """``layerloop train``: load ``config`` (YAML path, packaged name such as ``train_bfs_demo``, or a
     dict), apply ``key=value`` overrides, train into ``out`` (else the config's ``out``, else
-    ``runs/<name>``). Returns the summary (also written to ``<out>/summary.json``)."""
-    return run_training(load_train_config(config, overrides), out)
+    ``runs/<name>``). Returns the summary (also written to ``<out>/summary.json``). A recipe config runs
+    its stages in order (``recipe.run_recipe``)."""
+    cfg = load_training(config, overrides)
+    if isinstance(cfg, TrainConfig):
+        return run_training(cfg, out)
+    from layerloop.training.recipe import run_recipe
+
+    return run_recipe(cfg, out)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -51,6 +51,7 @@ from layerloop.models.bfs_components import (  # noqa: F401  (re-exported: the s
 from layerloop.models.bfs_modules import LatentCompositor
 from layerloop.models.refs import is_tiny, tiny_seed, torch_dtype
 from layerloop.samples import LayeredSample
+from layerloop.training.bfs_lineage import parent_hashes, write_parents
 from layerloop.training.config import TrainConfig
 from layerloop.training.loop import register_task
 
@@ -77,12 +78,33 @@ class BFSParams(BaseModel):
     guidance: float = 30.0  # the distilled guidance scale the backbone is run with (FluxFillPipeline's default)
     comp_weight: float | None = Field(None, ge=0)  # None: 0.1 in stage 1, 0.5 in stage 2 (the paper's)
     p_real: float = Field(0.8, ge=0, le=1)  # stage 2: probability of the L_real branch
-    timestep_mean: float = 0.0  # logit-normal t, as SD3 / FLUX training
-    timestep_std: float = Field(1.0, gt=0)
+    # stage1/stage2 noise and timesteps (`sample_timesteps`, `bfs.branch_noise`). The defaults are the BFS
+    # paper's (Eq. 6): one noise draw per sample interpolated with both z_C and z_F, and t ~ U(0, 1). Before #15:
+    # noise=independent (one draw per branch), timesteps=logit-normal (sigmoid of N(timestep_mean, timestep_std^2),
+    # as SD3 / FLUX training). The training fingerprint records the resolved choices (TrainConfig).
+    noise: Literal["shared", "independent"] = "shared"
+    timesteps: Literal["uniform", "logit-normal"] = "uniform"
+    timestep_mean: float = 0.0  # logit-normal only
+    timestep_std: float = Field(1.0, gt=0)  # logit-normal only
     gradient_checkpointing: bool = False
     vae_l1_weight: float = Field(1.0, ge=0)
     vae_mse_weight: float = Field(1.0, ge=0)
     vae_kl_weight: float = Field(1e-6, ge=0)
+
+    @model_validator(mode="after")
+    def _logit_normal_settings(self) -> BFSParams:
+        given = sorted({"timestep_mean", "timestep_std"} & self.model_fields_set)
+        if given and self.timesteps != "logit-normal":
+            raise ValueError(f"{', '.join(given)} only apply to timesteps=logit-normal (timesteps is {self.timesteps})")
+        return self
+
+
+def sample_timesteps(params: BFSParams, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in (0, 1), float32, from ``generator``: U(0, 1) (``timesteps=uniform``, the paper's) or
+    sigmoid(N(timestep_mean, timestep_std^2)) (``logit-normal``)."""
+    if params.timesteps == "uniform":
+        return torch.rand(n, generator=generator)
+    return torch.sigmoid(torch.randn(n, generator=generator) * params.timestep_std + params.timestep_mean)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -147,6 +169,9 @@ class BFSTask:
         if self.stage in ("stage1", "stage2") and self.params.phi_checkpoint is None:
             raise ValueError(f"BFS {self.stage} needs task.phi_checkpoint: the final/ directory of a `stage: phi` run "
                              f"(or '{UNTRAINED}' to keep Phi at its init, for smoke tests only)")
+        # The checkpoints this stage trains on, checked against each other before anything loads (a Phi
+        # trained on another RGBA VAE is refused); written to parents.json with the weights.
+        self.parents = parent_hashes(self.stage, self.params)
         self.scale_step = 4 if tiny else 16  # VAE scale x 2x2 token packing
         if self.params.resolution % self.scale_step:
             raise ValueError(f"task.resolution {self.params.resolution} must be a multiple of {self.scale_step}")
@@ -286,10 +311,9 @@ class BFSTask:
         z = self.encode(pixels)
         b, _, h, w = z["c"].shape
         d = self.device
-        t = torch.sigmoid(torch.randn(b, generator=generator) * self.params.timestep_std
-                          + self.params.timestep_mean).to(d)
-        z1_c = torch.randn(z["c"].shape, generator=generator).to(d)
-        z1_f = torch.randn(z["f"].shape, generator=generator).to(d)
+        t = sample_timesteps(self.params, b, generator).to(d)
+        # z1 is the noise here (Flux convention, `bfs_losses`); shared: one tensor for both branches.
+        z1_c, z1_f = (x.to(d) for x in bfs.branch_noise(z["c"].shape, generator, self.params.noise))
         text = self.text_encoder(pixels["captions"])
         embeds, pooled = text.embeds.to(d), text.pooled.to(d)
         cond = bfs.fill_condition(z["b"], pixels["mask"].to(d))
@@ -315,6 +339,7 @@ class BFSTask:
     def save_weights(self, path: Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        write_parents(path, self.stage, self.parents)
         if self.stage == "phi":
             layers = sum(isinstance(m, nn.Conv2d) for m in self.compositor.net)
             meta = {"format": "layerloop-bfs-compositor", "latent_channels": self.compositor.latent_channels,

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from layerloop.config import ConfigModel, apply_override
+from layerloop.config import ConfigModel, apply_override, fingerprint_of
 
 
 
@@ -72,6 +72,22 @@ class TrainConfig(ConfigModel):
     # Settings that do not change what a step computes: a resumed run may change them.
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("steps", "checkpoint_every", "keep", "log_every", "out", "ray", "executor")
     FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = RESUMABLE_CHANGES
+
+    # Task parameters whose default changed what a stage trains, by (family, stage): the fingerprint records
+    # their resolved value (the default where ``task`` does not give one), so that a directory trained with
+    # the old default is refused rather than resumed with the new one. Each value must equal the task's
+    # ``Params`` default (tested); kept here so that a fingerprint needs no model code.
+    TASK_FINGERPRINT_DEFAULTS: ClassVar[dict[tuple[str, str], dict[str, Any]]] = {
+        # #15: the BFS paper's noise (one draw for both branches) and t ~ U(0, 1); before: independent, logit-normal
+        ("bfs", "stage1"): {"noise": "shared", "timesteps": "uniform"},
+        ("bfs", "stage2"): {"noise": "shared", "timesteps": "uniform"},
+    }
+
+    def fingerprint(self) -> str:
+        """As every config's, with ``task`` completed by ``TASK_FINGERPRINT_DEFAULTS``."""
+        data = self.model_dump(mode="json", exclude=set(self.FINGERPRINT_EXCLUDE))
+        data["task"] = {**self.TASK_FINGERPRINT_DEFAULTS.get((self.family, self.stage), {}), **data["task"]}
+        return fingerprint_of(data)
 
     def out_dir(self, out: str | Path | None = None) -> Path:
         return Path(out or self.out or Path("runs") / self.name)

@@ -426,7 +426,8 @@ def test_from_pretrained_loads_a_local_flux_fill_folder(tmp_path):
         torch.testing.assert_close(got, want)
 
 
-def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path):
+@pytest.mark.parametrize("noise", ["shared", "independent"])
+def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path, noise):
     from layerloop.models.bfs_pipeline import BFSPipeline, to_uint8
 
     models = bfs.tiny(0)
@@ -438,16 +439,77 @@ def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path):
     backgrounds = torch.randint(0, 256, (2, 16, 12, 3), generator=g, dtype=torch.uint8).numpy()
     masks = torch.zeros(2, 16, 12, dtype=torch.uint8)
     masks[:, 4:12, 2:10] = 255
-    out = pipe(backgrounds, masks.numpy(), ["a", "b"], [5, 6], steps=2)
+    out = pipe(backgrounds, masks.numpy(), ["a", "b"], [5, 6], steps=2, noise=noise)
     assert out.composite.shape == (2, 16, 12, 3) and out.foreground.shape == (2, 16, 12, 4)
-    alone = pipe(backgrounds[1:], masks[1:].numpy(), ["b"], [6], steps=2)
+    alone = pipe(backgrounds[1:], masks[1:].numpy(), ["b"], [6], steps=2, noise=noise)
     assert (alone.composite[0] == out.composite[1]).all() and (alone.foreground[0] == out.foreground[1]).all()
     # the same numbers as bfs.sample_latents with that sample's noise
     with torch.no_grad():
         pixels = torch.from_numpy(backgrounds[1:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         z_b = bfs.encode_latents(pipe.vae, pixels)
-        noise = torch.randn(2, *z_b.shape[1:], generator=torch.Generator().manual_seed(6))
+        # shared: one draw for both branches; independent: two, C's first (the draws of before #15)
+        draws = torch.randn(1 if noise == "shared" else 2, *z_b.shape[1:], generator=torch.Generator().manual_seed(6))
         text = pipe.text_encoder(["b"])
         _, latents_f = bfs.sample_latents(pipe.generator, z_b, (masks[1:, None] > 0).float(), text.embeds,
-                                          text.pooled, noise[:1], noise[1:], num_steps=2, guidance=30.0)
+                                          text.pooled, draws[:1], draws[-1:], num_steps=2, guidance=30.0)
     assert (to_uint8(bfs.decode_latents(pipe.rgba_vae, latents_f))[0] == out.foreground[1]).all()
+
+
+# --------------------------------------------------------------------------- one noise for both branches (#15)
+def _record_branch_inputs(generator: bfs.BFSGenerator) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Wrap the generator: every call appends the (latents_c, latents_f) it received."""
+    seen, original = [], generator.forward
+
+    def forward(latents_c, latents_f, *args, **kwargs):
+        seen.append((latents_c.detach().clone(), latents_f.detach().clone()))
+        return original(latents_c, latents_f, *args, **kwargs)
+
+    generator.forward = forward
+    return seen
+
+
+def test_branch_noise_is_one_draw_or_two():
+    c, f = bfs.branch_noise((2, 4, 3, 3), torch.Generator().manual_seed(0))
+    assert c is f  # the default is the paper's
+    c, f = bfs.branch_noise((2, 4, 3, 3), torch.Generator().manual_seed(0), "independent")
+    assert not torch.equal(c, f)
+    g = torch.Generator().manual_seed(0)
+    expected = (torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g))
+    assert torch.equal(c, expected[0]) and torch.equal(f, expected[1])  # the draws of before #15
+    with pytest.raises(ValueError, match="noise must be one of"):
+        bfs.branch_noise((1,), torch.Generator(), "per-branch")
+
+
+@pytest.mark.parametrize("noise", [None, "shared", "independent"])
+def test_generate_gives_both_branches_one_noise_unless_independent(noise):
+    models = bfs.tiny(0)
+    _randomise_trainables(models.generator, scale=0.05)
+    seen = _record_branch_inputs(models.generator)
+    d = _batch()
+    out = bfs.generate(models.generator, d.z_b, d.mask, d.text, d.pooled, num_steps=2, seed=5,
+                       **({} if noise is None else {"noise": noise}))
+    assert len(seen) == 2
+    first_c, first_f = seen[0]  # at t = 1 the branches' inputs are their noise
+    if noise == "independent":
+        assert not torch.equal(first_c, first_f)
+    else:
+        assert torch.equal(first_c, first_f)
+        assert not torch.equal(out.latents_c, out.latents_f)  # the branches still differ in what they make
+
+
+@pytest.mark.parametrize("noise", ["shared", "independent"])
+def test_pipeline_gives_both_branches_one_noise_unless_independent(tmp_path, noise):
+    from layerloop.models.bfs_pipeline import BFSPipeline
+
+    models = bfs.tiny(0)
+    models.generator.save_lora(tmp_path / "ckpt")
+    pipe = BFSPipeline.from_checkpoint(tmp_path / "ckpt", dtype=torch.float32, guidance=30.0)
+    seen = _record_branch_inputs(pipe.generator)
+    backgrounds = torch.randint(0, 256, (2, 8, 8, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    masks = torch.full((2, 8, 8), 255, dtype=torch.uint8)
+    pipe(backgrounds.numpy(), masks.numpy(), ["a", "b"], [5, 6], steps=1, noise=noise)
+    (first_c, first_f), = seen
+    assert torch.equal(first_c, first_f) == (noise == "shared")
+    assert not torch.equal(first_c[0], first_c[1])  # still one draw per sample
+    with pytest.raises(ValueError, match="noise must be one of"):
+        pipe(backgrounds.numpy(), masks.numpy(), ["a", "b"], [5, 6], steps=1, noise="per-branch")

@@ -149,3 +149,106 @@ def test_square_crop_keeps_the_box_and_pixels_are_normalised():
     assert pixels["foreground"].shape == (2, 4, 8, 8) and pixels["composite"].shape == (2, 3, 8, 8)
     assert pixels["composite"].min() >= -1 and pixels["composite"].max() <= 1
     assert set(pixels["mask"].unique().tolist()) <= {0.0, 1.0} and pixels["mask"][1].sum() > 0
+
+
+# --------------------------------------------------------------------------- noise and timesteps (#15)
+def _record_branch_inputs(generator: bfs.BFSGenerator) -> list[tuple[torch.Tensor, ...]]:
+    """Wrap the generator: every call appends the (latents_c, latents_f, timestep) it received."""
+    seen, original = [], generator.forward
+
+    def forward(latents_c, latents_f, cond, timestep, *args, **kwargs):
+        seen.append((latents_c.detach().clone(), latents_f.detach().clone(), torch.as_tensor(timestep).clone()))
+        return original(latents_c, latents_f, cond, timestep, *args, **kwargs)
+
+    generator.forward = forward
+    return seen
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("noise", [None, "shared", "independent"])
+def test_branches_share_one_noise_draw_unless_independent(shards, stage, noise):
+    task = _task(shards, stage, phi_checkpoint="untrained", **({} if noise is None else {"noise": noise}))
+    seen = _record_branch_inputs(task.generator)
+    batch = _batch("quadruple")
+    task.loss(batch, 4, torch.Generator().manual_seed(0))  # stage 2, step 4: the reg branch (quadruples)
+    (x_c, x_f, t), = seen
+    z = task.encode(batch_pixels(batch, task.params.resolution))
+    h, w = z["c"].shape[-2:]
+    t = t.reshape(-1, 1, 1, 1)
+    assert bool((t > 0).all() and (t < 1).all())
+    # x = (1 - t) z0 + t z1 per branch: the z1 each branch received
+    z1_c = (bfs.unpack_latents(x_c, h, w) - (1 - t) * z["c"]) / t
+    z1_f = (bfs.unpack_latents(x_f, h, w) - (1 - t) * z["f"]) / t
+    if noise == "independent":
+        assert not torch.allclose(z1_c, z1_f, atol=1e-2)
+    else:  # the default is the paper's: one z0 (here z1, the Flux convention) for both z_C and z_F
+        torch.testing.assert_close(z1_c, z1_f, atol=1e-4, rtol=1e-4)
+
+
+def _draw_t(timesteps: str | None, n: int = 20000, **extra) -> np.ndarray:
+    from layerloop.training.bfs_task import BFSParams, sample_timesteps
+
+    params = BFSParams(**({} if timesteps is None else {"timesteps": timesteps}), **extra)
+    return sample_timesteps(params, n, torch.Generator().manual_seed(0)).numpy().astype(np.float64)
+
+
+def _logit_normal_cdf(mean: float = 0.0, std: float = 1.0):
+    from scipy.stats import norm
+
+    return lambda x: norm.cdf((np.log(x) - np.log1p(-x) - mean) / std)
+
+
+@pytest.mark.parametrize("timesteps", [None, "uniform"])
+def test_uniform_timesteps_pass_a_ks_test_against_u01_and_fail_against_logit_normal(timesteps):
+    from scipy.stats import kstest
+
+    t = _draw_t(timesteps)
+    assert kstest(t, "uniform").pvalue > 0.01
+    assert kstest(t, _logit_normal_cdf()).pvalue < 1e-6
+
+
+def test_logit_normal_timesteps_pass_a_ks_test_against_logit_normal_and_fail_against_u01():
+    from scipy.stats import kstest
+
+    t = _draw_t("logit-normal")
+    assert kstest(t, _logit_normal_cdf()).pvalue > 0.01
+    assert kstest(t, "uniform").pvalue < 1e-6
+    shifted = _draw_t("logit-normal", timestep_mean=0.5, timestep_std=0.8)
+    assert kstest(shifted, _logit_normal_cdf(0.5, 0.8)).pvalue > 0.01
+
+
+def test_logit_normal_settings_need_logit_normal_timesteps():
+    from pydantic import ValidationError
+
+    from layerloop.training.bfs_task import BFSParams
+
+    with pytest.raises(ValidationError, match="timestep_std only apply to timesteps=logit-normal"):
+        BFSParams(timestep_std=0.5)
+    with pytest.raises(ValidationError):
+        BFSParams(noise="per-branch")
+    assert BFSParams(timesteps="logit-normal", timestep_std=0.5).timestep_std == 0.5
+
+
+def test_fingerprint_records_the_resolved_noise_and_timesteps(shards, tmp_path):
+    from layerloop.config import ConfigModel
+    from layerloop.pipelines.runs import write_config_record
+    from layerloop.training.bfs_task import BFSParams
+    from layerloop.training.config import TrainConfig
+
+    for (family, _), resolved in TrainConfig.TASK_FINGERPRINT_DEFAULTS.items():
+        assert family == "bfs" and all(BFSParams.model_fields[k].default == v for k, v in resolved.items())
+    cfg = _cfg(shards, "stage1", phi_checkpoint="untrained")
+    before_15 = ConfigModel.fingerprint(cfg)  # what a run directory made before #15 recorded for this config
+    assert cfg.fingerprint() != before_15
+    assert cfg.fingerprint() == _cfg(shards, "stage1", phi_checkpoint="untrained", noise="shared",
+                                     timesteps="uniform").fingerprint()
+    old_choices = _cfg(shards, "stage1", phi_checkpoint="untrained", noise="independent", timesteps="logit-normal")
+    assert old_choices.fingerprint() != cfg.fingerprint()
+    phi = _cfg(shards, "phi")  # stages without noise or timesteps keep their fingerprint
+    assert phi.fingerprint() == ConfigModel.fingerprint(phi)
+    # A directory trained with the old defaults is refused, not continued with the new ones.
+    out = tmp_path / "old"
+    out.mkdir()
+    write_config_record(out / "train.json", "a training run", cfg.model_dump(mode="json"), before_15)
+    with pytest.raises(ValueError, match="different config"):
+        run_training(cfg, out)
