@@ -16,8 +16,9 @@ A ``hash`` of null means "not a trained checkpoint": the RGBA VAE as initialised
 ``rgba_vae_checkpoint``), or ``phi_checkpoint: untrained``.
 
 Before training, ``parent_hashes`` checks the parents against each other: a parent that itself records
-a checkpoint this stage also uses (Phi's RGBA VAE; stage 1's Phi and RGBA VAE, for stage 2) must record
-the same hash, else the stage is refused with both hashes named.
+the RGBA VAE or Phi this stage also uses (Phi's RGBA VAE; stage 1's Phi and RGBA VAE, for stage 2) must
+record the same hash, else the stage is refused with both hashes named. A LoRA's own ``init_lora`` is not
+compared: continuing from a LoRA that continued from another (self-improvement rounds) is a chain.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ def parent_hashes(stage: str, params: Any) -> dict[str, dict[str, Any]]:
                            "was trained on the same checkpoints as this stage", stage, entry["path"])
             continue
         for other, theirs in recorded.items():
+            if other not in ALWAYS:  # a LoRA's own starting LoRA (a chain of rounds) is history, not shared
+                continue
             ours = parents.get(other)
             if ours is None or ours.get("hash") == theirs.get("hash"):
                 continue
