@@ -10,23 +10,12 @@ import pytest
 
 from layerloop.datasets.shards import ShardWriter
 from layerloop.errors import ConfigError
-from layerloop.samples import LayeredSample, composite
 from layerloop.training import load_train_config, load_training, run_training, train_from_config
 from layerloop.training.bfs_lineage import read_parents
 from layerloop.training.recipe import RecipeConfig, run_recipe
+from tests.training.test_bfs_task import _sample  # the same tiny quadruples / pairs
 
 ORDER = ["rgba-vae", "phi", "stage1", "stage2"]
-
-
-def _sample(n: int, kind: str, rng, size: int = 16) -> LayeredSample:
-    background = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-    foreground = np.zeros((size, size, 4), np.uint8)
-    foreground[4:12, 4:12, :3] = rng.integers(0, 256, 3, dtype=np.uint8)
-    foreground[4:12, 4:12, 3] = 255
-    mask = np.zeros((size, size), np.uint8)
-    mask[3:13, 3:13] = 255
-    return LayeredSample(key=f"s_{n:03d}", kind=kind, composite=composite(foreground, background),
-                         background=background, foreground=foreground, mask=mask, caption=f"object {n}")
 
 
 @pytest.fixture(scope="module")
