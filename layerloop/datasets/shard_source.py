@@ -25,20 +25,22 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from layerloop.datasets.base import Source, SourceItem
+from layerloop.datasets.base import SourceItem
+from layerloop.datasets.sources import _CachedSource
 from layerloop.files import sha256_text
 from layerloop.samples import Failure, LayeredSample
 
 LIST_STAGE = "list"
 
 
-class ShardSource(Source):
+class ShardSource(_CachedSource):
+    """Lists once per instance (``_CachedSource``: the listing is not pickled to Ray workers)."""
+
     def __init__(self, path: str | Path, name: str = "heldout", select: int | None = None, seed: int = 0):
         self.path = Path(path)
         self.name = name
         self.select = select
         self.seed = seed
-        self._listed: tuple[list[SourceItem], list[Failure]] | None = None
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
         from layerloop.datasets.shards import shard_paths
@@ -64,19 +66,6 @@ class ShardSource(Source):
             chosen = {item.key for item in order[:self.select]}
             items = [item for item in items if item.key in chosen]
         return items, failures
-
-    def items(self) -> list[SourceItem]:
-        if self._listed is None:
-            self._listed = self._list()
-        return self._listed[0]
-
-    def listing_failures(self) -> list[Failure]:
-        if self._listed is None:
-            self._listed = self._list()
-        return self._listed[1]
-
-    def __getstate__(self) -> dict[str, Any]:  # Ray workers get the listing's refs, not the listing
-        return {**self.__dict__, "_listed": None}
 
     def read(self, item: SourceItem) -> LayeredSample:
         from layerloop.datasets.tario import read_member

@@ -62,7 +62,6 @@ def summarise(rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str,
 
 def aggregate(cfg, out_dir: Path, skipped: dict[str, str], models: dict[str, str]):
     """Read every method's shards and write the evaluation's outputs; returns an ``Evaluation``."""
-    from layerloop.evaluation.measures import kid_x1000
     from layerloop.evaluation.run import Evaluation
     from layerloop.stages.evaluate import EvaluateParams
 
@@ -76,10 +75,8 @@ def aggregate(cfg, out_dir: Path, skipped: dict[str, str], models: dict[str, str
         all_rows.extend(rows)
         counts[method.name] = len(rows)
         summary = summarise(rows, tuple(m for m in chosen if m != "kid_x1000"))
-        if "kid_x1000" in chosen and "kid_x1000" not in skipped:
-            summary["kid_x1000"], kid_std[method.name] = _kid(features, cfg, kid_x1000)
-        for metric, why in skipped.items():
-            summary[metric] = None
+        if "kid_x1000" in chosen and "kid_x1000" not in skipped:  # a skipped metric has no values: None
+            summary["kid_x1000"], kid_std[method.name] = _kid(features, cfg)
         metrics[method.name] = {m: summary.get(m) for m in chosen}
     result = {"metrics": metrics, "n": max(counts.values(), default=0), "n_by_method": counts,
               "models": {m: models.get(m, "-") for m in chosen}, "missing": dict(skipped), "family": cfg.family,
@@ -93,7 +90,9 @@ def aggregate(cfg, out_dir: Path, skipped: dict[str, str], models: dict[str, str
     return Evaluation(out=out_dir, metrics=result, table=table)
 
 
-def _kid(features: dict[str, np.ndarray], cfg, kid_x1000) -> tuple[float | None, float | None]:
+def _kid(features: dict[str, np.ndarray], cfg) -> tuple[float | None, float | None]:
+    from layerloop.evaluation.measures import kid_x1000
+
     real, fake = features["reference"], features["method"]
     if len(real) < 2 or len(fake) < 2:
         return None, None

@@ -16,6 +16,7 @@ Steps, each resumable (a re-run skips what is committed, like a build):
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,4 @@ def evaluate(cfg: EvaluateConfig, out: str | Path | None = None, executor: str |
 
 
 def _read(path: Path) -> dict[str, Any]:
-    import json
-
     return json.loads(path.read_text())
