@@ -20,7 +20,9 @@ from layerloop.training.config import TrainConfig, load_train_config, load_train
 # loop refuses a directory whose fingerprint differs. They must not change unless the output changes.
 PACKAGED_FINGERPRINTS = {
     "decompose_incontext_demo": "4724ac1b99b33d5d",
-    "demo": "79248d71811975d2",  # #16: shards written by the opencv PNG encoder at level 1: was cdce2e623525be33
+    # #16: shards by the opencv PNG encoder at level 1 (was cdce2e623525be33), then matting with the RCM-ordered
+    # preconditioner (was 79248d71811975d2)
+    "demo": "c26e6d06e25a122b",
     "evaluate_bfs_demo": "e5432892ddde4193",
     "evaluate_bfs_rorem": "33c9f28f64b8cdcf",
     "evaluate_decompose_demo": "13f7f4bcd1800a88",

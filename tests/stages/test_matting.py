@@ -205,3 +205,24 @@ def test_backend_needs_exactly_one_of_solve_or_load():
         MattingBackend()
     with pytest.raises(ValueError):
         MattingBackend(solve=matting._closed_form, load=lambda params, device: matting._closed_form)
+
+
+def test_rcm_preconditioner_solves_the_same_system_and_is_recorded_only_when_chosen(monkeypatch):
+    # The reverse Cuthill-McKee order only renumbers the unknowns before the incomplete Cholesky: the CG solve
+    # converges to the same alphas (to its tolerance), and it really is the preconditioner that was used.
+    calls = []
+    real = matting._ichol_rcm
+    monkeypatch.setattr(matting, "_ichol_rcm", lambda m: calls.append(m.shape) or real(m))
+    default, rcm = scene_sample(size=96, seed=3, band_px=5)[0], scene_sample(size=96, seed=3, band_px=5)[0]
+    [default] = run_stage(MattingStage(backend="closed-form"), [default])
+    [rcm] = run_stage(MattingStage(backend="closed-form", preconditioner="ichol-rcm"), [rcm])
+    assert default.ok and rcm.ok, (default.failure, rcm.failure)
+    assert len(calls) == 1 and calls[0][0] == calls[0][1] > 0
+    assert np.abs(default.work["alpha"] - rcm.work["alpha"]).max() < 1e-4
+    assert "preconditioner" not in default.meta["stages"]["matting"]  # the default keeps the historical bytes
+    assert rcm.meta["stages"]["matting"]["preconditioner"] == "ichol-rcm"
+
+
+def test_rcm_preconditioner_is_refused_for_other_backends():
+    with pytest.raises(ValueError, match="applies to backend 'closed-form' only"):
+        MattingParams(backend="knn", preconditioner="ichol-rcm")
