@@ -10,6 +10,8 @@
     layerloop models list|pull CONFIG [--cache-dir DIR]  which weights a config needs / fetch them
     layerloop inspect DIR [--samples N] [--key KEY]
     layerloop report DIR                           (re)write DIR/report/
+    layerloop layers CHECKPOINT --background IMG --layer X0,Y0,X1,Y1=CAPTION ... --out FILE.psd  multi-layer BFS
+    layerloop export-layers DIR --key KEY --out FILE.psd  a stored sample's B and F as a layered PSD
 
 CONFIG is a YAML path or the name of a packaged config (``demo`` = configs/demo.yaml).
 
@@ -190,6 +192,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_layers(args: argparse.Namespace) -> int:
+    from layerloop.export import sample_layers, stored_sample, write_psd
+
+    sample = stored_sample(args.dir, args.key)
+    background, layers = sample_layers(sample)
+    out = write_psd(args.out, background, layers)
+    height, width = background.shape[:2]
+    print(f"wrote {out}: {sample.key} ({sample.kind}), {width}x{height}, background + {len(layers)} layer(s)")
+    return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from layerloop.datasets.imageio import decode_image, to_rgb
+    from layerloop.export import parse_layer_spec, write_psd
+    from layerloop.samples import encode_png
+    from layerloop.seeds import seed63
+
+    specs = [parse_layer_spec(spec) for spec in args.layer]
+    if args.reference and len(args.reference) not in (1, len(specs)):
+        raise ValueError(f"{len(args.reference)} --reference images for {len(specs)} layers: give one for all "
+                         "layers or one per layer")
+    background = to_rgb(decode_image(args.background, key="background"), key="background")
+    references = None
+    if args.reference:
+        images = [to_rgb(decode_image(path, key="reference"), key="reference") for path in args.reference]
+        references = images * len(specs) if len(images) == 1 else images
+
+    import torch
+
+    from layerloop.models.bfs_pipeline import BFSPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    pipe = BFSPipeline.from_checkpoint(args.checkpoint, device=device, dtype=dtype, guidance=args.guidance)
+    if references is not None:
+        pipe.load_redux(args.redux_model)
+    step = pipe.size_multiple
+    height, width = background.shape[0] // step * step, background.shape[1] // step * step
+    if (height, width) != background.shape[:2]:
+        print(f"layerloop: background cropped from {background.shape[1]}x{background.shape[0]} to {width}x{height} "
+              f"(right and bottom edges): sides must be multiples of {step}", file=sys.stderr)
+        background = np.ascontiguousarray(background[:height, :width])
+    seeds = [seed63(args.seed, "layers", i) for i in range(len(specs))]
+    result = pipe.layers(background, [box for box, _ in specs], [caption for _, caption in specs], seeds,
+                         steps=args.steps, noise=args.noise, references=references)
+    names = [f"{i + 1}: {caption}" if caption else f"layer {i + 1}" for i, (_, caption) in enumerate(specs)]
+    out = write_psd(args.out, result.background, list(zip(names, result.layers)))
+    print(f"wrote {out}: {width}x{height}, background + {len(result.layers)} layer(s), {args.steps} steps, "
+          f"seed {args.seed}")
+    if args.png:
+        stem = Path(args.out).with_suffix("")
+        files = {f"{stem}.background.png": (result.background, "RGB"), f"{stem}.composite.png": (result.composite, "RGB")}
+        files.update({f"{stem}.layer-{i + 1}.png": (layer, "RGBA") for i, layer in enumerate(result.layers)})
+        from layerloop.files import write_atomic
+
+        for path, (image, mode) in files.items():
+            write_atomic(path, encode_png(image, mode))
+        print(f"wrote {len(files)} PNGs next to it: {stem.name}.background.png, .layer-N.png, .composite.png")
+    return 0
+
+
 def _config_command(commands: Any, name: str, help_text: str, config_help: str, overrides_help: str,
                     out_help: str) -> argparse.ArgumentParser:
     """A command that runs a config: ``NAME CONFIG [key=value ...] --out DIR --no-progress``."""
@@ -274,6 +339,33 @@ def make_parser() -> argparse.ArgumentParser:
     report.add_argument("dir")
     report.add_argument("--rows", type=int, default=8)
     report.set_defaults(func=_cmd_report)
+
+    export_layers = commands.add_parser("export-layers", help="write a stored sample's background and foreground "
+                                        "as a layered PSD (background + foreground layers)")
+    export_layers.add_argument("dir", help="run directory")
+    export_layers.add_argument("--key", required=True, help="the sample's key")
+    export_layers.add_argument("--out", required=True, help="PSD file to write")
+    export_layers.set_defaults(func=_cmd_export_layers)
+
+    layers = commands.add_parser("layers", help="multi-layer synthesis with a BFS checkpoint: foregrounds added back "
+                                 "to front, each over the result so far; written as a layered PSD")
+    layers.add_argument("checkpoint", help="final/ of a BFS stage1 / stage2 training run")
+    layers.add_argument("--background", required=True, help="background image (sides cropped to the model's multiple)")
+    layers.add_argument("--layer", action="append", required=True, metavar="X0,Y0,X1,Y1=CAPTION",
+                        help="one per layer, back to front: its box in pixels (ends exclusive) and caption")
+    layers.add_argument("--seed", type=int, default=0, help="layer i's noise seed is derived from it and i")
+    layers.add_argument("--steps", type=int, default=28)
+    layers.add_argument("--noise", choices=("shared", "independent"), default="shared")
+    layers.add_argument("--guidance", type=float, help="default: the one the checkpoint was trained with")
+    layers.add_argument("--reference", action="append", metavar="IMAGE",
+                        help="reference image (FLUX.1 Redux): once for every layer, or once per layer in order")
+    layers.add_argument("--redux-model", default="black-forest-labs/FLUX.1-Redux-dev",
+                        help="Redux weights for --reference: hub id or local folder")
+    layers.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    layers.add_argument("--out", required=True, help="PSD file to write")
+    layers.add_argument("--png", action="store_true", help="also write OUT.background.png, OUT.layer-N.png and "
+                        "OUT.composite.png")
+    layers.set_defaults(func=_cmd_layers)
     for sub in commands.choices.values():  # -v also after the subcommand; SUPPRESS keeps a -v given before
         sub.add_argument(*VERBOSE_FLAGS, action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser

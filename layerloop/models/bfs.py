@@ -18,6 +18,9 @@ velocity target `z1 - z0`, and the transformer's `timestep` argument is t itself
 Noise of the two branches (`branch_noise`, used by training and inference alike): "shared" (the default, the
 BFS paper's: one noise draw interpolated with each data latent, Eq. 6, and at inference one noise tensor
 duplicated for the two branches) or "independent" (one draw per branch, what this project did before #15).
+
+Foreground extraction (the paper's application) is `sample_latents(composite_latents=...)`: the composite branch
+follows the given composite's forward process instead of being integrated.
 """
 
 from __future__ import annotations
@@ -510,6 +513,7 @@ def sample_latents(
     num_steps: int = 28,
     guidance: float | None = 30.0,
     shift: bool = True,
+    composite_latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both branches from the given noise (each (B, C, h, w), like the latents; the same tensor for shared
     noise, `branch_noise`) to data with the shared Euler sampler (`sampling.py`); returns the spatial
@@ -517,6 +521,12 @@ def sample_latents(
 
     background_latents: (B, C, h, w) normalised RGB-VAE latents of B; mask: (B, 1, H, W) pixel box
     mask (1 inside); text embeddings as in `BFSGenerator.forward`, on the latents' device.
+
+    ``composite_latents`` (B, C, h, w), the normalised RGB-VAE latents of a given composite: foreground
+    extraction (the BFS paper's application). The composite branch is then not integrated: at each step it
+    receives the given composite noised to the step's level with its branch noise, ``(1 - sigma) z_C +
+    sigma noise_c`` (the forward process of training, `noisy_latents`), and only F is integrated; returns
+    (composite_latents, latents_f).
     """
     _, _, h, w = background_latents.shape
     device = background_latents.device
@@ -527,11 +537,27 @@ def sample_latents(
     z_c = pack_latents(noise_c).to(device=device, dtype=torch.float32)
     z_f = pack_latents(noise_f).to(device=device, dtype=torch.float32)
 
+    sigmas = sigma_schedule(num_steps, z_c.shape[1], shift=shift)
+    if composite_latents is not None:
+        if composite_latents.shape != background_latents.shape:
+            raise ValueError(f"composite latents {tuple(composite_latents.shape)} differ from the background's "
+                             f"{tuple(background_latents.shape)}")
+        data_c, noise_c = pack_latents(composite_latents).to(device=device, dtype=torch.float32), z_c
+
+        def extract(latents: list[torch.Tensor], sigma: float) -> tuple[torch.Tensor]:
+            (z_f,) = latents
+            z_c = (1.0 - sigma) * data_c + sigma * noise_c
+            return generator(z_c.to(dtype), z_f.to(dtype), cond, sigma, text_embeds, pooled, guidance, img_ids,
+                             txt_ids)[1:]
+
+        (z_f,) = euler_sample(extract, [z_f], sigmas)
+        return composite_latents, unpack_latents(z_f, h, w)
+
     def velocity(latents: list[torch.Tensor], sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
         z_c, z_f = latents
         return generator(z_c.to(dtype), z_f.to(dtype), cond, sigma, text_embeds, pooled, guidance, img_ids, txt_ids)
 
-    z_c, z_f = euler_sample(velocity, [z_c, z_f], sigma_schedule(num_steps, z_c.shape[1], shift=shift))
+    z_c, z_f = euler_sample(velocity, [z_c, z_f], sigmas)
     return unpack_latents(z_c, h, w), unpack_latents(z_f, h, w)
 
 

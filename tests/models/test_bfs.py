@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -442,7 +443,13 @@ def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path, noise):
     out = pipe(backgrounds, masks.numpy(), ["a", "b"], [5, 6], steps=2, noise=noise)
     assert out.composite.shape == (2, 16, 12, 3) and out.foreground.shape == (2, 16, 12, 4)
     alone = pipe(backgrounds[1:], masks[1:].numpy(), ["b"], [6], steps=2, noise=noise)
-    assert (alone.composite[0] == out.composite[1]).all() and (alone.foreground[0] == out.foreground[1]).all()
+    # Its batch mate does not change a sample's output: each sample's noise comes from its own seed. Up to float
+    # rounding only: a matmul over a batch of 1 or 2 may sum in another order (BLAS blocking), which can move a
+    # value across a rounding boundary of the 8-bit output (measured: 1 pixel of 576 one step apart, with
+    # independent noise, on this machine's torch 2.14.1 CPU build), so the check allows one step.
+    for got, want in ((alone.composite[0], out.composite[1]), (alone.foreground[0], out.foreground[1])):
+        difference = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     # the same numbers as bfs.sample_latents with that sample's noise
     with torch.no_grad():
         pixels = torch.from_numpy(backgrounds[1:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -452,7 +459,7 @@ def test_pipeline_matches_the_sampler_and_is_per_sample(tmp_path, noise):
         text = pipe.text_encoder(["b"])
         _, latents_f = bfs.sample_latents(pipe.generator, z_b, (masks[1:, None] > 0).float(), text.embeds,
                                           text.pooled, draws[:1], draws[-1:], num_steps=2, guidance=30.0)
-    assert (to_uint8(bfs.decode_latents(pipe.rgba_vae, latents_f))[0] == out.foreground[1]).all()
+    assert (to_uint8(bfs.decode_latents(pipe.rgba_vae, latents_f))[0] == alone.foreground[0]).all()  # both batches of 1
 
 
 # --------------------------------------------------------------------------- one noise for both branches (#15)

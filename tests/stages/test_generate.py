@@ -133,3 +133,81 @@ def test_build_fingerprint_records_the_resolved_noise():
                                                ["stages.generate-bfs.noise=independent"]).fingerprint()
     demo = load_config("demo")  # builds without generate-bfs keep their fingerprint
     assert demo.fingerprint() == ConfigModel.fingerprint(demo)
+
+
+# ------------------------------------------------------------------------- the BFS paper's applications (#15)
+OLD_STAGE_RECORD = {"backend", "checkpoint", "guidance", "rgba_vae", "noise", "steps"}
+
+
+def test_default_mode_records_what_it_did_before_the_applications(inputs):
+    root, final, _ = inputs
+    for sample in _run(root, final, keys={"in_0"}):
+        assert "mode" not in sample.meta["generator"] and "reference" not in sample.meta["generator"]
+        assert set(sample.meta["stages"]["generate-bfs"]) == OLD_STAGE_RECORD
+
+
+def test_extract_mode_keeps_the_real_composite_and_extracts_its_layer(inputs):
+    from layerloop.datasets.shards import read_samples
+
+    root, final, _ = inputs
+    real = {s.key: s for s in read_samples(root / "in-000000.tar")}
+    seen = []
+    out = _run(root, final, seen=seen, mode="extract")
+    generated = {s.key: s for s in _run(root, final)}
+    assert [s.ok for s in out] == [True] * 3
+    for sample in out:
+        source = real[sample.meta["source_id"]]
+        assert np.array_equal(sample.composite, source.composite)  # the real C, byte for byte
+        assert np.array_equal(sample.background, source.background)
+        assert sample.foreground.shape == (16, 24, 4) and sample.kind == "candidate"
+        assert not np.array_equal(sample.foreground, generated[sample.key].foreground)
+        meta = sample.meta["generator"]
+        assert meta["mode"] == "extract" and meta["seed"] == generated[sample.key].meta["generator"]["seed"]
+        error = np.abs(composite(sample.foreground, sample.background).astype(float) - sample.composite).mean()
+        assert meta["recomposition_error"] == round(error, 4)
+        assert sample.meta["stages"]["generate-bfs"]["mode"] == "extract"
+        sample.validate()
+    # 2 steps, one batch of 3: after the first step the composite branch gets the noised real C, not F's latents
+    assert len(seen) == 2 and not torch.equal(seen[1][0], seen[1][1])
+
+
+def test_extract_mode_without_a_composite_is_a_recorded_failure(inputs):
+    _, final, _ = inputs
+    stage = build_stage({"stage": "generate-bfs", "checkpoint": str(final), "steps": 1, "mode": "extract"})
+    mask = np.full((16, 16), 255, np.uint8)
+    none = LayeredSample(key="nocomposite", caption="x", mask=mask)
+    none.work["gt_background"] = np.zeros((16, 16, 3), np.uint8)
+    other = LayeredSample(key="othersize", caption="x", mask=mask, composite=np.zeros((8, 16, 3), np.uint8))
+    other.work["gt_background"] = np.zeros((16, 16, 3), np.uint8)
+    out = run_stage(stage, [none, other])
+    assert out[0].failure.error_type == "MissingInput" and "input composite" in out[0].failure.message
+    assert out[1].failure.error_type == "BadSize" and "composite is 16x8" in out[1].failure.message
+
+
+def test_mode_and_reference_change_the_fingerprint_only_when_set():
+    from layerloop.config import load_config
+
+    config = load_config("generate_bfs_demo")
+    extract = load_config("generate_bfs_demo", ["stages.generate-bfs.mode=extract"])
+    assert extract.fingerprint() != config.fingerprint()
+    assert load_config("generate_bfs_demo", ["stages.generate-bfs.reference=ref.png"]).fingerprint() \
+        != config.fingerprint()
+
+
+def test_reference_image_conditions_every_sample_through_redux(inputs, tmp_path):
+    from PIL import Image
+
+    from layerloop.files import sha256_file
+
+    root, final, _ = inputs
+    reference = tmp_path / "reference.png"
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(reference)
+    plain = {s.key: s for s in _run(root, final, keys={"in_0", "in_1"})}
+    guided = _run(root, final, keys={"in_0", "in_1"}, reference=str(reference), redux_model="tiny")
+    for sample in guided:
+        assert sample.ok and not np.array_equal(sample.foreground, plain[sample.key].foreground)
+        assert sample.meta["generator"]["reference"] == {"path": str(reference.resolve()),
+                                                         "sha256": sha256_file(reference), "redux_model": "tiny"}
+        assert sample.meta["stages"]["generate-bfs"]["reference"] == str(reference)
+    stage = build_stage({"stage": "generate-bfs", "checkpoint": str(final), "reference": str(reference)})
+    assert [ref.model for ref in stage.models()] == ["black-forest-labs/FLUX.1-Redux-dev"]  # what models pull fetches
