@@ -37,6 +37,7 @@ PACKAGED_FINGERPRINTS = {
     "train_bfs_demo": "eb458e6216312cb5",  # #15: shared noise, uniform t recorded: was 5107b9340a57bf13
     "train_bfs_recipe": "4a393db8c48661df",  # #15: the recipe (rgba-vae -> phi -> stage1 -> stage2), new
     "train_bfs_recipe_demo": "19145cf61d17c011",  # #15: new
+    "train_incontext_base_demo": "80964d0d002f07a4",  # #14: pretraining a tiny Fill base (space-to-depth AE)
     "train_incontext_demo": "70b6c9b83ed6c000",
 }
 

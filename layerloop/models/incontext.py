@@ -26,6 +26,8 @@ The pieces, one job per module (all re-exported here for existing imports):
 * ``text_encoders``: Fill's CLIP + T5 and the tiny byte encoder;
 * ``incontext_losses``: the supervised and cycle training losses (a mixin of ``InContextLoRA``);
 * ``incontext_checkpoint``: ``InContextConfig`` and LoRA checkpoint IO;
+* ``incontext_base``: the tiny bases (``tiny``, ``tiny:s2d`` with the exact ``space_to_depth`` VAE) and the
+  base folders that the ``incontext-base`` training task pretrains;
 * ``incontext_pipeline``: inference (``InContextPipeline``: decompose / compose with the Euler sampler of
   ``sampling``), and loading a trained checkpoint;
 * this module: ``InContextLoRA``, the frozen transformer + VAE + text encoder with the one LoRA.
@@ -112,33 +114,33 @@ class InContextLoRA(InContextLosses, nn.Module):
 
     # ------------------------------------------------------------- constructors
     @classmethod
-    def tiny(cls, seed: int = 0, rank: int = 4, alpha: float = 4.0, **config: Any) -> InContextLoRA:
-        """Random tiny model for tests: a 2-level VAE (scale 2, 4 latent channels), a one-block-each
-        transformer in the Fill token layout, a byte-level text encoder. Same seed, same weights."""
-        from diffusers import AutoencoderKL, FluxTransformer2DModel
+    def tiny(cls, seed: int = 0, rank: int = 4, alpha: float = 4.0, vae: str = "kl", **config: Any) -> InContextLoRA:
+        """Random tiny model for tests: a one-block-each transformer in the Fill token layout, a byte-level
+        text encoder, and the VAE ``vae`` names: ``kl`` a random 2-level AutoencoderKL (scale 2, 4 latent
+        channels; cannot reconstruct), ``s2d`` the exact space-to-depth autoencoder (scale 2, 12 channels;
+        ``models/space_to_depth.py``). Same seed and VAE, same weights (``models/incontext_base.py``)."""
+        from layerloop.models.incontext_base import tiny_base_name, tiny_components
 
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
-                            layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
-                            scaling_factor=1.0, shift_factor=0.0)
-        channels, scale = 4, 2
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=8 * channels + 4 * scale * scale, out_channels=4 * channels,
-            num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        text_encoder = ByteTextEncoder(32, 32, max_length=64, seed=seed)
-        config.setdefault("base_model", f"tiny-{seed}")
-        return cls(transformer.eval(), vae.eval(), text_encoder, InContextConfig(rank=rank, alpha=alpha, **config))
+        transformer, autoencoder, text_encoder = tiny_components(vae, seed)
+        config.setdefault("base_model", tiny_base_name(vae, seed))
+        return cls(transformer, autoencoder, text_encoder, InContextConfig(rank=rank, alpha=alpha, **config))
 
     @classmethod
     def from_pretrained(cls, model: str = FILL_MODEL_ID, revision: str | None = None,
                         dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                         text_encoder: nn.Module | None = None, **config: Any) -> InContextLoRA:
         """FLUX.1-Fill-dev (hub id or local folder in the diffusers layout) with a fresh LoRA.
-        ``text_encoder`` replaces CLIP + T5 (for instance a shared or precomputing encoder)."""
+        ``text_encoder`` replaces CLIP + T5 (for instance a shared or precomputing encoder). A tiny base
+        folder (``incontext_base.save_base``, the ``incontext-base`` training task's ``final/``) loads with its
+        own byte text encoder; its ``base_model`` is recorded as the absolute path."""
         from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+        from layerloop.models import incontext_base
+
+        if incontext_base.is_base_folder(model):  # a tiny base pretrained by the incontext-base task
+            transformer, vae, own_text_encoder = incontext_base.load_base(model, dtype, device)
+            config = {"base_model": str(Path(model).expanduser().resolve()), "base_revision": None, **config}
+            return cls(transformer, vae, (text_encoder or own_text_encoder).to(device), InContextConfig(**config))
         needed = ("transformer", "vae") + (() if text_encoder is not None else TEXT_SUBFOLDERS)
         folder = hub.resolve_folder(model, needed, revision=revision)
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device)

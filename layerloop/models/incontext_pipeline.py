@@ -23,12 +23,14 @@ from layerloop.models.incontext import InContextLoRA
 from layerloop.models.incontext_canvas import (
     COMPOSE, DECOMPOSE, PANELS, CanvasBatch, check_image, pack_canvas, recomposition_error, unpack_canvas,
 )
-from layerloop.models.refs import is_tiny, tiny_seed
+from layerloop.models.incontext_base import (
+    base_hash as incontext_base_hash, is_base_folder, parse_tiny_base_name, parse_tiny_model, tiny_model_id,
+)
 from layerloop.models.sampling import euler_sample, sigma_schedule
 
 __all__ = ["Decomposition", "InContextPipeline", "build_model", "load_model"]
 
-TINY_BASE_PREFIX = "tiny-"  # how lora.json names a tiny base: "tiny-SEED"
+TINY_BASE_PREFIX = "tiny-"  # how lora.json names a tiny base: "tiny-SEED", "tiny-s2d-SEED"
 
 
 @dataclass
@@ -41,17 +43,20 @@ class Decomposition:
 
 def build_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | str,
                 config: dict[str, Any], text_tokens: int | None = None, lora_seed: int = 0) -> InContextLoRA:
-    """A fresh ``InContextLoRA``: the tiny random instance for ``tiny`` / ``tiny:SEED`` (fp32 always), else
-    FLUX.1-Fill-dev from ``model`` (hub id or folder) in ``dtype``. The LoRA's random init comes from
-    ``lora_seed`` without touching the caller's global RNG."""
+    """A fresh ``InContextLoRA``: the tiny random instance for ``tiny`` / ``tiny:SEED`` / ``tiny:s2d`` /
+    ``tiny:s2d-SEED`` (fp32 always; ``models/incontext_base.py``), else FLUX.1-Fill-dev from ``model`` (hub
+    id or folder) or a tiny base folder (``incontext-base`` training) in ``dtype``. The LoRA's random init
+    comes from ``lora_seed`` without touching the caller's global RNG."""
     config = dict(config)
+    tiny = parse_tiny_model(model) or parse_tiny_base_name(config.get("base_model"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora_seed)
-        if is_tiny(model) or str(config.get("base_model", "")).startswith(TINY_BASE_PREFIX):
-            seed = tiny_seed(model) if is_tiny(model) else int(str(config["base_model"]).split("-", 1)[1])
+        if tiny is not None:
+            variant, seed = tiny
             config.pop("base_revision", None)
+            config.pop("base_model", None)
             rank, alpha = config.pop("rank", 4), config.pop("alpha", 4.0)
-            net = InContextLoRA.tiny(seed=seed, rank=rank, alpha=alpha, **config).to(device)
+            net = InContextLoRA.tiny(seed=seed, rank=rank, alpha=alpha, vae=variant, **config).to(device)
         else:
             config.pop("base_model", None)
             config.pop("base_revision", None)
@@ -63,12 +68,25 @@ def build_model(model: str, revision: str | None, dtype: torch.dtype, device: to
 
 def base_model(checkpoint: str | os.PathLike) -> tuple[str, str | None]:
     """(model, revision) a checkpoint's LoRA was trained on: ``incontext_task.json``'s model when there is
-    one (it may be a local folder), else the base named in ``lora.json``; a tiny base as ``tiny:SEED``."""
+    one (it may be a local folder), else the base named in ``lora.json``; a tiny base as its model id
+    (``tiny:SEED``, ``tiny:s2d-SEED``)."""
     saved = checkpoint_io.read_lora_meta(checkpoint)["config"]
     model = checkpoint_io.read_task_info(checkpoint).get("model") or saved["base_model"]
-    if str(saved["base_model"]).startswith(TINY_BASE_PREFIX):
-        model = "tiny:" + str(saved["base_model"]).split("-", 1)[1]
+    tiny = parse_tiny_base_name(saved["base_model"])
+    if tiny is not None:
+        model = tiny_model_id(*tiny)
     return model, saved.get("base_revision")
+
+
+def check_base_hash(checkpoint: str | os.PathLike, model: str) -> None:
+    """A LoRA trained on a tiny base folder records the folder's ``base_hash``; refuse a folder whose weights
+    changed since (a retrained base at the same path would silently give another model)."""
+    recorded = checkpoint_io.read_task_info(checkpoint).get("base_hash")
+    if recorded and is_base_folder(model):
+        current = incontext_base_hash(model)
+        if current != recorded:
+            raise ValueError(f"{checkpoint} was trained on the base {model} with weights {recorded}; that folder "
+                             f"now holds weights {current} (retrained?). Retrain the LoRA or restore the base")
 
 
 def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu",
@@ -79,6 +97,7 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
     saved = checkpoint_io.InContextConfig.from_json(meta["config"]).to_json()
     saved["target_modules"] = tuple(saved["target_modules"])
     model, revision = base_model(checkpoint)
+    check_base_hash(checkpoint, model)
     text_tokens = checkpoint_io.read_task_info(checkpoint).get("text_tokens")
     net = build_model(model, revision, dtype, device, saved, text_tokens)
     net.load_lora(checkpoint)

@@ -44,7 +44,7 @@ class TrainConfig(ConfigModel):
     config_label: ClassVar[str] = "a training config"
 
     name: str = "train"
-    family: Literal["bfs", "incontext"]
+    family: Literal["bfs", "incontext", "incontext-base"]  # incontext-base: pretrain a tiny Fill base (issue 14)
     stage: str = "stage1"  # family-specific: bfs has phi | rgba-vae | stage1 | stage2
     model: str = "tiny"  # hub id, local folder, or tiny / tiny:SEED (random tiny model)
     revision: str | None = None

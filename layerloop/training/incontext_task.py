@@ -6,7 +6,9 @@
 |             | foundation's F/B quadruples        |               | + `cycle_weight` * (cycle d->c + cycle c->d)           |
 
 The model is `models/incontext.py`'s `InContextLoRA`: FLUX.1-Fill-dev (or `tiny` / `tiny:SEED`, a random
-tiny instance for tests and the demo) with one peft LoRA; the VAE, the text encoder and the transformer's
+tiny instance for tests and the demo; `tiny:s2d[-SEED]`, the same with the exact space-to-depth VAE; or a
+tiny base folder pretrained by the `incontext-base` task, `training/incontext_base_task.py`) with one peft
+LoRA; the VAE, the text encoder and the transformer's
 own weights stay frozen. `task.cycle_weight: 0` drops the cycle term (and its forward passes).
 
 Every data source of the config feeds the one stream `quadruple` (weighted by the sources' `weight`) with
@@ -17,7 +19,8 @@ foundation's quadruples foreground/background decomposition. `task.kinds` may ad
 have no ground-truth layers and are refused.
 
 Pixels: each sample is cropped to the largest square around its region mask (`bfs_task.square_crop`) and
-resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real). A quadruple's composite
+resized to `task.resolution` (a multiple of 2 x the VAE scale: 4 tiny, 16 real; a local folder's scale is
+read from its `vae/config.json`). A quadruple's composite
 is recomputed from the resized F and B, so C = a F + (1 - a) B holds exactly at training size; every other
 kind's composite (a `rendered` one above all: it is not an alpha blend of its layers) is cropped and
 resized like its layers.
@@ -25,7 +28,8 @@ resized like its layers.
 What `save_weights` writes, and what `stages/decompose.py` loads with
 `models/incontext_pipeline.InContextPipeline.from_checkpoint`: the LoRA (`lora.safetensors` + `lora.json`,
 which names the base model and the LoRA shape) and `incontext_task.json` (resolution, text tokens, the base
-model and revision). `build_model` / `load_model` live in `models/incontext_pipeline.py` (re-exported here).
+model and revision; for a tiny base folder its absolute path and `base_hash`, which loading checks).
+`build_model` / `load_model` live in `models/incontext_pipeline.py` (re-exported here).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from layerloop.models import incontext as ic
 from layerloop.models.incontext_checkpoint import TASK_FILE, read_task_info  # noqa: F401  (re-exported)
 from layerloop.models.incontext_pipeline import build_model, load_model  # noqa: F401  (re-exported)
-from layerloop.models.refs import is_tiny, torch_dtype
+from layerloop.models.incontext_base import base_hash, base_vae_scale, is_base_folder, is_small_base
+from layerloop.models.refs import torch_dtype
 from layerloop.samples import INVARIANT_KINDS, KINDS, LayeredSample, composite
 from layerloop.training.bfs_task import square_crop
 from layerloop.training.config import TrainConfig
@@ -116,8 +121,8 @@ class InContextTask:
             raise ValueError(f"InContextTask needs family 'incontext', got {cfg.family!r}")
         self.cfg = cfg
         self.params = InContextParams(**cfg.task)
-        tiny = is_tiny(cfg.model)
-        step = 4 if tiny else 16  # 2 x 2 token packing x VAE scale (2 tiny, 8 FLUX)
+        tiny = is_small_base(cfg.model)  # a tiny id (tiny, tiny:s2d, ...) or a tiny pretrained base folder
+        step = 2 * base_vae_scale(cfg.model)  # 2 x 2 token packing x VAE scale (2 tiny, 8 FLUX)
         if self.params.resolution % step:
             raise ValueError(f"task.resolution {self.params.resolution} must be a multiple of {step} "
                              f"(VAE scale x 2x2 token packing)")
@@ -174,10 +179,15 @@ class InContextTask:
         path = Path(path)
         self.model.save_lora(path)
         init = self.params.init_lora
-        info = {"format": TASK_FORMAT, "model": self.cfg.model, "revision": self.cfg.revision,
+        model = self.cfg.model
+        if is_base_folder(model):  # a tiny pretrained base: found from any directory, and pinned by its hash
+            model = str(Path(model).expanduser().resolve())
+        info = {"format": TASK_FORMAT, "model": model, "revision": self.cfg.revision,
                 "resolution": self.params.resolution, "text_tokens": self.params.text_tokens,
                 "cycle_weight": self.params.cycle_weight, "guidance": self.params.guidance,
                 "init_lora": str(Path(init).resolve()) if init else None}
+        if is_base_folder(model):
+            info["base_hash"] = base_hash(model)
         (path / TASK_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
     def load_weights(self, path: Path) -> None:

@@ -79,7 +79,8 @@ class TrainTask(Protocol):
 # --------------------------------------------------------------------------- task registry
 TASKS: dict[str, type] = {}
 # Modules that define tasks, imported on first lookup (as the stage registry does).
-TASK_MODULES = {"bfs": "layerloop.training.bfs_task", "incontext": "layerloop.training.incontext_task"}
+TASK_MODULES = {"bfs": "layerloop.training.bfs_task", "incontext": "layerloop.training.incontext_task",
+                "incontext-base": "layerloop.training.incontext_base_task"}
 
 
 def register_task(family: str) -> Callable[[type], type]:

@@ -1,0 +1,135 @@
+"""Pretraining a tiny in-context base as a Fill inpainter (issue 14) on the generic loop, and LoRAs on it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from layerloop.datasets.logos import logo_samples
+from layerloop.datasets.shards import ShardWriter
+from layerloop.models import incontext_base
+from layerloop.models.space_to_depth import SpaceToDepthAutoencoder
+from layerloop.training import load_train_config, run_training
+from layerloop.training.incontext_base_task import InContextBaseTask, sample_boxes
+from layerloop.training.incontext_task import load_model
+from layerloop.training.loop import build_task
+
+SMALL = {"resolution": 16, "layers": 1, "single_layers": 1, "heads": 2, "head_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incontext-base") / "logos"
+    root.mkdir()
+    samples = list(logo_samples(6, seed=0, size=64))
+    writer = ShardWriter(root, "logos")
+    writer.write(0, samples[:3])
+    writer.write(1, samples[3:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return list(logo_samples(2, seed=1, size=64))
+
+
+def _cfg(data, steps=2, model="tiny:s2d", family="incontext-base", **task):
+    return load_train_config({
+        "family": family, "model": str(model), "steps": steps, "lr": 1e-3, "batch_size": 2, "seed": 3,
+        "checkpoint_every": 2, "shuffle_buffer": 8, "data": [{"name": "logos", "run_dir": str(data)}],
+        "task": {**SMALL, **task} if family == "incontext-base" else {"resolution": 16, **task},
+    })
+
+
+def _task(data, **task) -> InContextBaseTask:
+    t = InContextBaseTask(_cfg(data, **task))
+    t.setup(torch.device("cpu"))
+    return t
+
+
+def test_registry_builds_the_task_and_validates_its_section(shards, tmp_path):
+    assert isinstance(build_task(_cfg(shards)), InContextBaseTask)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        InContextBaseTask(_cfg(shards, resolution=18))
+    with pytest.raises(ValueError, match="pretrains a tiny base"):
+        InContextBaseTask(_cfg(shards, model="black-forest-labs/FLUX.1-Fill-dev"))
+    with pytest.raises(ValueError, match="pretrains a tiny base"):
+        InContextBaseTask(_cfg(shards, model=tmp_path))
+    with pytest.raises(ValueError, match="unknown_key"):
+        InContextBaseTask(_cfg(shards, unknown_key=1))
+    with pytest.raises(ValueError, match="pairs"):
+        InContextBaseTask(_cfg(shards, kinds=["pair"]))
+    cfg = _cfg(shards).model_copy(update={"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="float32"):
+        InContextBaseTask(cfg)
+
+
+def test_boxes_lie_on_the_canvas_and_are_at_least_min_box():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        mask = sample_boxes(8, 32, 8, 3, 0.25, generator)
+        assert mask.shape == (8, 32) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert 2 * 2 <= mask.sum() <= 3 * 8 * 8  # at least one 2 x 2 box, at most three whole panels
+    a = sample_boxes(8, 32, 8, 3, 0.25, torch.Generator().manual_seed(5))
+    assert torch.equal(a, sample_boxes(8, 32, 8, 3, 0.25, torch.Generator().manual_seed(5)))
+
+
+def test_trains_the_whole_transformer_and_nothing_else(shards, batch):
+    task = _task(shards)
+    assert isinstance(task.model.vae, SpaceToDepthAutoencoder)
+    loss, logs = task.loss(batch, 0, torch.Generator().manual_seed(0))
+    assert 0 < logs["mask_fraction"] < 1 and torch.isfinite(loss)
+    assert torch.allclose(loss.detach(), logs["masked"] + 0.1 * logs["unmasked"])
+    loss.backward()
+    params = task.trainable_parameters()
+    assert params == list(task.model.transformer.parameters())
+    assert all(p.grad is not None for p in params if p.requires_grad)
+    assert sum(float(p.grad.abs().sum()) for p in params) > 0
+    for module in task.frozen_modules().values():
+        assert not any(p.requires_grad for p in module.parameters())
+
+
+def test_loss_falls_when_overfitting_a_fixed_batch(shards, batch):
+    task = _task(shards)
+    optimizer = torch.optim.AdamW(task.trainable_parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss, _ = task.loss(batch, 0, torch.Generator().manual_seed(0))  # same noise, t and boxes each time
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_stop_resume_base_folder_and_a_lora_on_it(shards, tmp_path):
+    full = run_training(_cfg(shards, steps=4), tmp_path / "full")
+    run_training(_cfg(shards, steps=4), tmp_path / "split", stop_at=2)
+    split = run_training(_cfg(shards, steps=4), tmp_path / "split")
+    assert split["resumed_from"] == 2
+    weights = incontext_base.TRANSFORMER_WEIGHTS
+    a, b = load_file(str(tmp_path / "full/final" / weights)), load_file(str(tmp_path / "split/final" / weights))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base = tmp_path / "full" / "final"
+    assert incontext_base.is_base_folder(base)
+    assert full["checkpoint_hash"] == incontext_base.base_hash(base)
+    assert json.loads((base / "model_index.json").read_text())["info"]["trained_from"] == "tiny:s2d"
+
+    # an in-context LoRA on the pretrained base: small-model defaults, the base pinned by its hash
+    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext"), tmp_path / "lora")
+    info = json.loads((tmp_path / "lora/final/incontext_task.json").read_text())
+    assert info["model"] == str(base.resolve()) and info["base_hash"] == full["checkpoint_hash"]
+    model = load_model(lora["final"])
+    assert model.config.rank == 4 and isinstance(model.vae, SpaceToDepthAutoencoder)
+    assert all(torch.equal(a[k], model.transformer.state_dict()[k.replace("attn.to_q.", "attn.to_q.base_layer.")])
+               for k in a if k.startswith("transformer_blocks.0.attn.to_q."))
+
+    # a base retrained in place is refused by the LoRA trained on the old one
+    changed = {k: v + 0.01 if k.endswith("weight") else v for k, v in a.items()}
+    save_file(changed, str(base / weights))
+    with pytest.raises(ValueError, match="retrained"):
+        load_model(lora["final"])
