@@ -65,7 +65,7 @@ from typing import Any, Callable, Literal
 
 import cv2
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from layerloop.samples import LayeredSample
 from layerloop.stages.base import Stage, StageParams
@@ -191,16 +191,11 @@ class MattingParams(StageParams):
     crop: bool = True  # solve on the bounding box of the non-background trimap only
     crop_margin: float = Field(0.05, ge=0.0)  # background context around the box, fraction of shorter side
     max_side: int | None = Field(512, ge=16)  # downscale crops with a longer side; None: full resolution
-    # closed-form only: its CG preconditioner, "ichol" (pymatting's, the historical bytes) or "ichol-rcm" (the same
-    # in reverse Cuthill-McKee order: ~30% faster matting, a few 8-bit alphas one step apart; issue #16)
+    # closed-form's CG preconditioner, "ichol" (pymatting's, the historical bytes) or "ichol-rcm" (the same in
+    # reverse Cuthill-McKee order: ~30% faster matting, a few 8-bit alphas one step apart; issue #16). Other backends
+    # solve no such system: they ignore it and do not record it, so `matting.backend=vitmatte` on a config that
+    # chose ichol-rcm (the demo) just works.
     preconditioner: Literal["ichol", "ichol-rcm"] = "ichol"
-
-    @model_validator(mode="after")
-    def _preconditioner_is_closed_form(self) -> "MattingParams":
-        if self.preconditioner != "ichol" and self.backend != "closed-form":
-            raise ValueError(f"preconditioner {self.preconditioner!r} applies to backend 'closed-form' only, "
-                             f"not {self.backend!r}")
-        return self
 
 
 @dataclass
@@ -357,7 +352,8 @@ class MattingStage(Stage):
         if self.backend.load is None:  # model fields mean nothing to a classical backend
             for field in ("model", "revision", "dtype", "model_batch_size"):
                 described.pop(field, None)
-        if self.params.preconditioner == "ichol":  # the default is left out: samples keep their historical bytes
+        if self.params.preconditioner == "ichol" or self.params.backend != "closed-form":
+            # the default is left out (samples keep their historical bytes), and so is what a backend ignores
             described.pop("preconditioner", None)
         return described
 

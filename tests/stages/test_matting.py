@@ -223,6 +223,9 @@ def test_rcm_preconditioner_solves_the_same_system_and_is_recorded_only_when_cho
     assert rcm.meta["stages"]["matting"]["preconditioner"] == "ichol-rcm"
 
 
-def test_rcm_preconditioner_is_refused_for_other_backends():
-    with pytest.raises(ValueError, match="applies to backend 'closed-form' only"):
-        MattingParams(backend="knn", preconditioner="ichol-rcm")
+def test_other_backends_ignore_the_preconditioner_and_do_not_record_it():
+    # the demo chooses ichol-rcm; overriding its backend (matting.backend=lkm / vitmatte) must just work
+    sample = scene_sample()[0]
+    [out] = run_stage(MattingStage(backend="lkm", preconditioner="ichol-rcm"), [sample])
+    assert out.ok, out.failure
+    assert "preconditioner" not in out.meta["stages"]["matting"]
