@@ -157,9 +157,11 @@ def _cmd_self_improve(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from layerloop.selfimprove.lineage import describe_loop, is_selfimprove_dir, trace
+    from layerloop.selfimprove.layout import is_selfimprove_dir  # the loop's modules only for a loop
 
     if is_selfimprove_dir(args.dir):
+        from layerloop.selfimprove.lineage import describe_loop, trace
+
         if args.key:
             print(json.dumps(trace(args.dir, args.key), indent=2, sort_keys=True, default=str))
         else:

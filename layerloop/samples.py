@@ -27,10 +27,15 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow is imported where images are encoded or decoded: ``layerloop inspect`` reads the shard indexes
+# through ``datasets.shards``, which imports this module, and decodes no image (issue #16, goal 2).
 
 SCHEMA_VERSION = 1
 PNG_DEFAULT_LEVEL = 6  # the historical bytes: PIL at compress_level 6
@@ -282,6 +287,8 @@ def encode_png(array: np.ndarray, mode: str, level: int = PNG_DEFAULT_LEVEL,
     similar size (``benchmarks/png_encoding.py``, issue #16). Both write plain 8-bit PNGs that any decoder
     reads; the bytes depend only on the array, the settings and the library build."""
     if encoder == "pil":
+        from PIL import Image
+
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(array), mode=mode).save(buffer, format="PNG", compress_level=level)
         return buffer.getvalue()
@@ -307,6 +314,8 @@ def encode_png(array: np.ndarray, mode: str, level: int = PNG_DEFAULT_LEVEL,
 def decode_png(data: bytes | np.ndarray | Image.Image, mode: str) -> np.ndarray:
     if isinstance(data, np.ndarray):
         return data
+    from PIL import Image
+
     image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
     if image.mode != mode:  # convert() copies even when the mode already matches
         image = image.convert(mode)

@@ -21,6 +21,12 @@ from layerloop.datasets.shards import ShardWriter
 from layerloop.samples import LayeredSample, composite
 
 HEAVY = ("torch", "ray", "transformers", "diffusers", "webdataset", "pandas")
+# What ``inspect RUN`` no longer imports either (issue #16, goal 2): it reads the indexes with pyarrow.parquet
+# and numpy only. pyarrow.compute builds every compute function's wrapper on import (60-80 ms), np.median's NaN
+# check imports numpy.ma (~50 ms), Pillow and the contact sheet are the report's, the loop's lineage module is
+# imported only for a self-improvement directory.
+INSPECT_LEAN = ("pyarrow.compute", "numpy.ma", "PIL", "PIL.Image", "cv2", "yaml", "pydantic", "layerloop.report.sheet",
+                "layerloop.report.write", "layerloop.selfimprove.lineage", "layerloop.selfimprove.results")
 
 PROBE = """
 import contextlib, io, json, sys
@@ -34,8 +40,8 @@ print(json.dumps({"code": code, "imported": sorted(m for m in json.loads(sys.arg
 """
 
 
-def imported_by(*argv: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(HEAVY), *argv], capture_output=True,
+def imported_by(*argv: str, watched: tuple[str, ...] = HEAVY) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(watched), *argv], capture_output=True,
                           text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -71,6 +77,12 @@ def test_help_imports_no_heavy_library():
 def test_inspect_imports_no_heavy_library(run_dir):
     for argv in (["inspect", str(run_dir)], ["inspect", str(run_dir), "--key", "demo_0001"]):
         result = imported_by(*argv)
+        assert result == {"code": 0, "imported": []}, argv
+
+
+def test_inspect_imports_neither_pyarrow_compute_nor_pillow_nor_the_report(run_dir):
+    for argv in (["inspect", str(run_dir)], ["inspect", str(run_dir), "--key", "demo_0001"]):
+        result = imported_by(*argv, watched=INSPECT_LEAN)
         assert result == {"code": 0, "imported": []}, argv
 
 

@@ -1,13 +1,20 @@
 """Shard writer and reader.
 
-A shard is the unit of work and of commit: ``<name>-NNNNNN.tar`` (webdataset's ``TarWriter``, no
-hand-written tar code) plus ``<name>-NNNNNN.parquet`` with one row per sample of the shard's group,
-failures included. Both are written under temporary names and renamed, the parquet last: a shard is
+A shard is the unit of work and of commit: ``<name>-NNNNNN.tar`` plus ``<name>-NNNNNN.parquet`` with one
+row per sample of the shard's group, failures included. Both are written under temporary names and renamed, the parquet last: a shard is
 committed exactly when its parquet exists under its final name and its tar matches what the parquet
 records. A crash leaves only temporary files, which the next run deletes before rebuilding that shard.
 
 Bytes are reproducible: tar members carry a fixed mtime/user/mode, PNG encoding is fixed
 (``samples.encode_png``), and the parquet holds no timings, so the same samples give the same files.
+
+The tar is written by ``TarRecordWriter``, the standard library's ``tarfile`` making the calls webdataset
+1.0's ``TarWriter(stream, encoder=False, mtime=0, user=..., group=..., mode=...)`` makes, so the bytes are
+the same (``tests/datasets/test_shards.py`` writes the same records with both and compares the tars byte
+for byte). The project reads and writes tars with webdataset elsewhere; the writer is the exception
+because it runs in every Ray worker of a build, and any import of webdataset runs its package
+``__init__``, which imports torch: 2-3 s and ~470 MiB per worker process of a build that has no model
+(issue #16, goal 3; ``tests/pipelines/test_worker_imports.py`` checks that no such worker imports torch).
 
 Integrity. The parquet's schema metadata (key-value pairs ``layerloop.tar_size`` and
 ``layerloop.tar_sha256``) records the size and sha256 of the tar it commits, computed while the tar is
@@ -32,6 +39,7 @@ run over. See ``RunOwner`` for the window that remains and why it is harmless.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -74,7 +82,9 @@ FAILURE_SCHEMA = pa.schema([
 # Parquet schema metadata of a shard index: the tar it commits (decimal size, hex sha256).
 TAR_SIZE_KEY = b"layerloop.tar_size"
 TAR_SHA256_KEY = b"layerloop.tar_sha256"
-TAR_FORMAT = tarfile.USTAR_FORMAT  # webdataset's TarWriter default; member headers are checked against it
+TAR_FORMAT = tarfile.USTAR_FORMAT  # member headers are checked against it (``check_tar_record``)
+TAR_OWNER = "layerloop"  # uname and gname of every member
+TAR_MODE = 0o444
 # run.lock: a readable first line ("pid N on HOST since TIME"), then "owner <token>".
 LOCK_OWNER_PREFIX = "owner "
 
@@ -180,6 +190,66 @@ def tar_record(index_path: str | Path) -> tuple[int, str] | None:
     return int(metadata[TAR_SIZE_KEY]), metadata[TAR_SHA256_KEY].decode("ascii")
 
 
+def table_from_rows(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """``pa.Table.from_pylist(rows, schema=schema)`` for a schema of string and int32 columns (the shard index,
+    ``failures.parquet``), built from buffers: pyarrow's converter from Python objects imports pandas on its
+    first call in a process, 0.3-0.6 s of a cold build's first shard write in every process that writes one,
+    and at the end of a Ray build in the driver, which writes ``failures.parquet`` without having written a
+    shard (issue #16, goal 3). The same table, so the same parquet bytes (a test compares them); anything
+    else (another column type, a value of another type, text that is not UTF-8, an int out of range) goes to
+    ``from_pylist``, which raises what it raised before."""
+    columns = []
+    try:
+        for field in schema:
+            values = [row.get(field.name) for row in rows]
+            if pa.types.is_string(field.type):
+                columns.append(_string_array(values))
+            elif pa.types.is_int32(field.type):
+                columns.append(_int32_array(values))
+            else:
+                raise TypeError(field.type)
+    except (TypeError, ValueError, OverflowError):
+        return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _validity(values: list[Any]) -> tuple[int, Any]:
+    """(null count, validity bitmap buffer or None) in Arrow's layout (one bit per value, least significant
+    bit first)."""
+    import numpy as np
+
+    valid = np.array([value is not None for value in values], dtype=bool)
+    nulls = len(values) - int(valid.sum())
+    return nulls, (pa.py_buffer(np.packbits(valid, bitorder="little").tobytes()) if nulls else None)
+
+
+def _string_array(values: list[Any]) -> pa.Array:
+    import numpy as np
+
+    if not all(value is None or type(value) is str for value in values):
+        raise TypeError("not str")
+    data = [value.encode("utf-8") if value is not None else b"" for value in values]  # lone surrogates raise
+    offsets = np.zeros(len(data) + 1, dtype=np.int64)
+    np.cumsum([len(item) for item in data], out=offsets[1:])
+    if offsets[-1] >= 2 ** 31:
+        raise OverflowError("more than 2 GiB of text: pa.string() offsets are int32")
+    nulls, validity = _validity(values)
+    return pa.Array.from_buffers(pa.string(), len(data), [validity, pa.py_buffer(offsets.astype(np.int32).tobytes()),
+                                                          pa.py_buffer(b"".join(data))], null_count=nulls)
+
+
+def _int32_array(values: list[Any]) -> pa.Array:
+    import numpy as np
+
+    if not all(value is None or type(value) is int for value in values):
+        raise TypeError("not int")
+    if any(value is not None and not -2 ** 31 <= value < 2 ** 31 for value in values):
+        raise OverflowError("out of int32")
+    nulls, validity = _validity(values)
+    data = np.array([value if value is not None else 0 for value in values], dtype=np.int32)
+    return pa.Array.from_buffers(pa.int32(), len(values), [validity, pa.py_buffer(data.tobytes())], null_count=nulls)
+
+
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """``pq.read_table(path, columns=columns)`` of one parquet file, read without ``pyarrow.dataset``
     (which imports pandas: a quarter of a second and 45 MB for ``layerloop inspect``). The table is the
@@ -255,8 +325,49 @@ class _HashingStream:
         return self.stream.write(data)
 
 
+class TarRecordWriter:
+    """Writes webdataset records (``{"__key__": key, ext: bytes, ...}``) to a tar stream: one member
+    ``<key>.<ext>`` per value, in sorted order, with the given mtime, mode and owner names.
+
+    The same bytes as webdataset 1.0's ``TarWriter(stream, encoder=False, user=user, group=group, mode=mode,
+    mtime=mtime)`` (``webdataset/writer.py``): ``tarfile.open(fileobj=stream, mode="w|")`` in tarfile's
+    default format (webdataset computes a ``format`` but does not pass it on), each ``TarInfo`` with only
+    name, size, mtime, mode, uname and gname set, added from a ``BytesIO``; entries whose name starts with
+    ``_`` are not written; a value that is not bytes-like raises ``ValueError`` before anything of the
+    record is written. The test that pins this writes the same records with both."""
+
+    def __init__(self, stream: Any, user: str, group: str, mode: int = 0o444, mtime: float = 0):
+        self.user, self.group, self.mode, self.mtime = user, group, mode, mtime
+        self.tar = tarfile.open(fileobj=stream, mode="w|")
+
+    def write(self, record: dict[str, Any]) -> int:
+        """Write one record; returns the bytes of its members' data (what webdataset's ``write`` returns)."""
+        if "__key__" not in record:
+            raise ValueError("object must contain a __key__")
+        for name, value in record.items():
+            if not name.startswith("_") and not isinstance(value, (bytes, bytearray, memoryview)):
+                raise ValueError(f"{name} doesn't map to a bytes after encoding ({type(value)})")
+        key, total = record["__key__"], 0
+        for name in sorted(record):
+            if name.startswith("_"):
+                continue
+            value = record[name]
+            info = tarfile.TarInfo(f"{key}.{name}")
+            info.size = len(value)
+            info.mtime = self.mtime
+            info.mode = self.mode
+            info.uname = self.user
+            info.gname = self.group
+            self.tar.addfile(info, io.BytesIO(value))
+            total += info.size
+        return total
+
+    def close(self) -> None:
+        self.tar.close()
+
+
 def check_tar_record(record: dict[str, Any], format: int = TAR_FORMAT) -> None:
-    """Raise ValueError unless ``TarWriter.write(record)`` can write every member (bytes values, member
+    """Raise ValueError unless ``TarRecordWriter.write(record)`` can write every member (bytes values, member
     names that fit a tar header), so that a sample is either written whole or not at all."""
     key = record["__key__"]
     for member, value in record.items():
@@ -348,15 +459,12 @@ class ShardWriter:
         committed = self.committed_summary(index).summary
         if committed is not None:  # a retried task after a commit: never write a shard twice
             return committed
-        import webdataset as wds  # imported here: slow to import, and readers of indexes do not need it
-
         tmp_tar, tmp_index = temp_sibling(tar_path), temp_sibling(index_path)
         rows = []
         try:
             with open(tmp_tar, "wb") as stream:
                 hashed = _HashingStream(stream)
-                writer = wds.TarWriter(hashed, encoder=False, mtime=0, user="layerloop", group="layerloop",
-                                       mode=0o444)
+                writer = TarRecordWriter(hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0)
                 for sample in samples:
                     if sample.ok:
                         try:
@@ -374,7 +482,7 @@ class ShardWriter:
                 os.fsync(stream.fileno())
             tar_meta = {TAR_SIZE_KEY: str(hashed.size).encode("ascii"),
                         TAR_SHA256_KEY: hashed.digest.hexdigest().encode("ascii")}
-            pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA.with_metadata(tar_meta)), tmp_index)
+            pq.write_table(table_from_rows(rows, INDEX_SCHEMA.with_metadata(tar_meta)), tmp_index)
             if self.owner is not None:
                 self.owner.check(f"commit shard {shard_stem(self.name, index)}")
             os.replace(tmp_tar, tar_path)

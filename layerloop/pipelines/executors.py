@@ -184,6 +184,21 @@ class _StageActor:
         return _batch(out)
 
 
+def _actor_pool(size: int) -> Any:
+    """A fixed pool of ``size`` stage actors, each taking two Ray Data calls at once. The stage still runs
+    one call at a time, on one thread (Ray Data's single-threaded UDF wrapper); the second call only lets
+    Ray Data turn the next row's block into a batch, and the previous output into a block, while the model
+    computes, instead of between its batches (benchmarks/model_pool.py: a model pool's median idle time
+    between two 16-sample shard groups at 256 px went from 105-298 ms to 69-142 ms). A Ray without
+    ``max_concurrent_calls_per_actor``: one call at a time, as before."""
+    import ray.data
+
+    try:
+        return ray.data.ActorPoolStrategy(size=size, max_concurrent_calls_per_actor=2)
+    except TypeError:
+        return ray.data.ActorPoolStrategy(size=size)
+
+
 def stage_groups(stages: list[Stage]) -> list[tuple[str, list[int]]]:
     """Split the stage list into runs: ("tasks", [i, j, ...]) of stateless CPU stages and
     ("actor", [k]) for each stage that needs setup or GPUs."""
@@ -200,6 +215,7 @@ def stage_groups(stages: list[Stage]) -> list[tuple[str, list[int]]]:
 
 # --------------------------------------------------------------------------- planning the CPUs of a Ray Data plan
 STALL_TIMEOUT_ENV = "LAYERLOOP_RAY_STALL_TIMEOUT_S"
+_WRITE_CPUS = 0.5  # the shard write task after a last actor pool
 DEFAULT_STALL_TIMEOUT_S = 600.0
 
 
@@ -240,6 +256,11 @@ def plan_cpus(stages: list[Stage], groups: list[tuple[str, list[int]]], node_cpu
     *without its largest node* (all of it when it has one node): sized on every CPU, a plan that used
     them all (generator + scorer + dedupe actors and a task on three 1-CPU nodes) had, after a node died,
     its restarted actor take the last free CPU, and the tasks between the pools waited forever for one.
+    When an actor pool is the last op, the shard write after it is one more task, which must fit on the
+    whole cluster (Ray Data reserves each op's CPUs on every alive CPU): on 2 CPUs, a model actor (1 CPU)
+    and a stage task (1 CPU) left Ray Data no CPU to reserve for the write op, so shards were written only
+    once every stage task had finished; meanwhile the pool's outputs filled the object store and, once its
+    budget bound, the model stage idled between shard groups (benchmarks/model_pool.py, RESULTS.md).
     When the pools do not fit, every op, tasks and actors alike, asks for the same fraction of a CPU, 1/m,
     with m the smallest integer that fits them all: equal fractions of whole-CPU nodes cannot fragment (a
     node's free share is always a multiple of 1/m), so whatever is left anywhere can run the next task."""
@@ -249,11 +270,12 @@ def plan_cpus(stages: list[Stage], groups: list[tuple[str, list[int]]], node_cpu
     actors = sum(n for _, n, _ in pools)
     wanted = sum(n * cpus for _, n, cpus in pools)
     task = _task_cpus(stages, groups)
+    writes = 1 if groups[-1][0] == "actor" else 0  # the write task after a last actor pool
     total = sum(node_cpus)
     budget = total - max(node_cpus) if len(node_cpus) > 1 else total
-    if wanted + task <= budget:
+    if wanted + task <= budget and wanted + task + writes * _WRITE_CPUS <= total:
         return None
-    quantum = 1.0 / math.ceil((actors + 1) / max(budget, 1.0))
+    quantum = 1.0 / math.ceil((actors + 1 + writes) / max(budget, 1.0))
     logger.warning("the stage actor pools ask for %.1f CPUs and a task for %.1f more; the cluster has %.0f CPUs on "
                    "%d node(s)%s: every op asks for %.2f CPU instead, so that every pool can start and a task "
                    "still finds room%s", wanted, task, total, len(node_cpus),
@@ -332,9 +354,10 @@ class RayExecutor:
     def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:
         if not tasks:
             return
-        import ray
-        import ray.data  # noqa: F401  (loads Ray Data before the cluster starts)
-
+        # Ray Data is imported where it is used (``_run_dataset``): a pipeline of stateless stages runs as plain
+        # tasks and does not need it, and importing it took about 1 s of the driver's time before the first
+        # task of a cold build (issue #16, goal 3). The CLI's ``logs.quiet_ray`` still imports it, to
+        # configure its logging before ``ray.init``.
         self.init_ray()
         stages = pipeline.build_stages()
         groups = stage_groups(stages) or [("tasks", [])]  # no stages at all: still read
@@ -404,10 +427,10 @@ class RayExecutor:
                                                         "read": read, "cpus": cpus},
                     num_cpus=cpus, num_gpus=stage.resources.gpus or None,
                     memory=stage.resources.memory,
-                    compute=ray.data.ActorPoolStrategy(size=stage.params.concurrency or 1), **actor_args)
+                    compute=_actor_pool(stage.params.concurrency or 1), **actor_args)
         if not write_in_last:  # the last op is an actor pool: commit in a small task after it
-            dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline}, num_cpus=quantum or 0.5,
-                                          **task_args)
+            dataset = dataset.map_batches(_write_shard, fn_kwargs={"pipeline": pipeline},
+                                          num_cpus=quantum or _WRITE_CPUS, **task_args)
         for row in dataset.iter_rows():
             yield pickle.loads(row["payload"])
 

@@ -20,13 +20,35 @@ A damaged shard never stops a report: it is named with what is wrong (``stats.js
 out of the counts (a resumed build rebuilds it), and the contact sheet takes its rows from intact shards.
 """
 
-from layerloop.report.inspection import inspect_run, trace_sample
-from layerloop.report.scan import (DamagedShardError, RunIndex, UnknownSampleError, choose_samples, load_index,
-                                   read_records, scan_run)
-from layerloop.report.sheet import LAYOUT, SheetLayout, render_contact_sheet
-from layerloop.report.stats import run_stats
-from layerloop.report.write import write_report
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names are imported from their modules on first use (PEP 562), so ``layerloop inspect`` never loads
+# ``sheet``/``write`` (Pillow, the sample decoder) that only ``report`` needs (issue #16, goal 2).
+_MODULE_OF = {
+    "inspect_run": "inspection", "trace_sample": "inspection",
+    "DamagedShardError": "scan", "RunIndex": "scan", "UnknownSampleError": "scan", "choose_samples": "scan",
+    "load_index": "scan", "read_records": "scan", "scan_run": "scan",
+    "LAYOUT": "sheet", "SheetLayout": "sheet", "render_contact_sheet": "sheet",
+    "run_stats": "stats",
+    "write_report": "write",
+}
 
 __all__ = ["load_index", "scan_run", "RunIndex", "DamagedShardError", "run_stats", "choose_samples",
            "read_records", "write_report", "render_contact_sheet",
            "inspect_run", "trace_sample", "SheetLayout", "LAYOUT", "UnknownSampleError"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from layerloop.datasets.shards import error_text
-from layerloop.report.scan import (DamagedShardError, UnknownSampleError, existing_run_dir, index_rows,
+from layerloop.report.scan import (REPORT_DIR, DamagedShardError, UnknownSampleError, existing_run_dir, index_rows,
                                    read_chosen, read_failures, read_records, scan_run)
 from layerloop.report.stats import flatten_numbers, parse_scores, run_stats
-from layerloop.report.write import REPORT_DIR
 
 
 def _short(text: str | None, limit: int) -> str:

@@ -16,6 +16,11 @@ before (unverified).
 Which samples are shown is a deterministic function of (index, seed, damaged shards): shards are visited
 round robin in a seeded order and each gives a seeded choice of its ok keys, so a sheet of 8 rows over 100
 shards shows 8 different shards instead of the first 8 samples of shard 0.
+
+Imports: ``layerloop inspect`` goes through this module, so it needs only numpy and ``pyarrow.parquet``.
+Rows are selected in Python over a column's ``to_pylist()`` (what the callers turn into Python values
+anyway), not with ``pyarrow.compute`` (``Table.filter``, ``pc.equal``, ``pc.is_in``): importing it builds
+every compute function's wrapper, 60-80 ms of ``inspect``'s start-up (issue #16, goal 2).
 """
 
 from __future__ import annotations
@@ -29,11 +34,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from layerloop.datasets.shards import INDEX_SCHEMA, check_shard, error_text, read_parquet
 
 FAILURES_FILE = "failures.parquet"
+REPORT_DIR = "report"  # a run's report/ (``write.write_report``)
 
 
 class UnknownSampleError(KeyError):
@@ -63,18 +68,30 @@ class RunIndex:
     rows: dict[str, int | None]
 
     def intact(self) -> pa.Table:
+        """The rows of the intact shards (``table`` without the damaged shards' rows)."""
         if not self.damaged:
             return self.table
-        mask = pc.invert(pc.is_in(self.table["shard"], value_set=strings(sorted(self.damaged))))
-        return self.table.filter(mask)
+        keep = [shard not in self.damaged for shard in self.table["shard"].to_pylist()]
+        return self.table.filter(pa.array(np.array(keep, dtype=bool)))  # imports pyarrow.compute: not in inspect
+
+    def intact_ok_columns(self, names: Iterable[str]) -> dict[str, list[Any]]:
+        """``names``' values (Python lists) over the ``ok`` rows of the intact shards, in index order: what
+        ``intact()`` filtered on ``status == "ok"`` gives, without ``pyarrow.compute``."""
+        rows = self._rows_where(self.table["status"].to_pylist(), "ok")
+        return {name: _take(self.table[name].to_pylist(), rows) for name in names}
+
+    def _rows_where(self, status: list[Any], wanted: str) -> list[int]:
+        shards = self.table["shard"].to_pylist()
+        return [i for i, (value, shard) in enumerate(zip(status, shards))
+                if value == wanted and shard not in self.damaged]
 
     def ok_keys(self) -> dict[str, list[str]]:
         """Ok keys per intact shard stem, in index order: the committed samples a reader can trust. A shard
         found damaged later (``verify_tar``, ``open_records``) drops out of the next call."""
-        ok = self.table.filter(pc.equal(self.table["status"], strings(["ok"])[0])).select(["key", "shard"])
         by_shard: dict[str, list[str]] = {}
-        for key, shard in zip(ok["key"].to_pylist(), ok["shard"].to_pylist()):
-            if shard not in self.damaged:
+        for key, status, shard in zip(self.table["key"].to_pylist(), self.table["status"].to_pylist(),
+                                      self.table["shard"].to_pylist()):
+            if status == "ok" and shard not in self.damaged:
                 by_shard.setdefault(shard, []).append(key)
         return by_shard
 
@@ -105,6 +122,10 @@ class RunIndex:
         except DamagedShardError as error:
             self.damaged[shard] = str(error)
             return None
+
+
+def _take(values: list[Any], rows: list[int]) -> list[Any]:
+    return [values[i] for i in rows]
 
 
 def strings(values: list[str]) -> pa.Array:
@@ -184,10 +205,11 @@ def read_failures(run_dir: Path, index: pa.Table, damaged: Iterable[str] = ()) -
     that no shard index knows (listing failures). See the module docstring for why. Rows of ``damaged``
     shards are left out (the shard is rebuilt); an unreadable failures.parquet is skipped."""
     damaged = set(damaged)
-    failed = index.filter(pc.equal(index["status"], strings(["failed"])[0]))
-    rows = [{"key": r["key"], "stage": r["stage"], "error_type": r["error_type"], "message": r["message"],
-             "shard": r["shard"]} for r in failed.select(["key", "stage", "error_type", "message", "shard"])
-            .to_pylist() if r["shard"] not in damaged]
+    names = ("key", "stage", "error_type", "message", "shard")
+    failed = [i for i, status in enumerate(index["status"].to_pylist()) if status == "failed"]
+    columns = {name: _take(index[name].to_pylist(), failed) for name in names}
+    rows = [row for row in (dict(zip(names, values)) for values in zip(*(columns[name] for name in names)))
+            if row["shard"] not in damaged]
     path = run_dir / FAILURES_FILE
     if path.exists():
         indexed = set(index["key"].to_pylist())
@@ -351,8 +373,9 @@ def _tar_members(url: str, select: Callable[[str], bool]) -> Iterator[tuple[str,
 
 
 def index_rows(index: pa.Table, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
-    keys = list(keys)
-    if not keys:
+    """The index row (a dict) of each of ``keys`` found in ``index``; the last row wins for a key listed twice."""
+    wanted = set(keys)
+    if not wanted:
         return {}
-    rows = index.filter(pc.is_in(index["key"], value_set=strings(keys))).to_pylist()
-    return {row["key"]: row for row in rows}
+    found = [i for i, key in enumerate(index["key"].to_pylist()) if key in wanted]
+    return {row["key"]: row for i in found for row in index.slice(i, 1).to_pylist()}

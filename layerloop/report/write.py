@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 
 from layerloop.files import write_atomic, write_json_atomic
-from layerloop.report.scan import existing_run_dir, index_rows, read_chosen, scan_run
+from layerloop.report.scan import REPORT_DIR, existing_run_dir, index_rows, read_chosen, scan_run
 from layerloop.report.sheet import png_bytes, render_contact_sheet
 from layerloop.report.stats import run_stats
 from layerloop.samples import LayeredSample
 
-REPORT_DIR = "report"
+__all__ = ["REPORT_DIR", "write_report"]
 
 
 def write_report(run_dir: str | Path, rows: int = 8, seed: int = 0) -> dict[str, Any]:

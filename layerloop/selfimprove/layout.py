@@ -126,6 +126,12 @@ class RoundPaths:
         return stale
 
 
+def is_selfimprove_dir(path: str | Path) -> bool:
+    """``layerloop self-improve``'s output directory (it holds ``selfimprove.json``). Here rather than in
+    ``lineage`` so that ``layerloop inspect RUN`` can ask without importing the loop's modules."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
 def round_dir(out: str | Path, k: int) -> Path:
     return RoundPaths.of(out, k).dir
 

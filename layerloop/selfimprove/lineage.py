@@ -20,13 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layerloop.selfimprove.layout import (CONFIG_FILE, DATA_DIR, ROUNDS_DIR, RoundPaths, read_mix,
-                                          summary_report_dir)
+from layerloop.selfimprove.layout import (CONFIG_FILE, DATA_DIR, ROUNDS_DIR, RoundPaths, is_selfimprove_dir,
+                                          read_mix, summary_report_dir)
 from layerloop.selfimprove.results import data_run_dir
-
-
-def is_selfimprove_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
 
 
 def _run_dirs(out: Path) -> list[tuple[str, int | None, Path]]:

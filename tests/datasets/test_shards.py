@@ -275,3 +275,125 @@ def test_png_settings_at_their_defaults_are_not_recorded():
                                                        "shards.png_compress_level=6"]).fingerprint()
     with pytest.raises(Exception, match="png_compress_level"):
         load_config("demo", ["shards.png_compress_level=10"])
+
+
+# ------------------------------------------------------------------------------------ the tar writer
+def _webdataset_tar(records) -> bytes:
+    """The tar webdataset's own writer makes of ``records``, with the settings the shard writer used before
+    it wrote with ``tarfile`` (``shards.TarRecordWriter``)."""
+    import io
+
+    stream = io.BytesIO()
+    writer = wds.TarWriter(stream, encoder=False, mtime=0, user="layerloop", group="layerloop", mode=0o444)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return stream.getvalue()
+
+
+def _stdlib_tar(records) -> bytes:
+    import io
+
+    from layerloop.datasets.shards import TAR_MODE, TAR_OWNER, TarRecordWriter
+
+    stream = io.BytesIO()
+    writer = TarRecordWriter(stream, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return stream.getvalue()
+
+
+def test_tar_writer_writes_the_bytes_of_webdatasets_tar_writer():
+    """The shard writer's ``tarfile`` writer (which keeps webdataset, and so torch, out of the Ray workers)
+    gives the bytes of webdataset's ``TarWriter`` for the same records: empty and multi-block members,
+    members that cross tarfile's 10 KiB stream buffer, bytearray and memoryview values, keys of names up to
+    ustar's 100 characters, entries starting with ``_`` (not written), no record at all."""
+    rng = np.random.default_rng(7)
+    records = [make_quadruple(f"t_{i}", seed=i).to_wds() for i in range(3)]
+    records += [
+        {"__key__": "empty", "txt": b"", "json": b"{}"},
+        {"__key__": "big", "bin": rng.integers(0, 256, 3 * 10240 + 17, dtype=np.uint8).tobytes(),
+         "a.b.c": bytearray(b"x" * 511), "z": memoryview(b"y" * 513)},
+        {"__key__": "m" * 96, "txt": b"fits"},  # "m...m.txt": 100 characters
+        {"__key__": "meta", "__url__": "somewhere.tar", "_private": b"skipped", "txt": "caption".encode()},
+    ]
+    for chosen in (records, records[:1], []):
+        assert _stdlib_tar(chosen) == _webdataset_tar(chosen)
+
+
+def test_tar_writer_refuses_what_webdatasets_refuses():
+    from layerloop.datasets.shards import TarRecordWriter
+
+    for record in ({"txt": b"no key"}, {"__key__": "k", "txt": "a str, not bytes"}):
+        import io
+
+        with pytest.raises(ValueError) as ours:
+            TarRecordWriter(io.BytesIO(), user="u", group="g").write(record)
+        with pytest.raises(ValueError) as theirs:
+            wds.TarWriter(io.BytesIO(), encoder=False).write(record)
+        assert str(ours.value) == str(theirs.value)
+
+
+def test_shard_writer_tar_equals_webdatasets_tar_of_the_same_records(tmp_path):
+    """A whole shard (failed samples left out of the tar, both PNG encoders) against webdataset's writer
+    fed the records of the samples that were written."""
+    for encoder, level in (("pil", 6), ("opencv", 1)):
+        out = tmp_path / encoder
+        out.mkdir()
+        samples = [make_quadruple(f"t_{i}", seed=i) for i in range(4)]
+        samples[2].fail("matting", ValueError("no unknown region"))
+        writer = ShardWriter(out, "t", png_level=level, png_encoder=encoder)
+        writer.write(0, samples)
+        expected = _webdataset_tar([s.to_wds(level, encoder) for s in samples if s.ok])
+        assert writer.paths(0)[0].read_bytes() == expected
+
+
+def test_index_table_is_the_table_from_pylist_makes(tmp_path):
+    """``shards.table_from_rows`` (buffers, no pandas import) gives the table, and so the parquet bytes, of
+    ``pa.Table.from_pylist``; what it does not handle goes to ``from_pylist`` and raises what it raises."""
+    import pyarrow as pa
+
+    from layerloop.datasets.shards import FAILURE_SCHEMA, INDEX_SCHEMA, TAR_SIZE_KEY, table_from_rows
+
+    index_rows = [
+        {"key": "k_0", "status": "ok", "kind": "quadruple", "stage": None, "error_type": None, "message": None,
+         "width": 512, "height": 384, "caption": "a red ball — ünïcode ✓", "source": "demo", "source_id": "0",
+         "scores": "{}"},
+        {"key": "k_1", "status": "failed", "kind": None, "stage": "matting", "error_type": "ValueError",
+         "message": "", "width": None, "height": -2 ** 31, "caption": None, "source": "demo", "source_id": "1",
+         "scores": '{"x": 1}'},
+        {"key": "k_2", "status": "ok", "width": 2 ** 31 - 1},  # missing keys are nulls, as in from_pylist
+    ]
+    failure_rows = [{"key": f"k_{i}", "stage": "list", "error_type": "E", "message": "m" * i, "shard": ""}
+                    for i in range(20)]
+    schema = INDEX_SCHEMA.with_metadata({TAR_SIZE_KEY: b"123"})
+    for rows, wanted_schema in ((index_rows, schema), (failure_rows, FAILURE_SCHEMA), ([], schema)):
+        ours, theirs = table_from_rows(rows, wanted_schema), pa.Table.from_pylist(rows, schema=wanted_schema)
+        assert ours.equals(theirs, check_metadata=True)
+        pq.write_table(ours, tmp_path / "ours.parquet")
+        pq.write_table(theirs, tmp_path / "theirs.parquet")
+        assert (tmp_path / "ours.parquet").read_bytes() == (tmp_path / "theirs.parquet").read_bytes()
+    for bad in ({"key": "k", "width": 2 ** 31}, {"key": "k", "width": "wide"}, {"key": 3}, {"key": "\udcff"}):
+        with pytest.raises(Exception) as ours:
+            table_from_rows([bad], INDEX_SCHEMA)
+        with pytest.raises(Exception) as theirs:
+            pa.Table.from_pylist([bad], schema=INDEX_SCHEMA)
+        assert type(ours.value) is type(theirs.value)
+
+
+def test_writing_a_shard_imports_neither_pandas_nor_webdataset(tmp_path):
+    """The first shard write of a process (a Ray worker's, the local build's) stays clear of pyarrow's
+    pandas import and of webdataset (whose ``__init__`` imports torch)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys; from layerloop.datasets.shards import ShardWriter; from tests.test_samples import "
+             "make_quadruple; w = ShardWriter(sys.argv[1], 't'); w.write(0, [make_quadruple('t_1'), "
+             "make_quadruple('t_2').fail('x', ValueError('y'))]); "
+             "print(sorted(m for m in ('pandas', 'webdataset', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

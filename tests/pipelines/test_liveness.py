@@ -77,6 +77,19 @@ def test_the_plan_that_hung_is_no_longer_made():
     assert plan_cpus(GENERATE, stage_groups(GENERATE), [8.0]) is None  # one node: nothing to lose but all
 
 
+def test_the_write_after_a_last_actor_pool_gets_a_cpu_on_the_whole_cluster():
+    """A model stage last (the demo chain + a GPU model, benchmarks/model_pool.py): its shard-write task runs
+    after the pool. On one 2-CPU node the actor (1) and a stage task (1) took both CPUs and Ray Data reserved
+    none for the write op (shards written only after the last stage task; the pool idled once the object
+    store's budget bound): every op now asks for half a CPU. Where the write fits, nothing changes."""
+    model_last = [fake_stage("load", False), fake_stage("model", True)]
+    model_inside = [fake_stage("load", False), fake_stage("model", True), fake_stage("box-mask", False)]
+    assert plan_cpus(model_last, stage_groups(model_last), [2.0]) == 0.5
+    assert plan_cpus(model_inside, stage_groups(model_inside), [2.0]) is None  # the write is fused into a task
+    assert plan_cpus(model_last, stage_groups(model_last), [1.0, 1.0, 1.0]) is None  # 1 + 1 + 0.5 <= 3
+    assert plan_cpus(model_last, stage_groups(model_last), [4.0]) is None
+
+
 def test_alive_node_cpus_skips_dead_and_cpu_less_nodes(monkeypatch):
     ray = pytest.importorskip("ray")
     nodes = [{"Alive": True, "Resources": {"CPU": 0.0, "node:__internal_head__": 1.0}},  # a head without CPUs
@@ -103,7 +116,8 @@ def test_a_build_that_cannot_run_fails_with_one_clear_message(ray_local, tmp_pat
         build(config, out=tmp_path / "out", progress=False)
     message = str(raised.value)
     assert message.startswith("Ray Data build made no progress for 10 s")
-    assert "caption 1 x 1 CPU + 1 GPU" in message and "0 GPUs alive" in message
+    # 2 CPUs: the caption pool, a task and the shard write after the pool ask for half a CPU each (plan_cpus)
+    assert "caption 1 x 0.5 CPU + 1 GPU" in message and "0 GPUs alive" in message
     assert len(message) < 1500
 
 
