@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from layerloop import errors
@@ -18,6 +17,7 @@ from layerloop.datasets.shards import ShardWriter
 from layerloop.export import alpha_bbox, layer_name, parse_layer_spec, write_psd
 from layerloop.samples import LayeredSample, composite
 from tests.test_cli_imports import imported_by
+from tests.models.test_bfs import _randomise_trainables  # the same coupled tiny LoRA + g
 
 
 def pillow_layers(path: Path) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int], np.ndarray]]]:
@@ -159,10 +159,7 @@ def checkpoint(tmp_path_factory) -> Path:
     from layerloop.models import bfs
 
     models = bfs.tiny(0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in models.generator.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    _randomise_trainables(models.generator, seed=3, scale=0.05)
     path = tmp_path_factory.mktemp("layers_ckpt") / "ckpt"
     models.generator.save_lora(path)
     return path

@@ -11,16 +11,14 @@ from layerloop.models import bfs
 from layerloop.models.bfs_pipeline import BFSLayers, BFSPipeline, box_mask
 from layerloop.models.redux import ReduxEncoder
 from layerloop.samples import composite
+from tests.models.test_bfs import _randomise_trainables  # the same coupled tiny LoRA + g
 
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory) -> BFSPipeline:
     """A tiny stage-1-like checkpoint whose LoRA and g are non-zero (so the branches are coupled)."""
     models = bfs.tiny(0)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in models.generator.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    _randomise_trainables(models.generator, seed=3, scale=0.05)
     path = tmp_path_factory.mktemp("bfs_apps") / "ckpt"
     models.generator.save_lora(path)
     return BFSPipeline.from_checkpoint(path, dtype=torch.float32, guidance=30.0)
