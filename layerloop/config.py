@@ -496,6 +496,8 @@ class LogoConfig(SourceConfigBase):
     n: Annotated[int, Field(ge=1)]
     seed: int = 0
     size: Annotated[int, Field(ge=64)] = 256
+    # delivered size: rendered at ``size``, box-averaged by the whole factor size / output_size (None: size)
+    output_size: Annotated[int, Field(ge=1)] | None = None
     name: Annotated[str, _NAME] = "logos"
 
 

@@ -144,9 +144,12 @@ class LogoSynthesizer:
     def __init__(self, size: int = 256, seed: int = 0, objects: tuple[str, ...] = OBJECTS,
                  logo_kinds: tuple[str, ...] = LOGO_KINDS, categories: tuple[str, ...] = CATEGORIES,
                  opacity: tuple[float, float] = (0.85, 1.0), transparency: tuple[float, float] = (0.35, 0.7),
-                 logo_scale: tuple[float, float] = (0.55, 0.85)):
+                 logo_scale: tuple[float, float] = (0.55, 0.85), output_size: int | None = None):
         if size < 64:
             raise ValueError(f"size must be at least 64 pixels, got {size}")
+        if output_size is not None and (output_size < 1 or size % output_size):
+            raise ValueError(f"output_size must divide size {size} (a box downsampling by a whole factor), "
+                             f"got {output_size}")
         for name, values, known in (("objects", objects, OBJECTS), ("logo_kinds", logo_kinds, LOGO_KINDS),
                                     ("categories", categories, CATEGORIES)):
             unknown = sorted(set(values) - set(known)) if values else ["(empty)"]
@@ -156,6 +159,7 @@ class LogoSynthesizer:
             if not 0 < low <= high <= 1:
                 raise ValueError(f"{name} must be an ordered range in (0, 1], got {(low, high)}")
         self.size, self.seed = int(size), int(seed)
+        self.output_size = None if output_size in (None, size) else int(output_size)
         self.objects, self.logo_kinds, self.categories = tuple(objects), tuple(logo_kinds), tuple(categories)
         self.opacity, self.transparency, self.logo_scale = tuple(opacity), tuple(transparency), tuple(logo_scale)
 
@@ -199,8 +203,36 @@ class LogoSynthesizer:
                                foreground=foreground, mask=mask, caption=caption,
                                meta={"source": SOURCE, "source_id": f"{index:06d}", "seed": self.seed,
                                      "size": self.size, **_plain(params)})
+        if self.output_size is not None:
+            sample = downsample(sample, self.size // self.output_size)
         sample.validate()
         return sample
+
+
+def downsample(sample: LayeredSample, factor: int) -> LayeredSample:
+    """The sample rendered at ``size`` and box-averaged by a whole ``factor`` (supersampling, for small
+    training images): C and B averaged, the layer averaged with premultiplied alpha (no colour bleeds in from
+    transparent pixels), the region max-pooled, so it still covers every pixel where C differs from B or the
+    layer is not transparent. ``meta["output_size"]`` records the delivered size."""
+    height, width = sample.composite.shape[:2]
+
+    def boxes(array: np.ndarray) -> np.ndarray:
+        return array.reshape(height // factor, factor, width // factor, factor, *array.shape[2:])
+
+    def average(array: np.ndarray) -> np.ndarray:
+        return boxes(array.astype(np.float64)).mean(axis=(1, 3))
+
+    alpha = sample.foreground[..., 3].astype(np.float64) / 255.0
+    premultiplied = average(sample.foreground[..., :3].astype(np.float64) / 255.0 * alpha[..., None])
+    coverage = average(alpha)
+    rgb = np.divide(premultiplied, coverage[..., None], out=np.zeros_like(premultiplied),
+                    where=coverage[..., None] > 0)
+    region = boxes(sample.mask).max(axis=(1, 3))
+    meta = {**sample.meta, "output_size": height // factor}
+    return LayeredSample(key=sample.key, kind=sample.kind, composite=_to_u8(average(sample.composite) / 255.0),
+                         background=_to_u8(average(sample.background) / 255.0),
+                         foreground=quantise_foreground(rgb, coverage), mask=region, caption=sample.caption,
+                         meta=meta)
 
 
 def logo_samples(n: int, seed: int = 0, size: int = 256, start: int = 0, **options: Any) -> Iterator[LayeredSample]:

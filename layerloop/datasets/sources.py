@@ -1037,10 +1037,11 @@ class LogoSource(_CachedSource):
     (``stages: []``): generation is cheap and deterministic in (seed, index), so it happens in the worker
     and nothing is rendered to disk first."""
 
-    def __init__(self, n: int, seed: int = 0, size: int = 256, name: str = "logos"):
+    def __init__(self, n: int, seed: int = 0, size: int = 256, name: str = "logos", output_size: int | None = None):
         self.n = n
         self.seed = seed
         self.size = size
+        self.output_size = output_size
         self.name = name
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
@@ -1053,7 +1054,8 @@ class LogoSource(_CachedSource):
 
         synthesizer = self.__dict__.get("_cache_synthesizer")
         if synthesizer is None:
-            synthesizer = self._cache_synthesizer = LogoSynthesizer(size=self.size, seed=self.seed)
+            synthesizer = self._cache_synthesizer = LogoSynthesizer(size=self.size, seed=self.seed,
+                                                                    output_size=self.output_size)
         sample = synthesizer.make(int(item.refs["index"]))
         sample.key = item.key
         sample.meta["source"] = item.source

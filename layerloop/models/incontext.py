@@ -204,6 +204,40 @@ class InContextLoRA(InContextLosses, nn.Module):
         wanted = torch.tensor([PANELS.index(n) for n in names], device=self.device)
         return torch.isin(panel_of_column, wanted).repeat(rows)
 
+    @property
+    def restricted(self) -> bool:
+        """Whether the tasks generate only the layer's (dilated) region (``InContextConfig.region_margin``)."""
+        return self.config.region_margin is not None
+
+    def fill_tokens(self, direction: str, region: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Boolean B x L: the tokens ``direction`` generates. Whole panels (``panel_tokens``, the same for
+        every sample) unless ``region_margin`` is set; then, in each generated panel, the tokens that touch
+        the region (B x H x W) dilated by ``region_margin`` pixels."""
+        b = region.shape[0]
+        whole = self.panel_tokens(GENERATED[direction], height, width)
+        if not self.restricted:
+            return whole[None].expand(b, -1)
+        step = 2 * self.vae_scale  # pixels per token side
+        area = (region.to(self.device).float() > 0).float()[:, None]
+        margin = int(self.config.region_margin)
+        if margin:
+            area = torch.nn.functional.max_pool2d(area, 2 * margin + 1, stride=1, padding=margin)
+        touched = torch.nn.functional.max_pool2d(area, step, stride=step)[:, 0] > 0  # B x rows x columns
+        canvas = torch.zeros(b, touched.shape[1], len(PANELS) * touched.shape[2], dtype=torch.bool,
+                             device=self.device)
+        columns = touched.shape[2]
+        for name in GENERATED[direction]:
+            i = PANELS.index(name)
+            canvas[:, :, i * columns:(i + 1) * columns] = touched
+        return canvas.reshape(b, -1)
+
+    def fill_pixels(self, direction: str, region: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """``fill_tokens`` as a B x H x 4W float pixel mask (1 where the task paints)."""
+        tokens = self.fill_tokens(direction, region, height, width).float()
+        step = 2 * self.vae_scale
+        grid = tokens.view(tokens.shape[0], height // step, len(PANELS) * width // step)
+        return grid.repeat_interleave(step, dim=1).repeat_interleave(step, dim=2)
+
     def image_ids(self, height: int, width: int) -> torch.Tensor:
         rows, columns = height // (2 * self.vae_scale), len(PANELS) * width // (2 * self.vae_scale)
         ids = torch.zeros(rows, columns, 3, device=self.device)
@@ -236,8 +270,11 @@ class InContextLoRA(InContextLosses, nn.Module):
         gradients pass): masked-image latents with the generated panels emptied, then the packed mask."""
         check_direction(direction)
         b = canvas.shape[0]
-        masked = self.given_only(direction, canvas, height, width)
-        mask = torch.from_numpy(task_mask(direction, height, width)).to(self.device).expand(b, -1, -1).clone()
+        masked = self.given_only(direction, canvas, height, width, region)
+        if self.restricted:
+            mask = self.fill_pixels(direction, region, height, width)
+        else:
+            mask = torch.from_numpy(task_mask(direction, height, width)).to(self.device).expand(b, -1, -1).clone()
         if direction == DECOMPOSE:
             mask[:, :, :width] = REGION_HINT * (region.to(mask.dtype) > 0)
         return torch.cat([masked, self.pack_mask(mask).to(canvas.dtype)], dim=-1)

@@ -46,12 +46,19 @@ class InContextConfig:
     timestep_mean: float = 0.0  # logit-normal timestep sampling (SD3 / FLUX training practice)
     timestep_std: float = 1.0
     matte: int = MATTE
+    # None: both tasks generate their whole panels (the Cycle paper). An int m >= 0: they generate only the
+    # layer's region dilated by m pixels and rounded out to whole tokens, and are given the rest (the
+    # composite there for the clean object, an empty layer, the object for the composite), as a Fill
+    # inpainting mask does; inference pastes the given pixels back (``incontext.InContextLoRA.fill_tokens``)
+    region_margin: int | None = None
     base_model: str = FILL_MODEL_ID
     base_revision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
+        if self.region_margin is None:  # whole-panel LoRAs keep the lora.json of before the option
+            del data["region_margin"]
         return data
 
     @classmethod

@@ -23,6 +23,11 @@ from layerloop.models.incontext_canvas import COMPOSE, DECOMPOSE, DIRECTIONS, GE
 
 # (first direction, second direction, loss name) of the two cycles.
 CYCLES = ((DECOMPOSE, COMPOSE, "cycle_decompose_compose"), (COMPOSE, DECOMPOSE, "cycle_compose_decompose"))
+# Region-restricted tasks (``region_margin``, ``restricted_given``): what each generated panel shows outside
+# the painted tokens (a given panel, or a constant panel of an empty layer), and the given panel its painted
+# tokens start from.
+KNOWN_OUTSIDE = {"layer": "matte", "alpha": "transparent", "background": "composite", "composite": "background"}
+FIRST_GUESS = {"layer": "composite", "background": "composite", "composite": "background"}
 # Noise level of both cycle passes: pure noise, where the sampler starts (see ``cycle_loss``).
 CYCLE_T = 1.0
 
@@ -35,16 +40,66 @@ class InContextLosses:
         """Flow-matching MSE ``|v - (noise - x0)|^2`` on the tokens ``direction`` generates."""
         v, _ = self.one_step(direction, batch.x0, batch.x0, batch.region, batch.captions, t, noise,
                              batch.height, batch.width)
+        error = v - (noise - batch.x0)
+        if self.restricted:  # per-sample token sets: the mean over the tokens each sample generates
+            tokens = self.fill_tokens(direction, batch.region, batch.height, batch.width)
+            return _masked_mean(error.pow(2), tokens)
         tokens = self.panel_tokens(GENERATED[direction], batch.height, batch.width)
-        return (v - (noise - batch.x0))[:, tokens].pow(2).mean()
+        return error[:, tokens].pow(2).mean()
 
-    def given_only(self, direction: str, canvas: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """``canvas`` with the panels ``direction`` generates replaced by the empty panel (what Fill puts
-        there in the conditioning): a tensor that holds nothing of those panels, the given ones intact."""
+    def given_only(self, direction: str, canvas: torch.Tensor, height: int, width: int,
+                   region: torch.Tensor | None = None) -> torch.Tensor:
+        """``canvas`` as the conditioning of ``direction`` shows it: a tensor that holds nothing of the panels
+        the task generates, the given ones intact. Whole panels (the default): the generated panels are the
+        empty panel (what Fill puts there). Region-restricted (``region_margin`` set): ``restricted_given``."""
         b = canvas.shape[0]
         empty = self.pack(self.empty_panel(height, width).repeat(1, 1, 1, len(PANELS))).expand(b, -1, -1)
+        if self.restricted:
+            if region is None:
+                raise ValueError("region_margin is set: given_only needs the region masks")
+            return self.restricted_given(direction, canvas, empty.to(canvas.dtype), region, height, width)
         generated = self.panel_tokens(GENERATED[direction], height, width)[None, :, None]
         return torch.where(generated, empty.to(canvas.dtype), canvas)
+
+    def restricted_given(self, direction: str, canvas: torch.Tensor, empty: torch.Tensor, region: torch.Tensor,
+                         height: int, width: int) -> torch.Tensor:
+        """The conditioning of a region-restricted task, built from its given panels alone, so nothing of what
+        it generates leaks in, and the same in training and inference:
+
+        * outside the painted tokens (``fill_tokens``), each generated panel shows what a layer leaves
+          unchanged there (``KNOWN_OUTSIDE``): the composite in the clean-object panel, an empty layer (matte
+          colour, alpha 0), the clean object in the composite panel;
+        * on the painted tokens, a first guess (``FIRST_GUESS``) at the same position: the composite for the
+          clean object and the layer's colour, the clean object for the composite; the alpha panel is empty.
+        The mask channel still says "paint" there, so the model edits the guess rather than copying it."""
+        b, length, channels = canvas.shape
+        step = 2 * self.vae_scale
+        rows, columns = height // step, width // step
+        panels = canvas.view(b, rows, len(PANELS), columns, channels)
+        known = canvas.view(b, rows, len(PANELS), columns, channels).clone()
+        guess = empty.reshape(b, rows, len(PANELS), columns, channels).clone()
+        for name in GENERATED[direction]:
+            i = PANELS.index(name)
+            outside = KNOWN_OUTSIDE[name]
+            if outside in PANELS:
+                known[:, :, i] = panels[:, :, PANELS.index(outside)]
+            else:
+                known[:, :, i] = self.constant_panel(outside, height, width).to(canvas.dtype)
+            if name in FIRST_GUESS:
+                guess[:, :, i] = panels[:, :, PANELS.index(FIRST_GUESS[name])]
+        painted = self.fill_tokens(direction, region, height, width)[:, :, None]
+        return torch.where(painted, guess.reshape(b, length, channels), known.reshape(b, length, channels))
+
+    def constant_panel(self, name: str, height: int, width: int) -> torch.Tensor:
+        """Packed tokens (rows x columns x 4c) of an empty layer's panels: ``matte`` colour or alpha 0."""
+        value = {"matte": self.config.matte, "transparent": 0}[name] / 127.5 - 1.0
+        key = (name, height, width, str(self.device))
+        cache = self.__dict__.setdefault("_constant_panels", {})
+        if key not in cache:
+            pixels = torch.full((1, 3, height, width), value, device=self.device)
+            step = 2 * self.vae_scale
+            cache[key] = self.pack(self.encode_panel(pixels).float()).view(height // step, width // step, -1)
+        return cache[key]
 
     def cycle_loss(self, batch: LatentCanvas, noise1: Mapping[str, torch.Tensor] | torch.Tensor,
                    noise2: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -83,17 +138,19 @@ class InContextLosses:
         t = torch.full((batch.x0.shape[0],), CYCLE_T, device=batch.x0.device)
         terms = {}
         for first, second, name in CYCLES:
-            given = self.given_only(first, batch.x0, h, w)
+            given = self.given_only(first, batch.x0, h, w, batch.region)
             _, x0_hat1 = self.one_step(first, given, given, batch.region, batch.captions, t, noise1[first], h, w)
             # the first pass's estimates are the second pass's given panels; what it generates is emptied
-            canvas = self.given_only(second, torch.where(self._tokens(first, h, w), x0_hat1, given), h, w)
+            painted = self.fill_tokens(first, batch.region, h, w)[:, :, None]
+            canvas = self.given_only(second, torch.where(painted, x0_hat1, given), h, w, batch.region)
             _, x0_hat2 = self.one_step(second, canvas, canvas, batch.region, batch.captions, t, noise2[first], h, w)
-            returned = self.panel_tokens(GENERATED[second], h, w)  # = the first pass's given panels
-            terms[name] = (x0_hat2 - batch.x0)[:, returned].abs().mean()
+            if self.restricted:  # the tokens the second pass paints: the first pass's given ones in the region
+                returned = self.fill_tokens(second, batch.region, h, w)
+                terms[name] = _masked_mean((x0_hat2 - batch.x0).abs(), returned)
+            else:
+                returned = self.panel_tokens(GENERATED[second], h, w)  # = the first pass's given panels
+                terms[name] = (x0_hat2 - batch.x0)[:, returned].abs().mean()
         return terms
-
-    def _tokens(self, direction: str, height: int, width: int) -> torch.Tensor:
-        return self.panel_tokens(GENERATED[direction], height, width)[None, :, None]
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Logit-normal t in (0, 1): most weight at mid noise, where the tasks are decided."""
@@ -121,6 +178,12 @@ class InContextLosses:
             loss = loss + self.config.cycle_weight * cycle
         terms["loss"] = loss
         return terms
+
+
+def _masked_mean(values: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean of B x L x C ``values`` over the tokens selected by the boolean B x L ``tokens``."""
+    weights = tokens.to(values.dtype)[:, :, None]
+    return (values * weights).sum() / (weights.sum() * values.shape[-1]).clamp_min(1.0)
 
 
 def _per_direction(noise: Mapping[str, torch.Tensor] | torch.Tensor) -> Mapping[str, torch.Tensor]:

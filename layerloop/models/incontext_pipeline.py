@@ -135,14 +135,19 @@ class InContextPipeline:
     def decompose(self, composite: np.ndarray, region: np.ndarray, caption: str = "", steps: int = 8,
                   seed: int = 0) -> Decomposition:
         """Layer + clean object for one H x W x 3 uint8 composite and its H x W region mask; the given
-        composite panel is pasted back before unpacking."""
+        composite panel is pasted back before unpacking. With ``region_margin`` set, the model paints only
+        the (dilated) region of the layer and object panels: outside it the object is the composite and
+        the layer is empty, pasted back bit for bit."""
         check_image(composite, 3, "composite")
         height, width = composite.shape[:2]
         self.model.check_panel_size(height, width)
         matte = self.model.config.matte
         blank = np.zeros((height, width, 4), np.uint8)
-        canvas = pack_canvas(composite, blank, np.zeros_like(composite), matte)
-        out = self.sample(DECOMPOSE, canvas, region, caption, steps, seed)
+        # outside the region the clean object is what the composite shows (a layer changes only its region)
+        canvas = pack_canvas(composite, blank, composite if self.model.restricted else np.zeros_like(composite),
+                             matte)
+        out = self.paste_given(DECOMPOSE, self.sample(DECOMPOSE, canvas, region, caption, steps, seed), canvas,
+                               region)
         out[:, :width] = composite
         _, layer, background = unpack_canvas(out, matte)
         return Decomposition(layer, background, out, recomposition_error(composite, layer, background))
@@ -155,8 +160,22 @@ class InContextPipeline:
         check_image(background, 3, "background")
         height, width = background.shape[:2]
         self.model.check_panel_size(height, width)
-        canvas = pack_canvas(np.zeros_like(background), layer, background, self.model.config.matte)
-        return self.sample(COMPOSE, canvas, region, caption, steps, seed)[:, :width].copy()
+        canvas = pack_canvas(background if self.model.restricted else np.zeros_like(background), layer,
+                             background, self.model.config.matte)
+        out = self.paste_given(COMPOSE, self.sample(COMPOSE, canvas, region, caption, steps, seed), canvas, region)
+        return out[:, :width].copy()
+
+    def paste_given(self, direction: str, generated: np.ndarray, canvas: np.ndarray,
+                    region: np.ndarray) -> np.ndarray:
+        """With ``region_margin`` set: ``generated`` where the task painted (``fill_pixels``), the given
+        ``canvas`` everywhere else, as an inpainting pipeline pastes the unmasked pixels back. Without it
+        the generated canvas is returned as it is."""
+        if not self.model.restricted:
+            return generated
+        height, width = canvas.shape[0], canvas.shape[1] // len(PANELS)
+        region_t = torch.from_numpy(np.asarray(region) > 0)[None]
+        painted = self.model.fill_pixels(direction, region_t, height, width)[0].cpu().numpy() > 0
+        return np.where(painted[..., None], generated, canvas)
 
     @torch.no_grad()
     def sample(self, direction: str, canvas: np.ndarray, region: np.ndarray, caption: str, steps: int,

@@ -6,6 +6,9 @@ A self-improvement config composes configs that already exist rather than repeat
   into ``OUT/data/<name>`` (with its own overrides) before round 0;
 * ``held``: the held inputs that candidates are generated from (for BFS: backgrounds + boxes + captions of
   a build's shards; for decomposition: real composites + region masks), also a run directory or a build;
+* ``pretrain`` (optional, decomposition only): an ``incontext-base`` training config that the loop runs once
+  on the base data before round 0 (``OUT/pretrain``); every round's training then starts from that base
+  (its ``model``), as a LoRA on a pretrained model does;
 * ``train``: a training config (``train_bfs_demo``, a path, or an inline mapping) plus overrides; the loop
   replaces its ``data`` with the round's mix and, from round 1 on, starts it from the previous round's LoRA
   (``continue_training``);
@@ -88,12 +91,15 @@ class SelfImproveConfig(ConfigModel):
     name: str = "selfimprove"
     profile: str = "demo"
     family: Literal["bfs", "incontext"]
-    seed: int = 0
+    seed: int = 0  # generation and evaluation seeds; training (and pretrain) seeds are offset by 1000 x seed
     rounds: int = Field(2, ge=1)  # the CLI's --rounds wins
     executor: Literal["local", "ray"] = "ray"  # ray: every step is a task of one Ray DAG; local: in-process
     ray: RayConfig = RayConfig()
     base: list[DataSpec] = Field(min_length=1)
     held: DataSpec
+    # a base pretrained by the loop before round 0 (family incontext-base, on the base data), which every
+    # round's training then adapts (its `model`): the CPU experiment's stand-in for a pretrained Fill model
+    pretrain: TrainSpec | None = None
     train: TrainSpec
     continue_training: bool = True  # round k > 0 starts from round k - 1's LoRA (task.init_lora)
     generate: GenerateSpec
@@ -118,12 +124,23 @@ class SelfImproveConfig(ConfigModel):
         if any(n.startswith("accepted") for n in names):
             raise ValueError("data names starting with 'accepted' are reserved for the rounds' accepted shards")
         self._check_policy_columns()
+        if self.pretrain is not None and self.family != "incontext":
+            raise ValueError(f"pretrain trains an in-context base (family incontext-base); this loop's family is "
+                             f"{self.family!r}")
         generators = {"bfs": "generate-bfs", "incontext": "decompose-incontext"}
         stage_names = [s.get("stage") for s in self.generate.stages]
         if generators[self.family] not in stage_names:
             raise ValueError(f"family {self.family!r} generates with the {generators[self.family]!r} stage; "
                              f"generate.stages has {stage_names}")
         return self
+
+    def fingerprint(self) -> str:
+        """As every config's, with ``pretrain`` left out when there is none: loops from before the option keep
+        their fingerprint (and resume)."""
+        from layerloop.config import fingerprint_of
+
+        exclude = set(self.FINGERPRINT_EXCLUDE) | ({"pretrain"} if self.pretrain is None else set())
+        return fingerprint_of(self.model_dump(mode="json", exclude=exclude))
 
     def score_columns(self) -> dict[str, str]:
         """Score columns the generation and scoring stages write -> the stage that writes them."""

@@ -19,7 +19,8 @@ Layout of the output directory (``OUT``)::
     report/                   the cross-round report (acceptance, score drift, loss curves)
 
 Steps of round k: ``mix`` -> ``train`` (-> ``evaluate``) -> ``generate`` -> ``filter`` -> ``report``; after the last round,
-``summary``. Before round 0, ``data`` builds the base and held data that name a build config.
+``summary``. Before round 0, ``data`` builds the base and held data that name a build config, and with a
+``pretrain`` section ``pretrain`` trains the base the rounds' LoRAs adapt (``OUT/pretrain``).
 
 Resumption: a step is finished exactly when its ``steps/<step>.json`` marker exists; a re-run skips it. An
 interrupted ``train`` resumes from its newest checkpoint and an interrupted ``generate`` from its committed
@@ -110,7 +111,7 @@ class Step:
 def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, *upstream: Any) -> dict[str, Any]:
     """A step as a plain function of picklable arguments (the unit of the Ray DAG); ``upstream`` only orders it."""
     cfg = SelfImproveConfig.model_validate(config_json)
-    if name == "train":
+    if name in ("train", "pretrain"):
         _set_torch_threads()
     return {"round": k, "step": name, **Step(cfg, Path(out), k, name)().to_json()}
 
@@ -123,14 +124,15 @@ class _StepBar:
     """A bar over the loop's steps on a terminal's stderr (``round k: step`` as its postfix); the steps
     already finished (their markers exist) count as done."""
 
-    def __init__(self, out: Path, rounds: int, enabled: bool, evaluate: bool = False):
+    def __init__(self, out: Path, rounds: int, enabled: bool, evaluate: bool = False, pretrain: bool = False):
         from tqdm import tqdm
 
         from layerloop import logs
 
         self.out, self.rounds = out, rounds
-        self.steps = [(k, name) for k, name in plan_steps(rounds, evaluate) if name not in ALWAYS_RUN]
-        self.bar = tqdm(total=len(plan_steps(rounds, evaluate)), unit="step", desc="self-improve",
+        plan = plan_steps(rounds, evaluate, pretrain)
+        self.steps = [(k, name) for k, name in plan if name not in ALWAYS_RUN]
+        self.bar = tqdm(total=len(plan), unit="step", desc="self-improve",
                         file=logs.TERMINAL, disable=not logs.progress_enabled(enabled), dynamic_ncols=True)
         self.enabled = not self.bar.disable
         self.refresh()
@@ -163,7 +165,7 @@ def _run_local(cfg: SelfImproveConfig, out_dir: Path, rounds: int, bar: _StepBar
 
     threads = torch.get_num_threads()
     results = []
-    for k, name in plan_steps(rounds, cfg.evaluation is not None):
+    for k, name in _plan(cfg, rounds):
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if bar is not None:
@@ -186,17 +188,33 @@ def _set_torch_threads() -> None:
             pin_threads(cpus)
 
 
-def plan_steps(rounds: int, evaluate: bool = False) -> list[tuple[int, str]]:
+def plan_steps(rounds: int, evaluate: bool = False, pretrain: bool = False) -> list[tuple[int, str]]:
     """The loop's steps in order; ``evaluate`` (the config has an ``evaluation``) adds each round's
-    ``evaluate`` step after its ``train``."""
+    ``evaluate`` step after its ``train``, ``pretrain`` (the config has a ``pretrain``) the base's
+    pretraining after ``data``."""
     steps = STEPS if not evaluate else ("mix", "train", "evaluate", "generate", "filter", "report")
-    return [(-1, "data")] + [(k, s) for k in range(rounds) for s in steps] + [(rounds - 1, "summary")]
+    first = [(-1, "data")] + ([(-1, "pretrain")] if pretrain else [])
+    return first + [(k, s) for k in range(rounds) for s in steps] + [(rounds - 1, "summary")]
+
+
+def _plan(cfg: SelfImproveConfig, rounds: int) -> list[tuple[int, str]]:
+    return plan_steps(rounds, cfg.evaluation is not None, cfg.pretrain is not None)
 
 
 def _train_resources(cfg: SelfImproveConfig, out: Path) -> dict[str, float]:
     """The train step's task holds a CPU (or a GPU) while the local trainer runs in it; Ray Train schedules
     its own workers, so then the step task holds nothing."""
     data = train_dict(cfg)
+    if data.get("executor", "local") == "ray":
+        return {"num_cpus": 0}
+    return {"num_cpus": 1, "num_gpus": 1 if data.get("use_gpu") else 0}
+
+
+def _pretrain_resources(cfg: SelfImproveConfig) -> dict[str, float]:
+    """The pretrain step's task, like the train step's: the trainer runs in it (or Ray Train schedules it)."""
+    from layerloop.training.config import load_train_dict
+
+    data = load_train_dict(cfg.pretrain.config, cfg.pretrain.overrides)
     if data.get("executor", "local") == "ray":
         return {"num_cpus": 0}
     return {"num_cpus": 1, "num_gpus": 1 if data.get("use_gpu") else 0}
@@ -227,7 +245,7 @@ class StepCannotRunError(RuntimeError):
 
 
 def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]],
-                    bar: _StepBar | None = None, evaluate: bool = False) -> Any:
+                    bar: _StepBar | None = None, evaluate: bool = False, pretrain: bool = False) -> Any:
     """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
     pending (an autoscaler may still add one), so when the step that runs now (the first without its
     marker) asks for more than any alive node offers for longer than the stall timeout
@@ -237,7 +255,7 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
     from layerloop.pipelines.executors import stall_timeout
 
     timeout, since = stall_timeout(), None
-    steps = plan_steps(rounds, evaluate)
+    steps = plan_steps(rounds, evaluate, pretrain)
     while True:
         ready, _ = ray.wait([ref], timeout=1.0 if bar is not None and bar.enabled else 5.0)
         if bar is not None:
@@ -283,16 +301,18 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
     config_json = ray.put(cfg.model_dump(mode="json"))
     ref = None
     requests: dict[tuple[int, str], dict[str, float]] = {}
-    steps = plan_steps(rounds, cfg.evaluation is not None)
+    steps = _plan(cfg, rounds)
     for k, name in steps:
         options: dict[str, Any] = {**defaults, "name": f"selfimprove:{'data' if k < 0 else f'round-{k:03d}'}:{name}"}
         if name == "train":
             options.update(_train_resources(cfg, out))
+        elif name == "pretrain":
+            options.update(_pretrain_resources(cfg))
         requests[(k, name)] = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
         args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        _wait_for_steps(ref, out, rounds, requests, bar, cfg.evaluation is not None)
+        _wait_for_steps(ref, out, rounds, requests, bar, cfg.evaluation is not None, cfg.pretrain is not None)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
     return [json.loads(_marker(out, k, name).read_text()) for k, name in steps if name != "summary"]
@@ -317,7 +337,7 @@ def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds
         write_config_record(out_dir / CONFIG_FILE, "a self-improvement loop", cfg.model_dump(mode="json"),
                             cfg.fingerprint(), rounds=rounds)
         _event(out_dir, -1, "loop", "start", rounds=rounds, executor=cfg.executor)
-        bar = _StepBar(out_dir, rounds, progress, cfg.evaluation is not None)
+        bar = _StepBar(out_dir, rounds, progress, cfg.evaluation is not None, cfg.pretrain is not None)
         try:
             if cfg.executor == "ray":
                 results = _run_ray(cfg, out_dir, rounds, bar)

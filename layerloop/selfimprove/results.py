@@ -110,6 +110,15 @@ class ReportResult(StepResult):
 
 
 @dataclass(kw_only=True)
+class PretrainResult(StepResult):
+    step: ClassVar[str] = "pretrain"
+    model: str  # the base folder every round's training starts from (OUT/pretrain/final)
+    base_hash: str
+    steps: int
+    final_loss: float | None = None
+
+
+@dataclass(kw_only=True)
 class SummaryResult(StepResult):
     step: ClassVar[str] = "summary"
     report: str
@@ -118,8 +127,8 @@ class SummaryResult(StepResult):
 
 R = TypeVar("R", bound=StepResult)
 RESULT_TYPES: dict[str, type[StepResult]] = {
-    cls.step: cls for cls in (DataResult, MixResult, TrainResult, EvaluateResult, GenerateResult, FilterResult,
-                              ReportResult, SummaryResult)}
+    cls.step: cls for cls in (DataResult, PretrainResult, MixResult, TrainResult, EvaluateResult, GenerateResult,
+                              FilterResult, ReportResult, SummaryResult)}
 
 
 def write_result(out: str | Path, k: int, result: StepResult) -> None:

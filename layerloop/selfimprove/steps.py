@@ -13,9 +13,12 @@ from layerloop.files import sha256_text, write_json_atomic
 from layerloop.selfimprove.config import SelfImproveConfig
 from layerloop.selfimprove.layout import ROUNDS_DIR, RoundPaths, data_dir, read_mix, summary_report_dir
 from layerloop.selfimprove.results import (DataEntry, DataResult, FilterResult, GenerateResult, MixResult,
-                                           ReportResult, StepResult, SummaryResult, TrainResult, data_run_dir)
+                                           PretrainResult, ReportResult, StepResult, SummaryResult, TrainResult,
+                                           data_run_dir, read_result)
 
 GENERATOR_STAGES = {"bfs": "generate-bfs", "incontext": "decompose-incontext"}
+PRETRAIN_DIR = "pretrain"  # OUT/pretrain: the base the loop pretrains before round 0 (``pretrain:``)
+PRETRAIN_FAMILY = "incontext-base"
 
 
 def _build(cfg: SelfImproveConfig, build_config: dict[str, Any], out_dir: Path):
@@ -64,6 +67,35 @@ def step_data(cfg: SelfImproveConfig, out: Path, k: int) -> DataResult:
     return DataResult(data=built)
 
 
+def pretrain_config(cfg: SelfImproveConfig, out: Path):
+    """The ``pretrain`` TrainConfig: the configured ``incontext-base`` training on the loop's base data."""
+    from layerloop.training.config import TrainConfig, load_train_dict
+
+    data = load_train_dict(cfg.pretrain.config, cfg.pretrain.overrides)
+    if data.get("family", PRETRAIN_FAMILY) != PRETRAIN_FAMILY:
+        raise ValueError(f"pretrain config family {data.get('family')!r}: the loop pretrains a {PRETRAIN_FAMILY} base")
+    data["family"] = PRETRAIN_FAMILY
+    data["name"] = f"{cfg.name}-pretrain"
+    data["seed"] = int(data.get("seed", 0)) + 1000 * cfg.seed
+    data["data"] = [{"name": spec.name, "run_dir": str(data_run_dir(out, spec.name)), "weight": spec.weight}
+                    for spec in cfg.base]
+    data.pop("out", None)
+    return TrainConfig.model_validate(data)
+
+
+def step_pretrain(cfg: SelfImproveConfig, out: Path, k: int) -> PretrainResult:
+    """Pretrain the base every round adapts (resumes from its own checkpoints when interrupted)."""
+    from layerloop.models.incontext_base import base_hash
+    from layerloop.training import run_training
+
+    config = pretrain_config(cfg, out)
+    run = out / PRETRAIN_DIR
+    summary = run_training(config, run)
+    final = run / "final"
+    return PretrainResult(model=str(final), base_hash=base_hash(final), steps=config.steps,
+                          final_loss=final_loss(summary, run / "metrics.jsonl"))
+
+
 def _mix_source(name: str, run_dir: Path, weight: float, origin: str, round_: int | None) -> dict[str, Any]:
     keys = committed_ok(run_dir)
     return {"name": name, "run_dir": str(run_dir), "weight": weight, "origin": origin, "round": round_,
@@ -106,8 +138,10 @@ def train_config(cfg: SelfImproveConfig, out: Path, k: int):
     data["name"] = f"{cfg.name}-r{k:03d}"
     data["data"] = [{"name": s["name"], "run_dir": s["run_dir"], "weight": s["weight"]}
                     for s in mix["sources"] if s["used"]]
-    data["seed"] = int(data.get("seed", 0)) + k
+    data["seed"] = int(data.get("seed", 0)) + 1000 * cfg.seed + k  # the loop's seed: a replicate (0: as configured)
     data.pop("out", None)
+    if cfg.pretrain is not None:  # the base the loop pretrained before round 0
+        data["model"] = read_result(out, -1, PretrainResult).model
     if k > 0 and cfg.continue_training:
         data.setdefault("task", {})["init_lora"] = str(RoundPaths.of(out, k - 1).final)
     if cfg.family == "incontext":
@@ -213,5 +247,5 @@ def step_evaluate(cfg: SelfImproveConfig, out: Path, k: int) -> StepResult:
 
 
 STEP_FUNCTIONS: dict[str, Callable[[SelfImproveConfig, Path, int], StepResult]] = {
-    "data": step_data, "mix": step_mix, "train": step_train, "evaluate": step_evaluate, "generate": step_generate,
+    "data": step_data, "pretrain": step_pretrain, "mix": step_mix, "train": step_train, "evaluate": step_evaluate, "generate": step_generate,
     "filter": step_filter, "report": step_report, "summary": step_summary}

@@ -66,6 +66,9 @@ class InContextParams(BaseModel):
     rank: int | None = Field(None, ge=1)  # LoRA rank; None: 32 (real, the default) / 4 (tiny)
     alpha: float | None = Field(None, gt=0)  # LoRA alpha; None: = rank
     cycle_weight: float = Field(1.0, ge=0)  # 0 switches the cycle term off
+    # None: generate whole panels (the paper). m >= 0: generate only the region dilated by m pixels, be given
+    # the rest (InContextConfig.region_margin; docs/fidelity.md says why the CPU experiment uses it)
+    region_margin: int | None = Field(None, ge=0)
     guidance: float = 30.0  # distilled guidance of FLUX.1-Fill-dev (its pipeline default)
     timestep_mean: float = 0.0  # logit-normal t, as SD3 / FLUX training
     timestep_std: float = Field(1.0, gt=0)
@@ -133,6 +136,9 @@ class InContextTask:
             "cycle_weight": self.params.cycle_weight, "guidance_scale": self.params.guidance,
             "timestep_mean": self.params.timestep_mean, "timestep_std": self.params.timestep_std,
         }
+        if self.params.region_margin is not None:  # absent otherwise: lora.json stays as it was
+            self.lora_config["region_margin"] = self.params.region_margin
+
         self.device = torch.device("cpu")
         self.model: ic.InContextLoRA | None = None
 

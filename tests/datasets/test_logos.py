@@ -225,3 +225,28 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="transparency"):
         LogoSynthesizer(transparency=(0.0, 0.5))
     assert set(OBJECTS) and set(LOGO_KINDS)
+
+
+def test_output_size_box_averages_the_rendering_and_keeps_the_region_exact():
+    """``output_size``: rendered at ``size`` and box-averaged by the whole factor. The composite and object
+    are the means of their blocks; the region still covers every pixel where C differs from B or the layer
+    is not transparent (so region-restricted decomposition may take C as the object outside it)."""
+    big = list(logo_samples(6, seed=3, size=64))
+    small = list(logo_samples(6, seed=3, size=64, output_size=32))
+    for full, down in zip(big, small):
+        down.validate()
+        assert down.size == (32, 32) and down.kind == full.kind and down.caption == full.caption
+        assert down.meta["output_size"] == 32 and down.meta["logo"] == full.meta["logo"]
+        blocks = full.composite.astype(np.float64).reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
+        np.testing.assert_array_equal(down.composite, np.clip(np.rint(blocks), 0, 255).astype(np.uint8))
+        outside = down.mask == 0
+        assert outside.any() and (~outside).any()
+        np.testing.assert_array_equal(down.composite[outside], down.background[outside])
+        assert not down.foreground[outside, 3].any()
+        # premultiplied averaging: the coverage is the block mean of alpha
+        coverage = full.foreground[..., 3].astype(np.float64).reshape(32, 2, 32, 2).mean(axis=(1, 3))
+        assert np.abs(down.foreground[..., 3].astype(np.float64) - coverage).max() <= 0.5 + 1e-9
+    assert [s.composite.tobytes() for s in logo_samples(2, seed=3, size=64, output_size=64)] == \
+        [s.composite.tobytes() for s in big[:2]]  # output_size = size: the rendering itself
+    with pytest.raises(ValueError, match="output_size must divide"):
+        LogoSynthesizer(size=64, output_size=48)
