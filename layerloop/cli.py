@@ -23,6 +23,7 @@ Progress bars go to stderr when it is a terminal (--no-progress turns them off).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -47,10 +48,38 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.address:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
-    logs.set_run_dir(run_dir_for(config, args.out))
+    run_dir = run_dir_for(config, args.out)
+    if _local(run_dir):  # a run on an object store keeps no logs/ (the log handler writes local files)
+        logs.set_run_dir(run_dir)
     result = build(config, out=args.out, executor=args.executor, progress=not args.no_progress)
     print(result.summary())
     return 0
+
+
+@contextlib.contextmanager
+def _staged_out(args: argparse.Namespace):
+    """``--out s3://...`` for a command that writes a local folder: it runs in a staging folder synced to the
+    store under the prefix's lease (``storage.Staged``); a local ``--out`` is used as it is."""
+    if not args.out or _local(args.out):
+        yield
+        return
+    from layerloop import storage
+
+    remote = args.out
+    with storage.Staged(remote) as local:
+        args.out = str(local)
+        print(f"layerloop: staging {remote} in {local} (synced to the store during the run and at its end)",
+              file=sys.stderr)
+        try:
+            yield
+        finally:
+            args.out = remote
+
+
+def _local(run_dir: object) -> bool:
+    from layerloop import storage
+
+    return not storage.is_remote(run_dir)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -80,6 +109,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    with _staged_out(args):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     from layerloop.training import TrainConfig, load_training, run_training
 
     cfg = load_training(args.config, list(args.overrides))
@@ -119,6 +153,11 @@ def _train_line(summary: dict) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    with _staged_out(args):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from layerloop.evaluation.config import load_evaluate_config
     from layerloop.evaluation.run import evaluate
 
@@ -141,6 +180,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_self_improve(args: argparse.Namespace) -> int:
+    with _staged_out(args):
+        return _self_improve(args)
+
+
+def _self_improve(args: argparse.Namespace) -> int:
     from layerloop.selfimprove.config import load_selfimprove_config
     from layerloop.selfimprove.loop import self_improve
 
@@ -178,6 +222,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from layerloop.report import write_report
+
+    if not _local(args.dir):
+        from layerloop.errors import ConfigError
+
+        raise ConfigError(f"{args.dir}: `layerloop report` writes report/ into a local run directory; for a run on "
+                          f"an object store use `layerloop inspect {args.dir}`, or copy the run locally first")
     from layerloop.selfimprove.lineage import is_selfimprove_dir
 
     if is_selfimprove_dir(args.dir):

@@ -51,6 +51,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from layerloop import storage
 from layerloop.errors import EXIT_OWNERSHIP_LOST, LayerloopError, attach_path
 from layerloop.files import TMP_MARK, sha256_file, temp_sibling
 from layerloop.files import sha256_file as file_sha256  # noqa: F401 - the name this module used to define
@@ -140,11 +141,17 @@ class RunOwner:
     """
 
     token: str
-    lock_path: Path
+    lock_path: Path | storage.StorePath  # run.lock, or the run.lease object of a run on a store
     holder: str = ""
 
     def current(self) -> tuple[str | None, str]:
-        """(token, holder line) now in the lock file; (None, why) when it cannot be read."""
+        """(token, holder line) now in the lock file (or lease object); (None, why) when it cannot be read."""
+        if isinstance(self.lock_path, storage.StorePath):
+            try:
+                lease = storage.read_lease(self.lock_path)
+            except OSError as error:
+                return None, f"unreadable lease object ({error})"
+            return (lease.token, lease.holder) if lease is not None else (None, "no lease object")
         try:
             return parse_lock(Path(self.lock_path).read_text(errors="replace"))
         except OSError as error:
@@ -184,6 +191,10 @@ class ShardCheck:
 def tar_record(index_path: str | Path) -> tuple[int, str] | None:
     """(size, sha256) of the tar as its index records them, ``None`` for an index without the record.
     Raises what pyarrow raises for a missing or unreadable index."""
+    if isinstance(index_path, storage.StorePath):
+        index_path = pa.BufferReader(index_path.read_bytes())
+    if isinstance(index_path, _Bytes):
+        index_path = pa.BufferReader(index_path)
     metadata = pq.read_metadata(index_path).metadata or {}
     if TAR_SIZE_KEY not in metadata or TAR_SHA256_KEY not in metadata:
         return None
@@ -253,7 +264,10 @@ def _int32_array(values: list[Any]) -> pa.Array:
 def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     """``pq.read_table(path, columns=columns)`` of one parquet file, read without ``pyarrow.dataset``
     (which imports pandas: a quarter of a second and 45 MB for ``layerloop inspect``). The table is the
-    same; a file that ``ParquetFile`` cannot read goes to ``read_table``, so what it raises is unchanged."""
+    same; a file that ``ParquetFile`` cannot read goes to ``read_table``, so what it raises is unchanged.
+    A store object (``storage.StorePath``) is read whole (an index is small) and parsed from memory."""
+    if isinstance(path, storage.StorePath):
+        return pq.read_table(pa.BufferReader(path.read_bytes()), columns=columns)
     try:
         with pq.ParquetFile(path) as parquet:
             return parquet.read(columns=columns)
@@ -275,7 +289,10 @@ def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = Tr
 
     In order: the index exists (else ``absent``) and is readable; the tar exists; the index records the
     tar's size and sha256 (else ``unverified``); the tar has that size; with ``content`` its sha256 matches
-    (this reads the whole tar). ``read_rows`` also returns the index rows (``rows``)."""
+    (this reads the whole tar). ``read_rows`` also returns the index rows (``rows``). Store URLs are
+    checked the same way (``_check_stored_shard``)."""
+    if storage.is_remote(tar_path) or storage.is_remote(index_path):
+        return _check_stored_shard(storage.location(tar_path), storage.location(index_path), content, read_rows)
     tar_path, index_path = Path(tar_path), Path(index_path)
     if not index_path.exists():
         return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
@@ -307,6 +324,41 @@ def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = Tr
             return ShardCheck("damaged", f"tar's sha256 is {sha[:16]}..., index says {want_sha[:16]}... "
                                          f"(same size, different bytes)", rows)
     return ShardCheck("ok", "", rows)
+
+
+def _check_stored_shard(tar_path: Any, index_path: Any, content: bool, read_rows: bool) -> ShardCheck:
+    """``check_shard`` of a shard on an object store: the same checks and reasons, with the index read
+    into memory once, the tar's size from the store's listing and its sha256 streamed. A store that
+    cannot be reached raises its ``StoreError`` (that is not a damaged shard)."""
+    try:
+        data = index_path.read_bytes()
+    except FileNotFoundError:
+        return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
+    try:
+        record = tar_record(_Bytes(data))
+        rows = tuple(pq.read_table(pa.BufferReader(data)).to_pylist()) if read_rows else None
+    except Exception as error:  # noqa: BLE001 - any unreadable index is a damaged shard, named
+        return ShardCheck("damaged", f"index {index_path.name} is unreadable ({error_text(error)})")
+    try:
+        size = tar_path.stat().st_size
+    except FileNotFoundError:
+        return ShardCheck("damaged", f"tar {tar_path.name} is missing", rows)
+    if record is None:
+        return ShardCheck("unverified", f"index {index_path.name} records no tar size and sha256 "
+                                        "(written by an older layerloop), so the tar cannot be verified", rows)
+    want_size, want_sha = record
+    if size != want_size:
+        return ShardCheck("damaged", f"tar is {size} bytes, index says {want_size}", rows)
+    if content:
+        sha = storage.sha256_of(tar_path)
+        if sha != want_sha:
+            return ShardCheck("damaged", f"tar's sha256 is {sha[:16]}..., index says {want_sha[:16]}... "
+                                         f"(same size, different bytes)", rows)
+    return ShardCheck("ok", "", rows)
+
+
+class _Bytes(bytes):
+    """Index bytes already read: ``tar_record`` parses them from memory."""
 
 
 class _HashingStream:
@@ -415,7 +467,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str | Path, name: str, owner: RunOwner | None = None,
                  png_level: int = PNG_DEFAULT_LEVEL, png_encoder: str = PNG_DEFAULT_ENCODER):
-        self.out_dir = Path(out_dir)
+        self.out_dir = storage.location(out_dir)  # a Path, or a StorePath for a run on an object store
         self.name = name
         self.owner = owner
         self.png_level = png_level
@@ -459,6 +511,8 @@ class ShardWriter:
         committed = self.committed_summary(index).summary
         if committed is not None:  # a retried task after a commit: never write a shard twice
             return committed
+        if isinstance(self.out_dir, storage.StorePath):
+            return self._write_stored(index, samples)
         tmp_tar, tmp_index = temp_sibling(tar_path), temp_sibling(index_path)
         rows = []
         try:
@@ -492,6 +546,51 @@ class ShardWriter:
         finally:
             for tmp in (tmp_tar, tmp_index):
                 tmp.unlink(missing_ok=True)
+        return summary_from_rows(index, rows)
+
+    def _encode(self, samples: Iterable[LayeredSample], stream: Any) -> tuple[list[dict], dict[bytes, bytes]]:
+        """The tar into ``stream`` and the index rows, exactly as ``write`` makes them (same calls, same bytes)."""
+        rows = []
+        hashed = _HashingStream(stream)
+        writer = TarRecordWriter(hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0)
+        for sample in samples:
+            if sample.ok:
+                try:
+                    record = sample.to_wds(self.png_level, self.png_encoder)
+                    check_tar_record(record)
+                except Exception as error:  # schema violation: recorded, nothing written
+                    sample.fail("write", error)
+                else:
+                    writer.write(record)
+            rows.append(index_row(sample))
+        writer.close()
+        return rows, {TAR_SIZE_KEY: str(hashed.size).encode("ascii"),
+                      TAR_SHA256_KEY: hashed.digest.hexdigest().encode("ascii")}
+
+    def _write_stored(self, index: int, samples: Iterable[LayeredSample]) -> ShardSummary:
+        """Commit on an object store, which has no rename: the tar is spooled to a local temporary file
+        while it is hashed, then uploaded as ``<stem>.tar`` (one PUT, or a multipart upload that appears
+        only when complete), then the parquet index is PUT as ``<stem>.parquet``: the commit mark. The
+        ownership check (the lease's token) comes just before the first PUT. A writer stopped between the
+        two PUTs leaves a tar without an index: not committed, never read, removed by the next run
+        (``remove_stale_temporaries``). The bytes are those of a local run: the same tar stream and the
+        same parquet, written to memory instead of a file."""
+        import tempfile
+
+        tar_path, index_path = self.paths(index)
+        spool = tempfile.NamedTemporaryFile(prefix=f"layerloop-{shard_stem(self.name, index)}-", suffix=".tar",
+                                            delete=False)
+        try:
+            with spool as stream:
+                rows, tar_meta = self._encode(samples, stream)
+            sink = pa.BufferOutputStream()
+            pq.write_table(table_from_rows(rows, INDEX_SCHEMA.with_metadata(tar_meta)), sink)
+            if self.owner is not None:
+                self.owner.check(f"commit shard {shard_stem(self.name, index)}")
+            tar_path.put_file(spool.name)
+            index_path.write_bytes(sink.getvalue().to_pybytes())  # the commit point
+        finally:
+            Path(spool.name).unlink(missing_ok=True)
         return summary_from_rows(index, rows)
 
 
@@ -537,7 +636,12 @@ def summary_from_rows(index: int, rows: list[dict], skipped: bool = False) -> Sh
 
 
 def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
-    """Delete temporary files left by an interrupted run (call only while holding the run lock)."""
+    """Delete temporary files left by an interrupted run (call only while holding the run lock). On an
+    object store: temporaries, and abandoned tars (a ``<stem>.tar`` without its ``<stem>.parquet``: a
+    writer stopped between its two PUTs), which no reader trusts."""
+    where = storage.location(out_dir)
+    if isinstance(where, storage.StorePath):
+        return remove_abandoned(where)
     removed = []
     for path in Path(out_dir).glob(f"*{TMP_MARK}*"):
         path.unlink(missing_ok=True)
@@ -545,11 +649,28 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     return removed
 
 
+def remove_abandoned(prefix: storage.StorePath) -> list[Any]:
+    """On a store: remove objects with ``TMP_MARK`` and tars whose index does not exist (see above), and
+    abort unfinished multipart uploads under the prefix (a writer killed during a large tar upload)."""
+    names = {p.name for p in prefix.iterdir()}
+    removed = []
+    for name in sorted(names):
+        stem, _, suffix = name.rpartition(".")
+        abandoned = suffix == "tar" and f"{stem}.parquet" not in names
+        if TMP_MARK in name or abandoned:
+            (prefix / name).unlink(missing_ok=True)
+            removed.append(prefix / name)
+    aborted = storage.abort_multipart_uploads(prefix)
+    if removed or aborted:
+        log.info("removed %d abandoned object(s) and %d unfinished upload(s) under %s", len(removed), aborted, prefix)
+    return removed
+
+
 def shard_paths(run_dir: str | Path) -> list[Path]:
     """Readable committed tar shards of a run directory, in order: the index is readable, the tar exists
     and has the size its index records (``check_shard(..., content=False)``; an index of an older
-    layerloop without the record is accepted)."""
-    run_dir = Path(run_dir)
+    layerloop without the record is accepted). A store URL gives ``StorePath`` objects (only indexed tars)."""
+    run_dir = storage.location(run_dir)
     return sorted(p for p in run_dir.glob("*.tar")
                   if check_shard(p, p.with_suffix(".parquet"), content=False).readable)
 
@@ -563,9 +684,15 @@ def read_samples(urls: str | Path | list, shuffle: bool = False) -> Iterator[Lay
 
     from layerloop.datasets.tario import iter_samples
 
-    if isinstance(urls, (str, Path)) and Path(urls).is_dir():
+    if isinstance(urls, storage.StorePath) or storage.is_remote(urls):
+        where = storage.location(urls)
+        if not str(urls).endswith(".tar") and "{" not in str(urls):
+            urls = shard_paths(where)  # a run prefix: its committed, indexed shards
+        else:
+            urls = [where.url] if "{" not in str(urls) else expand_urls(where.url)
+    elif isinstance(urls, (str, Path)) and Path(urls).is_dir():
         urls = shard_paths(urls)
-    shard_urls = [str(u) for u in urls] if isinstance(urls, (list, tuple)) else expand_urls(str(urls))
+    shard_urls = [u.url if isinstance(u, storage.StorePath) else str(u) for u in urls] if isinstance(urls, (list, tuple)) else expand_urls(str(urls))
     for url in shard_urls:
         for key, members in iter_samples(url):
             yield LayeredSample.from_wds({"__key__": key, **members})

@@ -41,10 +41,12 @@ data set object is re-opened in each worker rather than shipped.
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,6 +54,8 @@ from layerloop.config import (SOURCE_CONFIGS, DemoConfig, FolderConfig, HFConfig
                               RoremConfig, RunShardsConfig, WebDatasetConfig, SourceConfigBase, validate_model)
 from layerloop.datasets.base import (OUTSIDE_ROOT, OutsideRootError, Source, SourceItem, check_inside_root,
                                      make_key, new_sample, readable, real_root)
+from layerloop import storage
+from layerloop.datasets.tario import TarMember, TarReadError
 from layerloop.samples import Failure, LayeredSample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -105,8 +109,8 @@ class _FileSource(_CachedSource):
 
     def root(self) -> str | None:
         """The resolved dataset root, or None when reading outside it is allowed."""
-        if getattr(self, "allow_outside_root", False):
-            return None
+        if getattr(self, "allow_outside_root", False) or isinstance(self.path, storage.StorePath):
+            return None  # a store: its paths were checked by name when listed (``_stored_ref``)
         base = self.path if self.path.is_dir() or not self.path.exists() else self.path.parent
         return real_root(base)
 
@@ -116,9 +120,68 @@ class _FileSource(_CachedSource):
         root = self.root()
         for role, path in item.refs.items():
             check_inside_root(path, root, f"{role} file")
+        if isinstance(self.path, storage.StorePath):
+            work = {f"raw_{k}": v for k, v in _stored_files(item.refs).items()}
+            work["raw_root"] = None
+            return new_sample(item, work)
         work: dict[str, Any] = {f"raw_{k}": v for k, v in item.refs.items()}
         work["raw_root"] = root
         return new_sample(item, work)
+
+
+def _ref(path: Any) -> str:
+    """A listed file as an item ref: its path, or its store URL."""
+    return path.url if isinstance(path, storage.StorePath) else str(path)
+
+
+def _stored_ref(root: storage.StorePath, value: str, allow_outside: bool, what: str) -> str:
+    """The URL of a path written in a dataset on an object store (``meta.json``), relative to ``root``.
+    A store has no symbolic links, so "outside the root" is a path that leaves it by its name: ``..`` past
+    the root, an absolute local path, or another URL (an ``OutsideRootError``, unless ``allow_outside``)."""
+    if "\0" in value:
+        raise OutsideRootError(f"{what} path holds a NUL character, which no file name can: {readable(value)!r}")
+    import posixpath
+
+    if "://" in value or os.path.isabs(value):
+        inside = value.startswith(root.url + "/")
+        if inside or allow_outside:
+            return value
+    else:
+        normal = posixpath.normpath(value)
+        if normal != ".." and not normal.startswith("../"):
+            return (root / normal).url
+        if allow_outside:
+            return f"{root.protocol}://{posixpath.normpath(root.path + '/' + value)}"
+    raise OutsideRootError(f"{what} is {OUTSIDE_ROOT}: {readable(value)}; the root is {root} (set "
+                           "allow_outside_root: true in the source config to read it anyway)")
+
+
+def _stored_files(refs: dict[str, Any]) -> dict[str, Any]:
+    """Item refs of a dataset on an object store, as the ``load`` stage reads them (``StoredFile``)."""
+    return {role: StoredFile(value, f"{role} file {readable(value.rsplit('/', 1)[-1])}", 0, 0)
+            if isinstance(value, str) and storage.is_remote(value) else value for role, value in refs.items()}
+
+
+@dataclass(frozen=True)
+class StoredFile(TarMember):
+    """A file of a dataset on an object store, handed to the ``load`` stage like a tar member (``url``;
+    ``offset`` and ``size`` 0). ``read(max_bytes)`` checks the object's size (a HEAD) before its bytes are
+    fetched (a GET), and that it got all of them; a missing object is "file is missing"."""
+
+    def read(self, max_bytes: int | None = None) -> bytes:
+        path = storage.StorePath(self.url)
+        try:
+            size = path.stat().st_size
+            if max_bytes is not None and size > max_bytes:
+                raise TarReadError(f"{self.name} is {size} bytes, over the {max_bytes}-byte limit: {path}")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise TarReadError(f"file is missing: {path}") from None
+        except OSError as failure:
+            raise TarReadError(f"{path} cannot be read: {failure}") from None
+        if len(data) != size:
+            raise TarReadError(f"{path} changed while it was read ({len(data)} bytes, {size} expected)")
+        return data
 
 
 def _fail(source: str, source_id: str, error_type: str, message: str) -> Failure:
@@ -139,12 +202,24 @@ def _list_dir(folder: Path) -> list[Path]:
         raise OSError(f"cannot list folder {readable(str(folder))}: {error.strerror or error}") from None
 
 
-def _read_caption(image: Path, root: str | None) -> tuple[str | None, str | None]:
+def _read_caption(image: Path, root: str | None, names: set[str] | None = None) -> tuple[str | None, str | None]:
     """(caption, problem) from ``<stem>.txt`` next to an image; both None when there is no such file.
 
     The file is checked against the root before it is opened, and must be a regular file of at most
-    ``MAX_CAPTION_BYTES`` holding UTF-8 text."""
+    ``MAX_CAPTION_BYTES`` holding UTF-8 text. On a store, ``names`` is the image folder's listing."""
     path = image.with_suffix(".txt")
+    if isinstance(path, storage.StorePath):
+        if names is not None and path.name not in names:
+            return None, None
+        try:
+            size = path.stat().st_size
+            if size > MAX_CAPTION_BYTES:
+                return None, (f"caption file {path} is {size} bytes, over the {MAX_CAPTION_BYTES}-byte limit "
+                              "for a caption")
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return _decode_caption(data, f"caption file {path}")
     shown = readable(str(path))
     if not os.path.lexists(path):
         return None, None
@@ -187,8 +262,12 @@ def _index_folder(folder: Path, root: str | None
     resolves outside the root (a symlink), with the reason. Outside files are not stat-ed."""
     found: dict[str, list[Path]] = {}
     outside: dict[str, str] = {}
-    for path in _list_dir(folder):
+    stored = isinstance(folder, storage.StorePath)
+    for path in (folder.files() if stored else _list_dir(folder)):
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if stored:  # listed as objects: files, inside the prefix by construction
+            found.setdefault(path.stem, []).append(path)
             continue
         try:
             check_inside_root(path, root)
@@ -214,6 +293,8 @@ def _pair_by_stem(source: str, image_dir: Path, mask_dir: Path, background_dir: 
         folders["background"] = background_dir
     blocked: dict[str, str] = {}
     for role, folder in folders.items():
+        if isinstance(folder, storage.StorePath):
+            continue
         try:
             check_inside_root(folder, root, f"{role} folder")
         except OutsideRootError as error:
@@ -229,6 +310,7 @@ def _pair_by_stem(source: str, image_dir: Path, mask_dir: Path, background_dir: 
                 failures.setdefault(stem, _fail(source, stem, "OutsideRoot", f"{readable(stem)}: not listed, {reason}"))
         return [], [failures[k] for k in sorted(failures)]
     images, masks = indexes[image_role][0], indexes["mask"][0]
+    names = {p.name for p in image_dir.files()} if isinstance(image_dir, storage.StorePath) else None
     backgrounds = indexes["background"][0] if background_dir is not None else {}
     for role, (_, ambiguous, outside) in indexes.items():
         for stem, why in outside.items():
@@ -245,10 +327,10 @@ def _pair_by_stem(source: str, image_dir: Path, mask_dir: Path, background_dir: 
             failures[stem] = _fail(source, stem, "MissingMask",
                                    f"{image} has no mask in {mask_dir} (files are matched by stem)")
             continue
-        refs = {"image": str(image), "mask": str(masks[stem])}
+        refs = {"image": _ref(image), "mask": _ref(masks[stem])}
         if stem in backgrounds:
-            refs["background"] = str(backgrounds[stem])
-        caption, problem = _read_caption(image, root)
+            refs["background"] = _ref(backgrounds[stem])
+        caption, problem = _read_caption(image, root, names)
         if problem is not None:
             error_type = "OutsideRoot" if OUTSIDE_ROOT in problem else "BadCaption"
             failures[stem] = _fail(source, stem, error_type, problem)
@@ -462,7 +544,7 @@ class RoremSource(_FileSource):
 
     def __init__(self, path: str | Path, name: str = "rorem", limit: int | None = None,
                  allow_outside_root: bool = False):
-        self.path = Path(path)
+        self.path = storage.location(path) if storage.is_remote(path) else Path(path)
         self.name = name
         self.limit = limit
         self.allow_outside_root = allow_outside_root
@@ -470,6 +552,8 @@ class RoremSource(_FileSource):
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
         meta = self.path / "meta.json"
         root = self.root()
+        if isinstance(self.path, storage.StorePath):
+            return self._list_stored(meta)
         if os.path.lexists(meta):
             try:
                 check_inside_root(meta, root, "meta.json")
@@ -487,6 +571,25 @@ class RoremSource(_FileSource):
         else:
             raise FileNotFoundError(f"{readable(str(self.path))} is not a RORem folder: it has neither meta.json "
                                     "nor source/")
+        if self.limit is not None:
+            items = items[: self.limit]
+        return items, failures
+
+    def _list_stored(self, meta: Any) -> tuple[list[SourceItem], list[Failure]]:
+        """``_list`` of a RORem dataset on an object store (``s3://bucket/RORem``): the same rules, with
+        "outside the root" decided by name (``_stored_ref``), since a store has no links."""
+        storage.check_bucket(self.path)
+        if meta.is_file():
+            items, failures = self._list_meta(meta, None)
+        elif (self.path / "source").is_dir():
+            if not (self.path / "mask").is_dir():
+                raise FileNotFoundError(f"{self.path} is a RORem folder without meta.json, but its mask/ folder "
+                                        "does not exist")
+            gt = self.path / "GT"
+            items, failures = _pair_by_stem(self.name, self.path / "source", self.path / "mask",
+                                            gt if gt.is_dir() else None, None, image_role="source image")
+        else:
+            raise FileNotFoundError(f"{self.path} is not a RORem folder: it has neither meta.json nor source/")
         if self.limit is not None:
             items = items[: self.limit]
         return items, failures
@@ -532,7 +635,8 @@ class RoremSource(_FileSource):
         that list ends on its first line and more follows (JSON lines whose first line is a list)."""
         shown = readable(str(meta))
         try:
-            f = open(meta, "rb")
+            # a store object through io.BufferedReader: readline(limit) and seek, as a local file has them
+            f = io.BufferedReader(meta.open("rb"), 1 << 20) if isinstance(meta, storage.StorePath) else open(meta, "rb")
         except OSError as error:
             raise OSError(f"cannot read {shown}: {error.strerror or error}") from None
         with f:
@@ -593,6 +697,16 @@ class RoremSource(_FileSource):
         def resolve(value: str) -> str:
             return value if os.path.isabs(value) else os.path.join(self.path, value)
 
+        stored_problem = None
+        if isinstance(self.path, storage.StorePath):
+            def resolve(value: str) -> str:  # noqa: F811 - a dataset on a store: URLs, checked by name
+                nonlocal stored_problem
+                try:
+                    return _stored_ref(self.path, value, self.allow_outside_root, "file")
+                except OutsideRootError as error:
+                    stored_problem = stored_problem or str(error)
+                    return value
+
         refs = {"image": resolve(entry["source"]), "mask": resolve(entry["mask"])}
         gt = entry.get("GT", entry.get("gt"))
         if isinstance(gt, str) and gt:
@@ -605,6 +719,8 @@ class RoremSource(_FileSource):
                 meta[f"entry_{field}" if field in _RESERVED_META else field] = value
         item = SourceItem(make_key(self.name, source_id), self.name, source_id, refs,
                           caption if isinstance(caption, str) else None, meta)
+        if stored_problem is not None:
+            return item, stored_problem
         for role, path in refs.items():
             try:
                 check_inside_root(path, root, f"{role} file")
@@ -623,7 +739,7 @@ class FolderSource(_FileSource):
 
     def __init__(self, path: str | Path, image_dir: str = "images", mask_dir: str = "masks",
                  background_dir: str | None = None, name: str = "folder", allow_outside_root: bool = False):
-        self.path = Path(path)
+        self.path = storage.location(path) if storage.is_remote(path) else Path(path)
         self.image_dir = image_dir
         self.mask_dir = mask_dir
         self.background_dir = background_dir
@@ -631,6 +747,8 @@ class FolderSource(_FileSource):
         self.allow_outside_root = allow_outside_root
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
+        if isinstance(self.path, storage.StorePath):
+            storage.check_bucket(self.path)
         if not self.path.is_dir():
             raise FileNotFoundError(f"folder source: {readable(str(self.path))} is not a folder"
                                     + ("" if self.path.exists() else " (it does not exist)"))
@@ -639,7 +757,8 @@ class FolderSource(_FileSource):
             folders["background"] = self.path / self.background_dir
         for role, folder in folders.items():
             if not folder.is_dir():
-                state = "is not a folder" if os.path.lexists(folder) else "does not exist"
+                state = ("does not exist" if isinstance(folder, storage.StorePath) or not os.path.lexists(folder)
+                         else "is not a folder")
                 raise FileNotFoundError(f"folder source: {role} folder {readable(str(folder))} {state} (see "
                                         f"{role}_dir in the source config)")
         return _pair_by_stem(self.name, folders["image"], folders["mask"], folders.get("background"), self.root())
@@ -1093,7 +1212,7 @@ def build_source(cfg: dict[str, Any] | SourceConfigBase) -> Source:
     if isinstance(config, DemoConfig) and not config.path:
         raise ConfigError("source type 'demo': path is missing (a build renders the scenes into <run dir>/demo-data)")
     params = {key: value for key, value in config if key != "type"}
-    if "path" in params:
+    if "path" in params and not storage.is_remote(params["path"]):  # a store URL is absolute already
         params["path"] = _absolute(params["path"])
     if isinstance(config, RoremConfig):
         return RoremSource(**params)

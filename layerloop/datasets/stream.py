@@ -20,8 +20,10 @@
   ``[r * batch_size, (r + 1) * batch_size)`` of it. Every rank advances the same counters, so one
   rank's ``state_dict`` restores all of them (the trainer checkpoints rank 0's).
 
-Shards must be local files (a shared filesystem on a cluster, as the README's ``--out /mnt/shared/...``):
-exact random access needs seekable tars. ``http://`` or ``pipe:`` URLs are refused with that reason.
+Shards are local files or objects in a store (``s3://bucket/run`` as ``run_dir``, or ``s3://.../x-{..}.tar``
+as ``urls``; ``layerloop.storage``): exact random access needs seekable tars, and a store serves ranged
+GETs, so reading sample i is one ranged GET of its members' header block and data (the same checks as a
+local read). The index pass streams each tar once. ``http://`` or ``pipe:`` URLs are refused (no seeking).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from layerloop.datasets.shards import shard_paths
+from layerloop import storage
+from layerloop.datasets.shards import read_parquet, shard_paths
 from layerloop.datasets.tario import TarReadError, TarWalk, local_path, raise_problems, read_member
 from layerloop.files import sha256_text
 from layerloop.samples import KINDS, LayeredSample
@@ -71,6 +74,12 @@ class WeightedShards:
         urls = expand_urls(self.urls) if isinstance(self.urls, str) else [str(u) for u in self.urls]
         paths = []
         for url in urls:
+            if storage.is_remote(url) and not url.startswith(("http://", "https://")):
+                stored = storage.location(url)
+                if not stored.is_file():
+                    raise FileNotFoundError(f"source {self.name!r}: shard {stored} does not exist")
+                paths.append(stored)
+                continue
             local = local_path(url)
             if local is None:
                 raise ValueError(f"source {self.name!r}: {url} is not a local file; the training stream seeks "
@@ -89,11 +98,15 @@ class _Entry:
     members: dict[str, tuple[int, int]]  # tar member suffix -> (data offset, size)
 
 
+def _url(path: Path | storage.StorePath) -> str:
+    return path.url if isinstance(path, storage.StorePath) else str(path)
+
+
 def _tar_members(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """key -> {suffix: (offset, size)} from the tar headers (one ``tario.TarWalk``); members of a key are
     merged wherever they stand. Raises ``TarReadError`` for a shard that cannot be read whole, or one that
     is compressed (its members cannot be read by offset)."""
-    walk = TarWalk(str(path))
+    walk = TarWalk(_url(path))
     out: dict[str, dict[str, tuple[int, int]]] = {}
     for entry in walk:
         if entry.key is not None and entry.ext is not None:
@@ -106,7 +119,7 @@ def _tar_members(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
 
 
 def _read_member(path: Path, key: str, suffix: str, ref: tuple[int, int]) -> bytes:
-    return read_member(str(path), ref, name=f"member {key}.{suffix}")
+    return read_member(_url(path), ref, name=f"member {key}.{suffix}")
 
 
 def index_shard(path: Path) -> list[_Entry]:
@@ -115,7 +128,9 @@ def index_shard(path: Path) -> list[_Entry]:
     members = _tar_members(path)
     parquet = path.with_suffix(".parquet")
     if parquet.is_file():
-        rows = [r for r in pq.read_table(parquet, columns=["key", "status", "kind"]).to_pylist() if r["status"] == "ok"]
+        table = (read_parquet(parquet, columns=["key", "status", "kind"]) if isinstance(parquet, storage.StorePath)
+                 else pq.read_table(parquet, columns=["key", "status", "kind"]))
+        rows = [r for r in table.to_pylist() if r["status"] == "ok"]
         missing = [r["key"] for r in rows if r["key"] not in members]
         if missing:
             raise ValueError(f"{path} lacks samples its index {parquet.name} lists as ok: {missing[:3]}")

@@ -125,10 +125,19 @@ def _compression(head: bytes) -> str | None:
 
 
 def is_seekable(url: str) -> bool:
-    """An uncompressed tar on the local disk, whose members can be read by offset."""
+    """An uncompressed tar on the local disk or in an object store (``s3://``, ``gs://``: ranged GETs),
+    whose members can be read by offset."""
     path = local_path(url)
     if path is None:
-        return False
+        from layerloop import storage
+
+        if not storage.is_remote(url) or url.startswith(("http://", "https://")):
+            return False
+        try:
+            head = storage.StorePath(url).read_range(0, BLOCK)
+        except OSError:
+            return False
+        return len(head) == BLOCK and _compression(head) is None and head[257:262] == b"ustar"
     try:
         with open(path, "rb") as f:
             head = f.read(BLOCK)
@@ -138,10 +147,16 @@ def is_seekable(url: str) -> bool:
 
 
 def open_input(url: str) -> BinaryIO:
-    """The raw (possibly compressed) bytes of a tar: a local file, or webdataset's ``gopen`` otherwise."""
+    """The raw (possibly compressed) bytes of a tar: a local file, an object in a store through fsspec
+    (``s3://``, ``gs://``: ``layerloop.storage``, credentials from the standard chain), or webdataset's
+    ``gopen`` otherwise (``http://``, ``pipe:``)."""
     path = local_path(url)
     if path is not None:
         return open(path, "rb")
+    from layerloop import storage
+
+    if storage.is_remote(url) and not url.startswith(("http://", "https://")):
+        return storage.open_read(url)
     from webdataset.gopen import gopen
 
     return gopen(url, "rb")
@@ -557,6 +572,10 @@ def read_member(url: str, ref: MemberRef | tuple[int, int], *, max_bytes: int | 
         raise TarReadError(f"{name} is {size} bytes, over the {max_bytes}-byte limit: {url} at offset {offset}")
     path = local_path(url)
     if path is None:
+        from layerloop import storage
+
+        if storage.is_remote(url) and not url.startswith(("http://", "https://")):
+            return _read_stored_member(url, offset, size, name)
         raise TarReadError(f"{url} is not a local file: members can only be read by offset from local tars")
     try:
         with open(path, "rb") as f:
@@ -580,4 +599,33 @@ def read_member(url: str, ref: MemberRef | tuple[int, int], *, max_bytes: int | 
         raise TarReadError(f"{url} cannot be read: {error}") from None
     if len(data) != size:
         raise TarReadError(f"{name} is cut short: read {len(data)} of {size} bytes at offset {offset} of {url}")
+    return data
+
+
+def _read_stored_member(url: str, offset: int, size: int, name: str) -> bytes:
+    """``read_member`` of a plain tar in an object store: one ranged GET of the header block before the
+    data and the data, with the same checks (the header still describes the member, nothing is cut short)."""
+    from layerloop import storage
+
+    where = storage.StorePath(url)
+    start = offset - BLOCK if offset >= BLOCK else offset
+    try:
+        data = where.read_range(start, offset + size)
+    except OSError as error:
+        raise TarReadError(f"{storage.redact(url)} cannot be read: {error}") from None
+    if offset >= BLOCK:
+        if len(data) < BLOCK:
+            raise TarReadError(f"{name} is cut short: {storage.redact(url)} ends before offset {offset}")
+        try:
+            header = tarfile.TarInfo.frombuf(data[:BLOCK], "utf-8", "surrogateescape")
+        except tarfile.HeaderError as error:
+            raise TarReadError(f"{storage.redact(url)} changed since it was indexed: no valid tar header before "
+                               f"offset {offset} ({error})") from None
+        if header.size != size and not (header.size == 0 and size >= 8 ** 11):
+            raise TarReadError(f"{storage.redact(url)} changed since it was indexed: the member at offset {offset} "
+                               f"is {header.size} bytes, not {size}")
+        data = data[BLOCK:]
+    if len(data) != size:
+        raise TarReadError(f"{name} is cut short: read {len(data)} of {size} bytes at offset {offset} of "
+                           f"{storage.redact(url)}")
     return data

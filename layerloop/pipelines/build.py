@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from layerloop import logs
+from layerloop import logs, storage
 from layerloop.config import BuildConfig
 from layerloop.datasets.shards import ShardSummary, remove_stale_temporaries
 from layerloop.errors import attach_path, describe_os_error, unwrap
@@ -69,7 +69,55 @@ def make_executor(name: str, config: BuildConfig):
 
 
 def run_dir_for(config: BuildConfig, out: str | Path | None) -> Path:
-    return Path(out or config.out or Path("runs") / config.name)
+    """The run directory: a ``Path``, or a ``storage.StorePath`` for ``--out s3://bucket/prefix`` (any
+    fsspec store URL; ``file://`` is a local path)."""
+    return storage.location(out or config.out or Path("runs") / config.name)
+
+
+def pipeline_for(config: BuildConfig, run_dir: Path | storage.StorePath) -> Pipeline:
+    """``Pipeline.from_config``; for a run on a store, with the source paths that a store decides
+    (``stored_source_config``) and the writer pointed at the store."""
+    if not isinstance(run_dir, storage.StorePath):
+        return Pipeline.from_config(config, run_dir)
+    from layerloop.datasets.shards import ShardWriter
+    from layerloop.datasets.sources import build_source
+
+    return Pipeline(
+        source=build_source(stored_source_config(config.source, run_dir)),
+        stage_specs=config.stages,
+        writer=ShardWriter(run_dir, config.shards.name, png_level=config.shards.png_compress_level,
+                           png_encoder=config.shards.png_encoder),
+        seed=config.seed,
+        samples_per_shard=config.shards.samples_per_shard,
+    )
+
+
+def stored_source_config(source, run_dir: storage.StorePath) -> dict:
+    """``pipeline.source_config`` for a run whose directory is on an object store, where nothing can be
+    rendered or cached: a demo source must read a folder made by ``layerloop demo-data`` (its
+    ``source.path``), and a Hugging Face source must name its local ``cache_dir``; either is refused
+    otherwise, before any write, with the command that fixes it."""
+    import os
+    import tempfile
+
+    from layerloop.errors import UnsafePathError
+    from layerloop.pipelines.pipeline import source_config
+
+    written = source.as_written() if hasattr(source, "as_written") else dict(source)
+    kind = written.get("type")
+    if kind == "hf" and not written.get("cache_dir"):
+        raise UnsafePathError(f"--out {run_dir} is on an object store, where datasets' cache cannot live: give the "
+                              f"Hugging Face source a local cache folder (source.cache_dir=/local/cache/hf)")
+    # A local directory that cannot exist: source_config decides nothing inside it for other source types.
+    nowhere = os.path.join(tempfile.gettempdir(), f"layerloop-store-run-{os.getpid()}-does-not-exist")
+    resolved = source_config(source, nowhere)
+    if kind == "demo" and str(resolved.get("path", "")).startswith(nowhere):
+        n, seed, size = written.get("n"), written.get("seed", 0), written.get("size", 256)
+        raise UnsafePathError(
+            f"--out {run_dir} is on an object store: a demo source renders its scenes into the run directory, "
+            f"which must be local. Render them first with `layerloop demo-data DIR --n {n} --seed {seed} "
+            f"--size {size}` and build with source.path=DIR.")
+    return resolved
 
 
 def build(config: BuildConfig, out: str | Path | None = None, executor: str | None = None,
@@ -80,7 +128,7 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
 
     run_dir = run_dir_for(config, out)
     check_run_dir(run_dir)
-    pipeline = Pipeline.from_config(config, run_dir)  # validates the source and every stage; writes nothing
+    pipeline = pipeline_for(config, run_dir)  # validates the source and every stage; writes nothing
     check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
     runner = make_executor(executor or config.executor, config)
     started = time.perf_counter()
@@ -91,12 +139,15 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
         except BaseException as error:
             cause = unwrap(error)
             # an OSError that names no file gets the run directory it was writing
-            named = attach_path(cause, run_dir) if isinstance(cause, OSError) else cause
+            named = attach_path(cause, str(run_dir)) if isinstance(cause, OSError) else cause
             run.fail(_failure_text(named))
             if named is cause:
                 raise
             raise named from error
-        if report if report is not None else config.report.enabled:
+        if isinstance(run_dir, storage.StorePath):
+            if report:
+                logger.warning("no report/ for a run on an object store: the report writer writes local files")
+        elif report if report is not None else config.report.enabled:
             from layerloop.report import write_report
 
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
@@ -109,7 +160,10 @@ def check_run_dir(run_dir: Path) -> None:
     folder given as ``--out`` by mistake. Missing, empty, or a run (``run.json`` / ``run.lock``) is fine."""
     from layerloop.errors import UnsafePathError
 
-    if not run_dir.is_dir() or (run_dir / "run.json").exists() or (run_dir / "run.lock").exists():
+    if isinstance(run_dir, storage.StorePath):
+        storage.check_bucket(run_dir)  # a missing bucket or credentials: one line, before anything else
+    if not run_dir.is_dir() or (run_dir / "run.json").exists() or (run_dir / "run.lock").exists() \
+            or (isinstance(run_dir, storage.StorePath) and (run_dir / storage.LEASE_NAME).exists()):
         return  # a file in the way is reported by the lock, with its errno
     shown = sorted(p.name for _, p in zip(range(4), run_dir.iterdir()))
     if shown:

@@ -29,9 +29,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from layerloop import storage
 from layerloop.datasets.shards import FAILURE_SCHEMA, RunOwner, format_lock, parse_lock, shard_stem, table_from_rows
 from layerloop.errors import attach_path
-from layerloop.files import atomic_path, write_json_atomic
+from layerloop.files import atomic_path, dump_json, write_json_atomic
 from layerloop.samples import safe_text
 
 
@@ -66,26 +67,49 @@ def write_config_record(path: Path, what: str, config: dict[str, Any], fingerpri
             raise ValueError(f"{path.parent} holds {what} of a different config (fingerprint "
                              f"{previous.get('fingerprint')}, this one {fingerprint}). Use another --out "
                              f"directory, or delete {path.parent} to start over.")
-    info = {"config": config, "fingerprint": fingerprint, "versions": library_versions(), **extra}
-    write_json_atomic(path, info)
+    info = scrub({"config": config, "fingerprint": fingerprint, "versions": library_versions(), **extra})
+    if isinstance(path, storage.StorePath):
+        path.write_text(dump_json(info))  # one PUT: atomic for readers
+    else:
+        write_json_atomic(path, info)
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with every URL-looking string passed through ``storage.redact`` (no ``user:secret@``, no
+    query string), so that a record never stores credentials someone put in a URL."""
+    if isinstance(value, dict):
+        return {key: scrub(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub(item) for item in value]
+    if isinstance(value, str) and "://" in value:
+        return storage.redact(value)
+    return value
 
 
 class RunDirectory:
+    """A run directory, or a run prefix on an object store (``s3://bucket/prefix``: ``storage.StorePath``),
+    where the ``flock``ed ``run.lock`` is replaced by the lease object ``run.lease`` (``storage.Lease``)."""
+
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = storage.location(path)
         self._lock_file = None
+        self._lease: storage.Lease | None = None
         self._owner: RunOwner | None = None
 
     # ------------------------------------------------------------------ lock
     @property
     def lock_path(self) -> Path:
+        if isinstance(self.path, storage.StorePath):
+            return self.path / storage.LEASE_NAME
         return self.path / "run.lock"
 
     def acquire(self) -> RunDirectory:
         """Take the run lock and write a fresh owner token into it. Raises RunLockedError while another
         run holds it; ``--out`` being a file, or a directory this process cannot write, raises the
         OSError subclass the system gave (NotADirectoryError, FileExistsError, PermissionError, ...) with a
-        message that names the path."""
+        message that names the path. On a store: the lease (``storage.Lease``), refused with its holder."""
+        if isinstance(self.path, storage.StorePath):
+            return self._acquire_lease()
         self._make_directory()
         lock_path = self.lock_path
         try:
@@ -121,6 +145,17 @@ class RunDirectory:
         self._owner = RunOwner(token=token, lock_path=lock_path, holder=holder)
         return self
 
+    def _acquire_lease(self) -> RunDirectory:
+        self.path.mkdir()  # the bucket exists and these credentials can list it, before any write
+        lease = storage.Lease(self.lock_path)
+        try:
+            lease.acquire()
+        except storage.LeaseHeld as error:
+            raise RunLockedError(str(error)) from None
+        self._lease = lease
+        self._owner = RunOwner(token=lease.token or "", lock_path=self.lock_path, holder=lease.holder)
+        return self
+
     def _make_directory(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, "the run directory is a file, not a directory", str(self.path))
@@ -134,7 +169,7 @@ class RunDirectory:
     @property
     def owner(self) -> RunOwner | None:
         """This driver's ``RunOwner`` while it holds the lock (give it to ``ShardWriter``), else None."""
-        return self._owner if self._lock_file is not None else None
+        return self._owner if (self._lock_file is not None or self._lease is not None) else None
 
     @property
     def owner_token(self) -> str | None:
@@ -142,6 +177,9 @@ class RunDirectory:
         return owner.token if owner is not None else None
 
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
         if self._lock_file is not None:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
             self._lock_file.close()
@@ -242,7 +280,10 @@ class RunDirectory:
 
     def _write_json(self, info: dict[str, Any]) -> None:
         # default=str: a value of ``extra`` that JSON has no type for is recorded as text, not a crash
-        write_json_atomic(self.run_json, info, default=str, newline=False)
+        if isinstance(self.run_json, storage.StorePath):  # one PUT, atomic for readers; nothing secret in it
+            self.run_json.write_text(dump_json(scrub(info), default=str, newline=False))
+            return
+        write_json_atomic(self.run_json, scrub(info), default=str, newline=False)
 
     # -------------------------------------------------------------- failures
     def write_failures(self, name: str, shard_failures: dict[int, tuple], listing_failures: tuple) -> int:
@@ -254,6 +295,13 @@ class RunDirectory:
                              "shard": shard_stem(name, index)})
         # Any Python str is written: lone surrogates (file names that are not UTF-8) become escapes.
         rows = [{column: safe_text(value) for column, value in row.items()} for row in rows]
+        if isinstance(self.path, storage.StorePath):
+            import pyarrow as pa
+
+            sink = pa.BufferOutputStream()
+            pq.write_table(table_from_rows(rows, FAILURE_SCHEMA), sink)
+            (self.path / "failures.parquet").write_bytes(sink.getvalue().to_pybytes())
+            return len(rows)
         with atomic_path(self.path / "failures.parquet") as tmp:
             # not pa.Table.from_pylist: it imports pandas, 0.5 s at the end of a Ray build (shards.table_from_rows)
             pq.write_table(table_from_rows(rows, FAILURE_SCHEMA), tmp)

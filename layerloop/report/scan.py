@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from layerloop import storage
 from layerloop.datasets.shards import INDEX_SCHEMA, check_shard, error_text, read_parquet
 
 FAILURES_FILE = "failures.parquet"
@@ -181,7 +182,12 @@ def index_paths(run_dir: Path) -> list[Path]:
 
 
 def existing_run_dir(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
+    """The run directory as a ``Path``, or a ``storage.StorePath`` for a run on an object store (read
+    through the same calls: ``glob``, ``exists``, ``read_text``; a store that cannot be reached or a
+    bucket that does not exist is one ``StoreError`` line)."""
+    run_dir = storage.location(run_dir)
+    if isinstance(run_dir, storage.StorePath):
+        storage.check_bucket(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not (run_dir / "run.json").exists() and not index_paths(run_dir):
@@ -321,7 +327,7 @@ def _webdataset_records(tar_path: str | Path, select: Callable[[str], bool]) -> 
     shards). Written out because importing webdataset imports torch (1.5 s and 600 MB for ``layerloop
     inspect``). Unlike webdataset it opens the path as given: no URL parsing, brace expansion or
     torch-worker split of the name."""
-    url = str(tar_path)
+    url = tar_path.url if isinstance(tar_path, storage.StorePath) else str(tar_path)
     current: dict[str, Any] | None = None
     for fname, data in _tar_members(url, select):
         match = _KEY_EXT.match(fname)
@@ -348,7 +354,7 @@ def _tar_members(url: str, select: Callable[[str], bool]) -> Iterator[tuple[str,
     """(name, bytes) of the selected regular members, as webdataset's ``tar_file_expander`` and
     ``tar_file_iterator`` give them: an error while reading a member gets `` @ <stream>`` added to its
     first argument, and every error leaving the tar gets the stream and URL added to its arguments."""
-    with open(url, "rb") as stream:
+    with storage.open_read(url) as stream:  # a local file, or an object in a store
         try:
             tar = tarfile.open(fileobj=stream, mode="r|*")
             for info in tar:

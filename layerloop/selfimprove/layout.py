@@ -129,6 +129,10 @@ class RoundPaths:
 def is_selfimprove_dir(path: str | Path) -> bool:
     """``layerloop self-improve``'s output directory (it holds ``selfimprove.json``). Here rather than in
     ``lineage`` so that ``layerloop inspect RUN`` can ask without importing the loop's modules."""
+    from layerloop import storage
+
+    if storage.is_remote(path):
+        return (storage.location(path) / CONFIG_FILE).is_file()
     return (Path(path) / CONFIG_FILE).is_file()
 
 
