@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 
 from layerloop import storage
 from layerloop.errors import EXIT_OWNERSHIP_LOST, LayerloopError, attach_path
-from layerloop.files import TMP_MARK, sha256_file, temp_sibling
+from layerloop.files import TMP_MARK, temp_sibling
 from layerloop.files import sha256_file as file_sha256  # noqa: F401 - the name this module used to define
 from layerloop.samples import PNG_DEFAULT_ENCODER, PNG_DEFAULT_LEVEL, LayeredSample, safe_text
 
@@ -290,23 +290,30 @@ def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = Tr
     In order: the index exists (else ``absent``) and is readable; the tar exists; the index records the
     tar's size and sha256 (else ``unverified``); the tar has that size; with ``content`` its sha256 matches
     (this reads the whole tar). ``read_rows`` also returns the index rows (``rows``). Store URLs are
-    checked the same way (``_check_stored_shard``)."""
-    if storage.is_remote(tar_path) or storage.is_remote(index_path):
-        return _check_stored_shard(storage.location(tar_path), storage.location(index_path), content, read_rows)
-    tar_path, index_path = Path(tar_path), Path(index_path)
-    if not index_path.exists():
-        return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
+    checked the same way; a store that cannot be reached raises its ``StoreError``."""
+    remote = storage.is_remote(tar_path) or storage.is_remote(index_path)
+    if remote:  # a store: the index read into memory once, the tar's size from the listing, its sha256 streamed
+        tar_path, index_path = storage.location(tar_path), storage.location(index_path)
+    else:
+        tar_path, index_path = Path(tar_path), Path(index_path)
     try:
-        record = tar_record(index_path)
-        rows = tuple(pq.read_table(index_path).to_pylist()) if read_rows else None
+        if not remote and not index_path.exists():
+            raise FileNotFoundError(index_path)
+        index = _Bytes(index_path.read_bytes()) if remote else index_path
+        record = tar_record(index)
+        rows = tuple(pq.read_table(pa.BufferReader(index) if remote else index).to_pylist()) if read_rows else None
     except FileNotFoundError:
         return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
+    except storage.StoreError:
+        raise  # a store that cannot be reached is not a damaged shard
     except Exception as error:  # noqa: BLE001 - any unreadable index is a damaged shard, named
         return ShardCheck("damaged", f"index {index_path.name} is unreadable ({error_text(error)})")
     try:
         size = tar_path.stat().st_size
     except FileNotFoundError:
         return ShardCheck("damaged", f"tar {tar_path.name} is missing", rows)
+    except storage.StoreError:
+        raise
     except OSError as error:
         return ShardCheck("damaged", f"tar {tar_path.name} cannot be read ({error_text(error)})", rows)
     if record is None:
@@ -317,40 +324,11 @@ def check_shard(tar_path: str | Path, index_path: str | Path, content: bool = Tr
         return ShardCheck("damaged", f"tar is {size} bytes, index says {want_size}", rows)
     if content:
         try:
-            sha = sha256_file(tar_path)
+            sha = storage.sha256_of(tar_path)
+        except storage.StoreError:
+            raise
         except OSError as error:
             return ShardCheck("damaged", f"tar {tar_path.name} cannot be read ({error_text(error)})", rows)
-        if sha != want_sha:
-            return ShardCheck("damaged", f"tar's sha256 is {sha[:16]}..., index says {want_sha[:16]}... "
-                                         f"(same size, different bytes)", rows)
-    return ShardCheck("ok", "", rows)
-
-
-def _check_stored_shard(tar_path: Any, index_path: Any, content: bool, read_rows: bool) -> ShardCheck:
-    """``check_shard`` of a shard on an object store: the same checks and reasons, with the index read
-    into memory once, the tar's size from the store's listing and its sha256 streamed. A store that
-    cannot be reached raises its ``StoreError`` (that is not a damaged shard)."""
-    try:
-        data = index_path.read_bytes()
-    except FileNotFoundError:
-        return ShardCheck("absent", f"{index_path.name} does not exist: not committed")
-    try:
-        record = tar_record(_Bytes(data))
-        rows = tuple(pq.read_table(pa.BufferReader(data)).to_pylist()) if read_rows else None
-    except Exception as error:  # noqa: BLE001 - any unreadable index is a damaged shard, named
-        return ShardCheck("damaged", f"index {index_path.name} is unreadable ({error_text(error)})")
-    try:
-        size = tar_path.stat().st_size
-    except FileNotFoundError:
-        return ShardCheck("damaged", f"tar {tar_path.name} is missing", rows)
-    if record is None:
-        return ShardCheck("unverified", f"index {index_path.name} records no tar size and sha256 "
-                                        "(written by an older layerloop), so the tar cannot be verified", rows)
-    want_size, want_sha = record
-    if size != want_size:
-        return ShardCheck("damaged", f"tar is {size} bytes, index says {want_size}", rows)
-    if content:
-        sha = storage.sha256_of(tar_path)
         if sha != want_sha:
             return ShardCheck("damaged", f"tar's sha256 is {sha[:16]}..., index says {want_sha[:16]}... "
                                          f"(same size, different bytes)", rows)

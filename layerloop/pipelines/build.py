@@ -74,52 +74,6 @@ def run_dir_for(config: BuildConfig, out: str | Path | None) -> Path:
     return storage.location(out or config.out or Path("runs") / config.name)
 
 
-def pipeline_for(config: BuildConfig, run_dir: Path | storage.StorePath) -> Pipeline:
-    """``Pipeline.from_config``; for a run on a store, with the source paths that a store decides
-    (``stored_source_config``) and the writer pointed at the store."""
-    if not isinstance(run_dir, storage.StorePath):
-        return Pipeline.from_config(config, run_dir)
-    from layerloop.datasets.shards import ShardWriter
-    from layerloop.datasets.sources import build_source
-
-    return Pipeline(
-        source=build_source(stored_source_config(config.source, run_dir)),
-        stage_specs=config.stages,
-        writer=ShardWriter(run_dir, config.shards.name, png_level=config.shards.png_compress_level,
-                           png_encoder=config.shards.png_encoder),
-        seed=config.seed,
-        samples_per_shard=config.shards.samples_per_shard,
-    )
-
-
-def stored_source_config(source, run_dir: storage.StorePath) -> dict:
-    """``pipeline.source_config`` for a run whose directory is on an object store, where nothing can be
-    rendered or cached: a demo source must read a folder made by ``layerloop demo-data`` (its
-    ``source.path``), and a Hugging Face source must name its local ``cache_dir``; either is refused
-    otherwise, before any write, with the command that fixes it."""
-    import os
-    import tempfile
-
-    from layerloop.errors import UnsafePathError
-    from layerloop.pipelines.pipeline import source_config
-
-    written = source.as_written() if hasattr(source, "as_written") else dict(source)
-    kind = written.get("type")
-    if kind == "hf" and not written.get("cache_dir"):
-        raise UnsafePathError(f"--out {run_dir} is on an object store, where datasets' cache cannot live: give the "
-                              f"Hugging Face source a local cache folder (source.cache_dir=/local/cache/hf)")
-    # A local directory that cannot exist: source_config decides nothing inside it for other source types.
-    nowhere = os.path.join(tempfile.gettempdir(), f"layerloop-store-run-{os.getpid()}-does-not-exist")
-    resolved = source_config(source, nowhere)
-    if kind == "demo" and str(resolved.get("path", "")).startswith(nowhere):
-        n, seed, size = written.get("n"), written.get("seed", 0), written.get("size", 256)
-        raise UnsafePathError(
-            f"--out {run_dir} is on an object store: a demo source renders its scenes into the run directory, "
-            f"which must be local. Render them first with `layerloop demo-data DIR --n {n} --seed {seed} "
-            f"--size {size}` and build with source.path=DIR.")
-    return resolved
-
-
 def build(config: BuildConfig, out: str | Path | None = None, executor: str | None = None,
           progress: bool = True, report: bool | None = None) -> BuildResult:
     """Every check of the config (stages, source, models, demo paths, a different run in ``out``) comes
@@ -128,7 +82,7 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
 
     run_dir = run_dir_for(config, out)
     check_run_dir(run_dir)
-    pipeline = pipeline_for(config, run_dir)  # validates the source and every stage; writes nothing
+    pipeline = Pipeline.from_config(config, run_dir)  # validates the source and every stage; writes nothing
     check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
     runner = make_executor(executor or config.executor, config)
     started = time.perf_counter()

@@ -54,11 +54,16 @@ class Pipeline:
 
     @classmethod
     def from_config(cls, config: BuildConfig, out_dir: str | Path) -> Pipeline:
-        """Everything checked here happens before the build takes its lock or writes anything."""
+        """Everything checked here happens before the build takes its lock or writes anything. ``out_dir``
+        may be a ``storage.StorePath`` (a run on an object store: ``stored_source_config``)."""
+        from layerloop import storage
         from layerloop.datasets.sources import build_source
 
+        stored = storage.is_remote(out_dir)  # a StorePath, or a store URL
+        if stored:
+            out_dir = storage.location(out_dir)
         return cls(
-            source=build_source(source_config(config.source, out_dir)),
+            source=build_source((stored_source_config if stored else source_config)(config.source, out_dir)),
             stage_specs=config.stages,
             writer=ShardWriter(out_dir, config.shards.name, png_level=config.shards.png_compress_level,
                                png_encoder=config.shards.png_encoder),
@@ -143,3 +148,29 @@ def source_config(source: Any, out_dir: str | Path) -> dict[str, Any]:
         f"source.path={given}: {state}. A demo source renders its scenes inside the run directory and only "
         f"reads a folder made by `layerloop demo-data {given} --n {n} --seed {seed} --size {size}`. To build "
         f"from your own data, use a source of its type, e.g. a config with `source: {{type: rorem, path: {given}}}`.")
+
+
+def stored_source_config(source: Any, run_dir: Any) -> dict[str, Any]:
+    """``source_config`` for a run whose directory is on an object store, where nothing can be
+    rendered or cached: a demo source must read a folder made by ``layerloop demo-data`` (its
+    ``source.path``), and a Hugging Face source must name its local ``cache_dir``; either is refused
+    otherwise, before any write, with the command that fixes it."""
+    import tempfile
+
+    from layerloop.errors import UnsafePathError
+
+    written = source.as_written() if hasattr(source, "as_written") else dict(source)
+    kind = written.get("type")
+    if kind == "hf" and not written.get("cache_dir"):
+        raise UnsafePathError(f"--out {run_dir} is on an object store, where datasets' cache cannot live: give the "
+                              f"Hugging Face source a local cache folder (source.cache_dir=/local/cache/hf)")
+    # A local directory that cannot exist: source_config decides nothing inside it for other source types.
+    nowhere = os.path.join(tempfile.gettempdir(), f"layerloop-store-run-{os.getpid()}-does-not-exist")
+    resolved = source_config(source, nowhere)
+    if kind == "demo" and str(resolved.get("path", "")).startswith(nowhere):
+        n, seed, size = written.get("n"), written.get("seed", 0), written.get("size", 256)
+        raise UnsafePathError(
+            f"--out {run_dir} is on an object store: a demo source renders its scenes into the run directory, "
+            f"which must be local. Render them first with `layerloop demo-data DIR --n {n} --seed {seed} "
+            f"--size {size}` and build with source.path=DIR.")
+    return resolved
