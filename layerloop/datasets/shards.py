@@ -492,28 +492,11 @@ class ShardWriter:
         if isinstance(self.out_dir, storage.StorePath):
             return self._write_stored(index, samples)
         tmp_tar, tmp_index = temp_sibling(tar_path), temp_sibling(index_path)
-        rows = []
         try:
             with open(tmp_tar, "wb") as stream:
-                hashed = _HashingStream(stream)
-                writer = TarRecordWriter(hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0)
-                for sample in samples:
-                    if sample.ok:
-                        try:
-                            record = sample.to_wds(self.png_level, self.png_encoder)
-                            check_tar_record(record)
-                        except Exception as error:  # schema violation: recorded, nothing written
-                            sample.fail("write", error)
-                        else:
-                            # Every member was checked above, so what raises here is I/O (disk full):
-                            # it aborts the shard (temporaries removed) instead of leaving half a sample.
-                            writer.write(record)
-                    rows.append(index_row(sample))
-                writer.close()
+                rows, tar_meta = self._encode(samples, stream)
                 stream.flush()
                 os.fsync(stream.fileno())
-            tar_meta = {TAR_SIZE_KEY: str(hashed.size).encode("ascii"),
-                        TAR_SHA256_KEY: hashed.digest.hexdigest().encode("ascii")}
             pq.write_table(table_from_rows(rows, INDEX_SCHEMA.with_metadata(tar_meta)), tmp_index)
             if self.owner is not None:
                 self.owner.check(f"commit shard {shard_stem(self.name, index)}")
@@ -527,7 +510,8 @@ class ShardWriter:
         return summary_from_rows(index, rows)
 
     def _encode(self, samples: Iterable[LayeredSample], stream: Any) -> tuple[list[dict], dict[bytes, bytes]]:
-        """The tar into ``stream`` and the index rows, exactly as ``write`` makes them (same calls, same bytes)."""
+        """The tar into ``stream`` and the index rows (and the tar's size and sha256 for the index's metadata):
+        the one encoder of both commits, on disk and on a store, so both write the same bytes."""
         rows = []
         hashed = _HashingStream(stream)
         writer = TarRecordWriter(hashed, user=TAR_OWNER, group=TAR_OWNER, mode=TAR_MODE, mtime=0)
@@ -539,6 +523,8 @@ class ShardWriter:
                 except Exception as error:  # schema violation: recorded, nothing written
                     sample.fail("write", error)
                 else:
+                    # Every member was checked above, so what raises here is I/O (disk full): it aborts
+                    # the shard (the caller removes its temporaries) instead of leaving half a sample.
                     writer.write(record)
             rows.append(index_row(sample))
         writer.close()
