@@ -186,6 +186,8 @@ def _resume(task: TrainTask, optimizer: torch.optim.Optimizer, streams: Mapping[
     step; with none, seed the global RNGs for step 0 and return None."""
     latest = ckpt.latest_checkpoint(out_dir)
     if latest is None:
+        if rank == 0:  # killed before its first checkpoint was complete: every logged step is computed again
+            _truncate_metrics(out_dir / METRICS, 0)
         _seed_global_rngs(derived_seed(cfg.seed, "global", rank, 0))
         return None
     state = ckpt.read_trainer_state(latest)

@@ -109,6 +109,21 @@ def test_partial_checkpoint_is_ignored_and_removed(shards, tmp_path):
     assert summary["resumed_from"] is None and not partial.exists()
 
 
+def test_killed_before_the_first_checkpoint_logs_no_step_twice(shards, tmp_path):
+    """A run killed after logging step 1 but before its first checkpoint was complete (a partial
+    ``step-*.tmp-*`` directory) starts again from step 0: the steps it logged are computed again, so they are
+    dropped from metrics.jsonl rather than logged twice (the self-improvement kill test caught this)."""
+    cfg = config(shards, steps=2)
+    run = tmp_path / "run"
+    partial = run / "checkpoints" / "step-000001.tmp-dead"
+    partial.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    summary = run_training(cfg, run)
+    assert summary["resumed_from"] is None
+    steps = [m["step"] for m in _metrics(run)]
+    assert steps == [1, 2] and _metrics(run)[0]["loss"] != 9.0
+
+
 def test_warmup_and_overrides(shards, tmp_path):
     cfg = load_train_config(
         {"family": "bfs", "steps": 3, "data": [{"name": "q", "run_dir": str(shards)}], "task": {}},
