@@ -49,8 +49,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         overrides.append(f"ray.address={args.address}")
     config = load_config(args.config, overrides)
     run_dir = run_dir_for(config, args.out)
-    if _local(run_dir):  # a run on an object store keeps no logs/ (the log handler writes local files)
-        logs.set_run_dir(run_dir)
+    logs.set_run_dir(run_dir)  # on an object store: logged locally, uploaded to RUN/logs/ by the build
     result = build(config, out=args.out, executor=args.executor, progress=not args.no_progress)
     print(result.summary())
     return 0
@@ -206,10 +205,16 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if is_selfimprove_dir(args.dir):
         from layerloop.selfimprove.lineage import describe_loop, trace
 
-        if args.key:
-            print(json.dumps(trace(args.dir, args.key), indent=2, sort_keys=True, default=str))
+        if args.key and not _local(args.dir):
+            folder = _loop_staging(args.dir)
         else:
-            print(describe_loop(args.dir))  # JSON files only: no pyarrow
+            folder = args.dir if _local(args.dir) else _loop_records(args.dir)
+        if args.key:
+            text = json.dumps(trace(folder, args.key), indent=2, sort_keys=True, default=str)
+        else:
+            text = describe_loop(folder)  # JSON files only: no pyarrow
+        # the mirror's paths are the store's: name the URL, not the local copy
+        print(text if folder is args.dir else text.replace(str(folder), str(args.dir).rstrip("/")))
         return 0
     from layerloop.report import inspect_run, trace_sample
 
@@ -220,17 +225,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_records(url: str) -> Path:
+    """A self-improvement loop on an object store, for ``inspect``: its records (JSON, JSONL, YAML and
+    parquet files; no tars, images or checkpoints) copied into a local mirror that the loop's readers take."""
+    from layerloop import storage
+
+    root = storage.location(url)
+    records = [p for p in root.rglob("*") if p.suffix in (".json", ".jsonl", ".yaml", ".parquet")]
+    local = storage.mirror(records, root, storage.cache_dir(root.url, "inspect"))
+    print(f"layerloop: {url} read from a local copy of its records in {local}", file=sys.stderr)
+    return local
+
+
+def _loop_staging(url: str) -> Path:
+    """The staging folder of a loop on an object store, for ``inspect --key``: a trace reads the loop's tars
+    and follows lineage records that name the staging folder, so it runs where the loop ran."""
+    from layerloop import storage
+    from layerloop.errors import ConfigError
+    from layerloop.selfimprove.layout import is_selfimprove_dir
+
+    staging = storage.staging_dir(url)
+    if not is_selfimprove_dir(staging):
+        raise ConfigError(f"{url}: tracing a sample of a loop on an object store reads its tars and follows its "
+                          f"lineage records, which name the staging folder of the machine that ran it; run the "
+                          f"same command there (its staging folder is {staging}), or `layerloop self-improve` once "
+                          f"with --out {url} here to pull it")
+    return staging
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from layerloop.report import write_report
 
-    if not _local(args.dir):
-        from layerloop.errors import ConfigError
-
-        raise ConfigError(f"{args.dir}: `layerloop report` writes report/ into a local run directory; for a run on "
-                          f"an object store use `layerloop inspect {args.dir}`, or copy the run locally first")
     from layerloop.selfimprove.lineage import is_selfimprove_dir
 
     if is_selfimprove_dir(args.dir):
+        if not _local(args.dir):
+            from layerloop.errors import ConfigError
+
+            raise ConfigError(f"{args.dir}: the report of a self-improvement loop on an object store is written "
+                              f"by the loop itself (report/ there); `layerloop inspect {args.dir}` reads the loop")
         from layerloop.selfimprove.report import write_round_report, write_summary_report
 
         rounds = sorted(p for p in (Path(args.dir) / "rounds").glob("round-*") if (p / "scores.parquet").exists())
@@ -240,7 +273,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.dir) / 'report'} and the reports of {len(rounds)} round(s)")
         return 0
     stats = write_report(args.dir, rows=args.rows)
-    print(f"wrote {Path(args.dir) / 'report'}: {stats.get('samples_ok', 0)} samples ok")
+    print(f"wrote {str(args.dir).rstrip('/')}/report: {stats.get('samples_ok', 0)} samples ok")
     return 0
 
 

@@ -46,6 +46,7 @@ class _State:
         self.data_context: tuple[Any, bool] | None = None
         self.env: dict[str, str | None] = {}
         self.ray_log: Path | None = None
+        self.store_logs: Any = None  # RUN/logs on an object store: the local log folder is uploaded there
 
 
 _state = _State()
@@ -85,15 +86,17 @@ class _RunFileHandler(logging.Handler):
     """DEBUG lines into ``RUN/logs/layerloop.log``; held back until the run directory is a locked run (a
     build refuses an ``--out`` folder holding anything before its lock is taken)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, ready: bool = False) -> None:
         super().__init__(logging.DEBUG)
         self.run_dir = run_dir
+        self.ready = ready  # a folder of our own (the local logs of a run on a store): no lock to wait for
         self.pending: list[logging.LogRecord] = []
         self.file: logging.FileHandler | None = None
         self.setFormatter(logging.Formatter(FILE_FORMAT))
 
     def _open(self) -> logging.FileHandler | None:
-        if self.file is None and ((self.run_dir / "run.lock").exists() or (self.run_dir / "run.json").exists()):
+        if self.file is None and (self.ready or (self.run_dir / "run.lock").exists()
+                                  or (self.run_dir / "run.json").exists()):
             try:
                 (self.run_dir / LOG_DIR).mkdir(exist_ok=True)
                 self.file = logging.FileHandler(self.run_dir / LOG_DIR / PACKAGE_LOG, encoding="utf-8")
@@ -134,15 +137,67 @@ def configure(verbose: bool = False, progress: bool = True) -> None:
     _state.handlers.append((logger, handler))
 
 
-def set_run_dir(run_dir: str | Path) -> None:
-    """The command's run directory: its ``logs/`` receives the package's DEBUG log and Ray's output."""
+def set_run_dir(run_dir: Any) -> None:
+    """The command's run directory: its ``logs/`` receives the package's DEBUG log and Ray's output.
+
+    For a run on an object store (a ``StorePath``) the logs are written in a local folder
+    (``storage.cache_dir(url, "logs")``, which starts from the store's ``logs/`` of an earlier run, so a
+    resume on another machine appends to the same log) and uploaded to ``RUN/logs/`` by
+    ``upload_store_logs``, which the build calls before it gives up its lease."""
     if not _state.configured or _state.run_dir is not None:
         return
-    _state.run_dir = Path(run_dir)
-    handler = _RunFileHandler(_state.run_dir)
+    from layerloop import storage
+
+    if storage.is_remote(run_dir):
+        remote = storage.location(run_dir)
+        local = storage.cache_dir(remote.url, "logs")
+        _pull_store_logs(remote / LOG_DIR, local / LOG_DIR)
+        local.mkdir(parents=True, exist_ok=True)
+        _state.store_logs = remote / LOG_DIR
+        _state.run_dir = local
+        handler = _RunFileHandler(local, ready=True)
+    else:
+        _state.run_dir = Path(run_dir)
+        handler = _RunFileHandler(_state.run_dir)
     logger = logging.getLogger(PACKAGE)
     logger.addHandler(handler)
     _state.handlers.append((logger, handler))
+
+
+def _pull_store_logs(remote: Any, local: Path) -> None:
+    """The log files of an earlier run on the store, into the local log folder (nothing when there are none
+    or the store cannot be read: the build then names the store's problem itself)."""
+    from layerloop import storage
+
+    try:
+        found = remote.files()
+    except (OSError, storage.StoreError):
+        return
+    local.mkdir(parents=True, exist_ok=True)
+    for obj in found:
+        if obj.name in (PACKAGE_LOG, RAY_LOG):
+            try:
+                (local / obj.name).write_bytes(obj.read_bytes())
+            except (OSError, storage.StoreError):
+                pass
+
+
+def upload_store_logs() -> None:
+    """Upload the local log folder of a run on an object store to ``RUN/logs/`` (each file one PUT); a
+    no-op for a local run. A failed upload is only logged (in the local copy): the log is not worth failing
+    a build over, and when the store has just failed the build already says so in one line."""
+    if _state.store_logs is None or _state.run_dir is None:
+        return
+    for handler in (h for _, h in _state.handlers):
+        handler.flush()
+    folder = _state.run_dir / LOG_DIR
+    for name in (PACKAGE_LOG, RAY_LOG):
+        if (folder / name).is_file():
+            try:
+                (_state.store_logs / name).put_file(folder / name)
+            except OSError as error:
+                logging.getLogger(PACKAGE).debug("the log %s was not uploaded to %s: %s", name,
+                                                 _state.store_logs, error)
 
 
 def verbose() -> bool:

@@ -298,6 +298,12 @@ class StorePath:
             if fnmatch.fnmatchcase(name, pattern):
                 yield self / name
 
+    def rglob(self, pattern: str) -> Iterator[StorePath]:
+        """Objects at any depth below this prefix whose name matches ``pattern``, from one recursive listing."""
+        for found in _call("list", self.url, self.fs.find, self.path):
+            if fnmatch.fnmatchcase(found.rsplit("/", 1)[-1], pattern):
+                yield StorePath(f"{self.protocol}://{found}")
+
     # ------------------------------------------------------------------ reading
     def read_bytes(self) -> bytes:
         try:
@@ -647,6 +653,60 @@ STAGING_ENV = "LAYERLOOP_STAGING_DIR"
 SYNC_ENV = "LAYERLOOP_STAGING_SYNC_S"
 _TMP_MARK = ".tmp-"
 _MARKER_SUFFIXES = (".json", ".parquet", ".jsonl")  # commit marks and records: uploaded after the data
+
+
+def mirror(objects: list[StorePath], root: StorePath, target: Path) -> Path:
+    """Copy ``objects`` (below ``root``) into the local folder ``target`` at the same relative paths, and
+    return ``target``. An object whose size and ETag match the copy made before is not fetched again
+    (``.mirror.json`` records them); each copy is written to a temporary name and renamed, so a killed copy
+    is fetched again, never read half-written. Files of ``target`` that are not among ``objects`` (gone from
+    the store since the last copy) are removed: ``target`` is the mirror's own folder. For what a library
+    can only read from local files (a ``datasets`` parquet or ``save_to_disk`` folder, the records of a
+    self-improvement loop); the images they point at are not copied."""
+    import json
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    record = target / ".mirror.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    for obj in objects:
+        if not obj.url.startswith(root.url + "/"):
+            raise ValueError(f"{obj} is not below {root}")
+        relative = obj.url[len(root.url) + 1:]
+        info = obj.stat()
+        stamp = [info.st_size, info.etag]
+        local = target / relative
+        if known.get(relative) == stamp and local.is_file() and local.stat().st_size == info.st_size:
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f"{local.name}.tmp-{os.getpid()}")
+        with obj.open("rb") as source, open(partial, "wb") as sink:
+            _call("read", obj.url, shutil.copyfileobj, source, sink, 1 << 22)
+        os.replace(partial, local)
+        known[relative] = stamp
+        record.write_text(json.dumps(known, sort_keys=True))
+    wanted = {target / obj.url[len(root.url) + 1:] for obj in objects} | {record}
+    for local in [p for p in target.rglob("*") if p.is_file() and p not in wanted]:
+        local.unlink()
+        known.pop(local.relative_to(target).as_posix(), None)
+    record.write_text(json.dumps(known, sort_keys=True))
+    return target
+
+
+CACHE_ENV = "LAYERLOOP_CACHE_DIR"
+
+
+def cache_dir(url: str, kind: str, base: str | os.PathLike | None = None) -> Path:
+    """A local cache folder for what is read from (or logged for) the store at ``url``: ``base`` (default
+    ``$LAYERLOOP_CACHE_DIR``, else ``~/.cache/layerloop``) / ``kind`` / the first 16 hex digits of the
+    URL's sha256."""
+    import hashlib
+
+    root = Path(base or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "layerloop")
+    return root / kind / hashlib.sha256(redact(url).encode()).hexdigest()[:16]
 
 
 def staging_dir(url: str) -> Path:

@@ -24,6 +24,12 @@ SMALL = ["source.n=8", "source.size=64", "stages.load.short_side=64", "shards.sa
          "report.rows=4"]
 
 
+@pytest.fixture(autouse=True)
+def local_cache(tmp_path, monkeypatch):
+    """Local copies and logs of store runs go under the test's folder, not ~/.cache."""
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "layerloop-cache"))
+
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     from layerloop.datasets.demo_scenes import generate_demo_data
@@ -175,6 +181,30 @@ def test_store_errors_are_one_line(s3, demo_data, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 4 and err.count("\n") == 1 and "no credentials found" in err
     assert s3.keys(bucket) == []  # nothing written
+
+
+def test_cli_build_to_s3_writes_its_report_and_logs_to_the_store(s3, demo_data, tmp_path, capsys):
+    import json
+
+    from layerloop.cli import main
+
+    url = f"s3://{s3.bucket()}/reported"
+    args = ["build", "demo", "--out", url, "--executor", "local", "--no-progress", *overrides(demo_data)]
+    assert main(args) == 0
+    root = storage.location(url)
+    stats = json.loads((root / "report" / "stats.json").read_text())
+    assert stats["samples_ok"] >= 6 and stats["sampled"]["rows"] == 4
+    assert (root / "report" / "contact_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = (root / "logs" / "layerloop.log").read_text()
+    assert "build" in first and SECRET not in first
+    assert main(args) == 0  # a resume (here: nothing to do) appends to the log the store holds
+    capsys.readouterr()
+    second = (root / "logs" / "layerloop.log").read_text()
+    assert second.startswith(first) and len(second) > len(first)
+    (root / "report" / "stats.json").unlink()
+    assert main(["report", url, "--rows", "2"]) == 0
+    assert f"wrote {url}/report" in capsys.readouterr().out
+    assert json.loads((root / "report" / "stats.json").read_text())["sampled"]["rows"] == 2
 
 
 def test_demo_source_rendering_into_a_store_is_refused(s3, capsys):
@@ -420,6 +450,102 @@ def test_rorem_meta_paths_leaving_the_root_on_s3_are_listing_failures(s3):
     assert all("outside the dataset root" in f.message for f in failures)
 
 
+def hf_imagefolder(demo_data: Path, folder: Path, n: int = 4) -> Path:
+    """A Hugging Face imagefolder of the demo scenes: ``train/`` images, masks in a sub-folder named by
+    ``mask_file_name``, captions in ``metadata.jsonl``."""
+    import json
+
+    train = folder / "train"
+    (train / "masks").mkdir(parents=True)
+    rows = []
+    for i, image in enumerate(sorted((demo_data / "source").iterdir())[:n]):
+        (train / image.name).write_bytes(image.read_bytes())
+        (train / "masks" / image.name).write_bytes((demo_data / "mask" / image.name).read_bytes())
+        rows.append({"file_name": image.name, "mask_file_name": f"masks/{image.name}", "text": f"scene {i}"})
+    (train / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_hf_imagefolder_on_s3_reads_each_image_from_the_store_and_matches_local(s3, demo_data, tmp_path,
+                                                                                 monkeypatch):
+    from layerloop.datasets.sources import StoredFile, build_source
+    from layerloop.stages.registry import build_stage
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = hf_imagefolder(demo_data, tmp_path / "hf")
+    url = upload_tree(s3, folder, s3.bucket(), "data/hf")
+    spec = {"type": "hf", "caption_column": "text", "name": "h", "cache_dir": str(tmp_path / "cache")}
+    remote, local = (build_source({**spec, "path": p}) for p in (url, str(folder)))
+    assert remote.resolved_format() == "imagefolder"
+    assert [(i.key, i.caption) for i in remote.items()] == [(i.key, i.caption) for i in local.items()]
+    assert [i.caption for i in remote.items()] == [f"scene {i}" for i in range(4)]
+    assert remote.listing_failures() == []
+    load = build_stage({"stage": "load", "short_side": 64}, seed=0)
+    for r, l in zip(remote.items(), local.items()):
+        sample = remote.read(r)
+        assert isinstance(sample.work["raw_image"], StoredFile) and sample.work["raw_image"].url.startswith(url)
+        a, b = load.process_sample(sample), load.process_sample(local.read(l))
+        assert (a.work["image"] == b.work["image"]).all() and (a.object_mask == b.object_mask).all()
+    cached = [p for p in (tmp_path / "hf-cache").rglob("*.png")] + [p for p in (tmp_path / "cache").rglob("*.png")]
+    assert cached == []  # images are read from the store, not copied into a cache
+
+
+def test_hf_build_from_s3_equals_a_build_from_the_local_folder(s3, demo_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = hf_imagefolder(demo_data, tmp_path / "hf", n=4)
+    url = upload_tree(s3, folder, s3.bucket(), "hf")
+    hf = ["source.type=hf", "source.caption_column=text", "source.name=hf", "executor=local"]
+    local = tmp_path / "local"
+    build(load_config("demo", [*SMALL, *hf, f"source.path={folder}"]), out=local, progress=False)
+    out = tmp_path / "remote"
+    result = build(load_config("demo", [*SMALL, *hf, f"source.path={url}"]), out=out, progress=False)
+    assert result.ok == 4
+    assert local_bytes(out) == local_bytes(local) and len(local_bytes(local)) == 5
+
+
+def test_hf_parquet_and_saved_datasets_on_s3_with_paths_leaving_the_root(s3, demo_data, tmp_path, monkeypatch):
+    import datasets
+
+    from layerloop.datasets.sources import build_source
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    images = sorted((demo_data / "source").iterdir())[:3]
+    embedded = {"image": [{"bytes": p.read_bytes(), "path": None} for p in images],
+                "mask": [{"bytes": (demo_data / "mask" / p.name).read_bytes(), "path": None} for p in images],
+                "text": [f"p{i}" for i in range(3)]}
+    features = datasets.Features({"image": datasets.Image(), "mask": datasets.Image(),
+                                  "text": datasets.Value("string")})
+    bucket = s3.bucket()
+    parquet = tmp_path / "pq" / "part-0.parquet"
+    parquet.parent.mkdir()
+    datasets.Dataset.from_dict(embedded, features=features).to_parquet(str(parquet))
+    url = upload_tree(s3, parquet.parent, bucket, "pq")
+    source = build_source({"type": "hf", "path": url, "caption_column": "text", "name": "pq",
+                           "cache_dir": str(tmp_path / "cache")})
+    assert source.resolved_format() == "parquet" and [i.caption for i in source.items()] == ["p0", "p1", "p2"]
+    assert source.read(source.items()[2]).work["raw_image"] == images[2].read_bytes()
+
+    # paths relative to the data set: inside the root they are read from the store, outside are listing failures
+    root = storage.location(f"s3://{bucket}/saved")
+    for p in images:
+        (root / "img" / p.name).write_bytes(p.read_bytes())
+        (root / "img" / f"m-{p.name}").write_bytes((demo_data / "mask" / p.name).read_bytes())
+    by_path = {"image": [f"img/{images[0].name}", f"../elsewhere/{images[1].name}", f"img/{images[2].name}"],
+               "mask": [f"img/m-{p.name}" for p in images], "text": ["a", "b", "c"]}
+    datasets.Dataset.from_dict(by_path).save_to_disk(root.url)
+    source = build_source({"type": "hf", "path": root.url, "caption_column": "text", "name": "sv",
+                           "cache_dir": str(tmp_path / "sv-cache")})
+    assert source.resolved_format() == "disk"
+    assert [i.key for i in source.items()] == ["sv_0", "sv_2"]
+    failure, = source.listing_failures()
+    assert failure.key == "sv_1" and failure.error_type == "OutsideRoot" and "outside the dataset root" in failure.message
+    read = source.read(source.items()[1]).work
+    assert read["raw_image"].url == f"{root.url}/img/{images[2].name}"
+    assert read["raw_image"].read() == images[2].read_bytes()
+    copied = sorted(p.name for p in (tmp_path / "sv-cache" / "hf-store").rglob("*") if p.is_file())
+    assert copied == sorted([".mirror.json", "data-00000-of-00001.arrow", "dataset_info.json", "state.json"])
+
+
 def _train(run_dir, out):
     from layerloop.training import load_train_config, run_training
 
@@ -507,6 +633,53 @@ def test_self_improvement_round_with_out_on_s3(s3, tmp_path, monkeypatch, capsys
     assert main(["self-improve", str(config), "--rounds", "1", "--out", url, "--no-progress"]) == 0
     assert "1 round(s)" in capsys.readouterr().out
     assert sorted(k[len(prefix) + 1:] for k in s3.keys(bucket, prefix + "/")) == sorted(keys)
+    # inspect reads the loop's records from a local mirror (no tars, no checkpoints)
+    assert main(["inspect", url]) == 0
+    printed = capsys.readouterr()
+    assert "round-000: 6 candidates" in printed.out and "local copy of its records" in printed.err
+    assert f"at {url}\n" in printed.out and f"report: {url}/report/index.html" in printed.out
+    mirrored = [p for p in storage.cache_dir(url, "inspect").rglob("*") if p.is_file()]
+    assert mirrored and not [p for p in mirrored if p.suffix in (".tar", ".safetensors", ".png")]
+    key = next(iter(iter_samples(str(staging / tars[-1]))))[0]
+    assert main(["inspect", url, "--key", key]) == 0 and key in capsys.readouterr().out  # traced in staging
+    shutil.rmtree(tmp_path / "staging")
+    assert main(["inspect", url, "--key", key]) == 2
+    assert "name the staging folder" in capsys.readouterr().err
+
+
+def test_evaluate_with_out_on_s3_and_compare_reads_it_from_the_store(s3, local_run, tmp_path, monkeypatch, capsys):
+    import json
+
+    import yaml
+
+    from layerloop.cli import main
+    from layerloop.evaluation.compare import compare_table
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    config = tmp_path / "eval.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "eval-s3", "family": "bfs", "executor": "local",
+        "heldout": {"run_dir": str(local_run), "select": 4, "seed": 3},
+        "methods": [{"name": "ld-oc", "stages": [{"stage": "trimap"}, {"stage": "matting", "backend": "closed-form"},
+                                                 {"stage": "background", "backend": "opencv"}, {"stage": "recompose"}]},
+                    {"name": "ground-truth", "stages": [{"stage": "ground-truth"}]}],
+        "metrics": {"clip_model": "tiny", "hps_model": "tiny", "musiq_model": "tiny", "maniqa_model": "tiny",
+                    "dino_model": "tiny"},
+        "kid_subset_size": 3, "kid_subsets": 4, "sheet_rows": 2}))
+    local = tmp_path / "local-eval"
+    assert main(["evaluate", str(config), "--out", str(local), "--no-progress"]) == 0
+    url = f"s3://{s3.bucket()}/eval"
+    assert main(["evaluate", str(config), "--out", url, "--no-progress"]) == 0
+    capsys.readouterr()
+    remote = json.loads(storage.location(f"{url}/metrics.json").read_text())
+    assert remote["metrics"] == json.loads((local / "metrics.json").read_text())["metrics"]
+    assert set(remote["metrics"]) == {"ld-oc", "ground-truth"}
+    bucket, prefix = url[len("s3://"):].split("/", 1)
+    keys = [k[len(prefix) + 1:] for k in s3.keys(bucket, prefix + "/")]
+    assert "per_sample.parquet" in keys and "run.lease" not in keys and not [k for k in keys if ".tmp-" in k]
+    table = compare_table([url, str(local)])
+    assert table.count("| ground-truth |") == 2 and f"| {url} |" in table
+    assert main(["compare", url]) == 0 and "| ld-oc |" in capsys.readouterr().out
 
 
 def test_train_with_out_on_s3_syncs_its_folder_and_resumes_from_the_store(s3, s3_run, tmp_path, monkeypatch,

@@ -239,3 +239,23 @@ def test_missing_bucket_and_missing_credentials_are_one_line(s3, monkeypatch):
         assert raised.value.errno == errno.ENOKEY and "no credentials found" in str(raised.value)
     finally:
         storage._FILESYSTEMS.clear()
+
+
+def test_mirror_copies_once_and_again_only_what_changed(s3, tmp_path, monkeypatch):
+    root = storage.location(f"s3://{s3.bucket()}/data")
+    (root / "a.parquet").write_bytes(b"a" * 10)
+    (root / "sub" / "b.arrow").write_bytes(b"b" * 20)
+    objects = [root / "a.parquet", root / "sub" / "b.arrow"]
+    target = storage.mirror(objects, root, tmp_path / "copy")
+    assert (target / "a.parquet").read_bytes() == b"a" * 10 and (target / "sub" / "b.arrow").read_bytes() == b"b" * 20
+    fetched = []
+    real_open = storage.StorePath.open
+    monkeypatch.setattr(storage.StorePath, "open", lambda self, *a, **k: fetched.append(self.name) or real_open(self, *a, **k))
+    storage.mirror(objects, root, tmp_path / "copy")
+    assert fetched == []  # size and ETag unchanged: nothing is fetched again
+    (root / "sub" / "b.arrow").write_bytes(b"c" * 20)  # same size, new content (a new ETag)
+    storage.mirror(objects, root, tmp_path / "copy")
+    assert fetched == ["b.arrow"] and (target / "sub" / "b.arrow").read_bytes() == b"c" * 20
+    assert not [p for p in target.rglob("*") if ".tmp-" in p.name]
+    with pytest.raises(ValueError, match="is not below"):
+        storage.mirror([storage.location(f"s3://{root.bucket}/elsewhere")], root, tmp_path / "copy")

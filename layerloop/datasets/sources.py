@@ -777,7 +777,7 @@ def _cell_path(value: Any) -> str | None:
 
 
 class HFSource(_FileSource):
-    """A Hugging Face ``datasets`` data set from local files only (no Hub access).
+    """A Hugging Face ``datasets`` data set from local files or an object store (no Hub access).
 
     ``data_format`` (inferred when None): ``imagefolder`` (a folder of images with ``metadata.jsonl``;
     ``mask_file_name`` there gives a ``mask`` column), ``parquet`` (a file or a folder of them) or
@@ -789,13 +789,20 @@ class HFSource(_FileSource):
     (``path``, or its folder when ``path`` is a file), never the current directory, and must lie inside
     it: a row with a path outside is a listing failure (``allow_outside_root`` opts out). A data set that
     ``datasets`` cannot load (a broken ``metadata.jsonl`` line, a ``file_name`` outside the folder) is
-    one readable error."""
+    one readable error.
+
+    On an object store (``path`` an ``s3://``/``gs://`` URL, credentials from the standard places):
+    ``disk`` and ``parquet`` load through ``datasets``' own fsspec support (parquet files are cached under
+    ``cache_dir`` like any download); an ``imagefolder`` is listed by streaming its ``metadata.jsonl``
+    (split folders as ``datasets`` infers them), so its rows hold the images' URLs and each image is read
+    from the store when its sample is loaded, never copied into a cache. "Inside the root" is decided by
+    name, as for the other sources on a store (``_stored_ref``)."""
 
     def __init__(self, path: str | Path, split: str = "train", image_column: str = "image",
                  mask_column: str = "mask", background_column: str | None = None,
                  caption_column: str | None = None, name: str = "hf", data_format: str | None = None,
                  cache_dir: str | None = None, allow_outside_root: bool = False):
-        self.path = Path(path)
+        self.path = storage.location(path) if storage.is_remote(path) else Path(path)
         self.split = split
         self.image_column = image_column
         self.mask_column = mask_column
@@ -806,18 +813,28 @@ class HFSource(_FileSource):
         self.cache_dir = cache_dir
         self.allow_outside_root = allow_outside_root
 
-    def base(self) -> Path:
+    @property
+    def stored(self) -> bool:
+        return isinstance(self.path, storage.StorePath)
+
+    def _is_file(self) -> bool:
+        cached = self.__dict__.get("_cache_is_file")
+        if cached is None:
+            cached = self._cache_is_file = self.path.is_file()
+        return cached
+
+    def base(self) -> Path | storage.StorePath:
         """What relative path cells are relative to."""
-        return self.path if self.path.is_dir() else self.path.parent
+        return self.path.parent if self._is_file() else self.path
 
     def resolved_format(self) -> str:
         if self.data_format:
             return self.data_format
-        if self.path.is_file():
+        if self._is_file():
             return "parquet" if self.path.suffix == ".parquet" else "imagefolder"
         if (self.path / "state.json").is_file() or (self.path / "dataset_dict.json").is_file():
             return "disk"
-        if any(self.path.rglob("*.parquet")):
+        if next(iter(self.path.rglob("*.parquet")), None) is not None:
             return "parquet"
         return "imagefolder"
 
@@ -828,23 +845,16 @@ class HFSource(_FileSource):
             return cached
         import datasets
 
+        if self.stored:
+            storage.check_bucket(self.path)
         if not self.path.exists():
             raise FileNotFoundError(f"hf source: {readable(str(self.path))} does not exist")
         fmt = self.resolved_format()
         if fmt not in ("disk", "parquet", "imagefolder"):
             raise ValueError(f"hf source: data_format {fmt!r} is not one of imagefolder, parquet, disk")
         try:
-            if fmt == "disk":
-                loaded = datasets.load_from_disk(str(self.path))
-                if isinstance(loaded, datasets.DatasetDict):
-                    loaded = loaded[self.split]
-            elif fmt == "parquet" and self.path.is_file():
-                loaded = datasets.load_dataset("parquet", data_files={self.split: str(self.path)},
-                                               split=self.split, cache_dir=self.cache_dir)
-            else:
-                loaded = datasets.load_dataset(fmt, data_dir=str(self.path), split=self.split,
-                                               cache_dir=self.cache_dir)
-        except (KeyboardInterrupt, MemoryError):
+            loaded = self._load(datasets, fmt)
+        except (KeyboardInterrupt, MemoryError, storage.StoreError):
             raise
         except Exception as error:
             raise ValueError(f"hf source {readable(str(self.path))} ({fmt}): the data set cannot be loaded: "
@@ -859,6 +869,59 @@ class HFSource(_FileSource):
                 loaded = loaded.cast_column(column, datasets.Image(decode=False))
         self._cache_dataset = loaded
         return loaded
+
+    def _load(self, datasets: Any, fmt: str) -> Any:
+        where = self._local_copy(fmt) if self.stored and fmt != "imagefolder" else self.path
+        if fmt == "disk":
+            loaded = datasets.load_from_disk(str(where))
+            return loaded[self.split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        if fmt == "parquet" and where.is_file():
+            return datasets.load_dataset("parquet", data_files={self.split: str(where)}, split=self.split,
+                                         cache_dir=self.cache_dir)
+        if not self.stored or fmt == "parquet":
+            return datasets.load_dataset(fmt, data_dir=str(where), split=self.split, cache_dir=self.cache_dir)
+        where = self.path.url
+        # an imagefolder on a store: ``datasets`` would download every image into its cache (and resolve
+        # ``mask_file_name`` against the cache, not the folder), so stream the listing instead: the rows
+        # then hold the images' URLs, and the ``load`` stage reads each from the store.
+        from datasets.data_files import get_data_patterns
+
+        patterns = {str(split): [f"{where}/{p}" for p in found]
+                    for split, found in get_data_patterns(where).items()}
+        if self.split not in patterns:
+            raise ValueError(f"split {self.split!r} not found; the folder has {sorted(patterns)}")
+        stream = datasets.load_dataset(fmt, data_files={self.split: patterns[self.split]}, split=self.split,
+                                       streaming=True)
+        for column, feature in stream.features.items():
+            if isinstance(feature, datasets.Image):
+                stream = stream.cast_column(column, datasets.Image(decode=False))
+        return datasets.Dataset.from_list(list(stream), features=stream.features)
+
+    def _local_copy(self, fmt: str) -> Path:
+        """The files of a ``parquet`` or ``disk`` data set on a store, copied into a local cache
+        (``cache_dir``, default ``~/.cache/layerloop``, under ``hf-store/``): ``datasets`` reads those formats
+        from local files only (its own remote download copies to an unmanaged temporary folder, and obeys
+        ``HF_HUB_OFFLINE`` for any URL). Only the data set's own files are copied: the parquet files, or
+        the JSON and arrow files of a saved data set; images its rows point at stay on the store."""
+        import json
+
+        target = storage.cache_dir(self.path.url, "hf-store", self.cache_dir)
+        if self._is_file():
+            storage.mirror([self.path], self.path.parent, target)
+            return target / self.path.name
+        if fmt == "parquet":
+            objects = list(self.path.rglob("*.parquet"))
+        else:
+            splits = [self.path]
+            if (self.path / "dataset_dict.json").is_file():
+                names = json.loads((self.path / "dataset_dict.json").read_text()).get("splits", [])
+                splits = [self.path / name for name in names]
+            objects = [self.path / "dataset_dict.json"] if len(splits) > 1 or splits[0] != self.path else []
+            for split in splits:
+                state = json.loads((split / "state.json").read_text())
+                objects += [split / "state.json", split / "dataset_info.json"]
+                objects += [split / entry["filename"] for entry in state.get("_data_files", [])]
+        return storage.mirror(objects, self.path, target)
 
     def _image_columns(self) -> dict[str, str]:
         columns = {"image": self.image_column, "mask": self.mask_column}
@@ -892,13 +955,13 @@ class HFSource(_FileSource):
         captions = list(ds[self.caption_column]) if self.caption_column else [None] * len(ds)
         root = self.root()
         outside: dict[int, str] = {}
-        if root is not None:
+        if root is not None or (self.stored and not self.allow_outside_root):
             for role, column in self._image_columns().items():
                 for row, path in enumerate(self._column_paths(ds, column)):
                     if path is None or row in outside:
                         continue
                     try:
-                        check_inside_root(self._resolve(path), root, f"{role} file")
+                        self._resolve(path, root, f"{role} file")
                     except OutsideRootError as error:
                         outside[row] = f"row {row}, column {column!r}: {error}"
         items, failures = [], []
@@ -912,20 +975,25 @@ class HFSource(_FileSource):
             items.append(SourceItem(make_key(self.name, str(i)), self.name, str(i), {"row": i}, caption))
         return items, failures
 
-    def _resolve(self, path: str) -> str:
-        return path if os.path.isabs(path) else os.path.join(self.base(), path)
+    def _resolve(self, path: str, root: str | None, what: str) -> str:
+        """A path cell as the file it names (resolved against the dataset root, not the current directory),
+        checked to lie inside the root: a local path, or the URL of an object on the store."""
+        if self.stored:
+            return _stored_ref(self.base(), path, self.allow_outside_root, what)
+        resolved = path if os.path.isabs(path) else os.path.join(self.base(), path)
+        check_inside_root(resolved, root, what)
+        return resolved
 
     def _value(self, value: Any, role: str, root: str | None) -> Any:
-        """A cell of an image column as something ``decode_image`` takes: its bytes, or its path resolved
-        against the dataset root and checked to lie inside it."""
+        """A cell of an image column as something ``decode_image`` takes: its bytes, its path resolved
+        against the dataset root and checked to lie inside it, or (on a store) a ``StoredFile``."""
         if isinstance(value, dict) and ("bytes" in value or "path" in value) and value.get("bytes"):
             return value["bytes"]
         path = _cell_path(value)
         if path is None:
             return value.get("path") if isinstance(value, dict) else value
-        resolved = self._resolve(path)
-        check_inside_root(resolved, root, f"{role} file")
-        return resolved
+        resolved = self._resolve(path, root, f"{role} file")
+        return _stored_files({role: resolved})[role] if self.stored else resolved
 
     def read(self, item: SourceItem) -> LayeredSample:
         row = self.dataset()[int(item.refs["row"])]

@@ -5,21 +5,28 @@ untrained LoRA that round 0 started from, when the loop's evaluation measures it
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
 
+from layerloop import storage
 from layerloop.evaluation.results import METRIC_INFO
 
 
 def collect(dirs: list[str | Path]) -> list[tuple[str, dict[str, Any]]]:
-    """(row label, metrics.json-shaped dict) for every evaluation found in ``dirs``, in order."""
+    """(row label, metrics.json-shaped dict) for every evaluation found in ``dirs`` (folders or store URLs),
+    in order."""
     found: list[tuple[str, dict[str, Any]]] = []
-    for folder in map(Path, dirs):
+    for folder in map(storage.location, dirs):
         if (folder / "metrics.json").is_file():
             found.append((str(folder), json.loads((folder / "metrics.json").read_text())))
             continue
-        evals = sorted(folder.glob("rounds/round-*/eval.json"))
+        if isinstance(folder, storage.StorePath):  # one recursive listing of the prefix
+            evals = sorted(p for p in folder.rglob("eval.json")
+                           if fnmatch.fnmatchcase(p.url[len(folder.url) + 1:], "rounds/round-*/eval.json"))
+        else:
+            evals = sorted(folder.glob("rounds/round-*/eval.json"))
         for path in evals:
             found.append((f"{folder} {path.parent.name}", json.loads(path.read_text())))
         if not evals:

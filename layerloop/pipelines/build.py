@@ -95,16 +95,15 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
             # an OSError that names no file gets the run directory it was writing
             named = attach_path(cause, str(run_dir)) if isinstance(cause, OSError) else cause
             run.fail(_failure_text(named))
+            logs.upload_store_logs()  # under the lease still: the log of a failed run is on the store too
             if named is cause:
                 raise
             raise named from error
-        if isinstance(run_dir, storage.StorePath):
-            if report:
-                logger.warning("no report/ for a run on an object store: the report writer writes local files")
-        elif report if report is not None else config.report.enabled:
+        if report if report is not None else config.report.enabled:
             from layerloop.report import write_report
 
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
+        logs.upload_store_logs()
     return result
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from layerloop.files import write_atomic, write_json_atomic
+from layerloop import storage
+from layerloop.files import dump_json, write_atomic, write_json_atomic
 from layerloop.report.scan import REPORT_DIR, existing_run_dir, index_rows, read_chosen, scan_run
 from layerloop.report.sheet import png_bytes, render_contact_sheet
 from layerloop.report.stats import run_stats
@@ -60,6 +61,10 @@ def write_report(run_dir: str | Path, rows: int = 8, seed: int = 0) -> dict[str,
                                  empty_note=empty_note)
 
     out = run_dir / REPORT_DIR
+    if isinstance(out, storage.StorePath):  # one PUT per object: a reader sees the old or the new report
+        (out / "contact_sheet.png").write_bytes(png_bytes(sheet))
+        (out / "stats.json").write_text(dump_json(stats, ensure_ascii=False))
+        return stats
     out.mkdir(exist_ok=True)
     # Written under temporary names and renamed, so a reader never sees half a report.
     write_atomic(out / "contact_sheet.png", png_bytes(sheet))
