@@ -709,13 +709,35 @@ def cache_dir(url: str, kind: str, base: str | os.PathLike | None = None) -> Pat
     return root / kind / hashlib.sha256(redact(url).encode()).hexdigest()[:16]
 
 
+def staging_base() -> Path:
+    """Where staging folders are made: ``$LAYERLOOP_STAGING_DIR``, default ``~/.cache/layerloop/staging``."""
+    return Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "layerloop" / "staging")
+
+
+def check_staging_on_cluster(out: str | os.PathLike, nodes: list[dict[str, Any]], what: str) -> None:
+    """Refuse a Ray run whose output folder is a staging folder (``--out s3://...`` of ``train`` or
+    ``self-improve``) when the cluster has more than one live node (``ray.nodes()``): tasks on the other nodes
+    would write into a folder of the same name on their own disks, which nothing uploads. One clear error
+    before any work, instead of results that silently never reach the store."""
+    from layerloop.errors import ConfigError
+
+    try:
+        staged = Path(out).resolve().is_relative_to(staging_base().resolve())
+    except OSError:
+        staged = False
+    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
+    if staged and len(alive) > 1:
+        raise ConfigError(f"{what} with --out on an object store runs in the local staging folder {out}, which the "
+                          f"other {len(alive) - 1} node(s) of this Ray cluster cannot see: run it on one machine "
+                          "(executor: local, or a single-node Ray), or give an --out on a disk every node mounts")
+
+
 def staging_dir(url: str) -> Path:
     """The local folder a store output is staged in: ``$LAYERLOOP_STAGING_DIR`` (default
     ``~/.cache/layerloop/staging``) / the first 16 hex digits of the URL's sha256."""
     import hashlib
 
-    base = Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "layerloop" / "staging")
-    return base / hashlib.sha256(redact(url).encode()).hexdigest()[:16]
+    return staging_base() / hashlib.sha256(redact(url).encode()).hexdigest()[:16]
 
 
 class Staged:

@@ -259,3 +259,16 @@ def test_mirror_copies_once_and_again_only_what_changed(s3, tmp_path, monkeypatc
     assert not [p for p in target.rglob("*") if ".tmp-" in p.name]
     with pytest.raises(ValueError, match="is not below"):
         storage.mirror([storage.location(f"s3://{root.bucket}/elsewhere")], root, tmp_path / "copy")
+
+
+def test_a_staging_folder_on_a_multi_node_ray_cluster_is_refused(tmp_path, monkeypatch):
+    from layerloop.errors import ConfigError
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    staged = storage.staging_dir("s3://bucket/loop")
+    one = [{"NodeID": "a", "Alive": True}, {"NodeID": "gone", "Alive": False}]
+    two = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
+    storage.check_staging_on_cluster(staged, one, "self-improve")  # one live node: it sees its own disk
+    storage.check_staging_on_cluster(tmp_path / "shared", two, "self-improve")  # not a staging folder
+    with pytest.raises(ConfigError, match=r"self-improve with --out on an object store .* other 1 node\(s\)"):
+        storage.check_staging_on_cluster(staged, two, "self-improve")

@@ -294,6 +294,9 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
         bar.bar.set_postfix_str("starting Ray...", refresh=True)
     logs.status("starting Ray", enabled=bar is None or not bar.enabled)
     RayExecutor(cfg.ray).init_ray()
+    from layerloop import storage
+
+    storage.check_staging_on_cluster(out, ray.nodes(), "self-improve")
     _pin_ray_data_singletons()
     step_task = ray.remote(_run_one)
     retries = cfg.ray.max_task_retries if cfg.ray.max_task_retries is not None else 3

@@ -67,7 +67,12 @@ def train_with_ray(cfg: TrainConfig, out_dir: str | Path, stop_at: int | None = 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    import ray
+
+    from layerloop import storage
+
     init_ray(cfg)
+    storage.check_staging_on_cluster(out_dir, ray.nodes(), "train")
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     resources = {"CPU": cfg.ray.cpus_per_worker}
