@@ -336,32 +336,69 @@ def source_keys(run_dir: Path) -> list[str]:
     return [item.key for item in RoremSource(Path(run_dir) / "demo-data", name="demo").items()]
 
 
+_CHILD: dict = {}  # the running child: process, work and Ray temp folders, start time
+
+
+def start_in_background(work: Path) -> None:
+    """Start the child (the cluster and its scenarios) now, without waiting for it; ``fault_runs`` collects it.
+
+    ``tests/conftest.py`` calls this when the session has collected these tests: the child spends its
+    minutes mostly waiting on Ray (node deaths, retries, restarts), so it runs while the rest of the suite
+    does. A private Ray temp dir: a cluster_utils head writes its address to <temp dir>/ray/ray_current_cluster,
+    and any `ray.init()` without an address on this machine (another test, a `layerloop build`) would join
+    this test's cluster while it runs, or try a dead one if the child is killed. Kept short: Ray's socket
+    paths under it must stay below the 107-character limit of Unix sockets."""
+    if _CHILD:
+        return
+    ray_tmp = tempfile.mkdtemp(prefix="llf-", dir="/tmp")
+    with open(work / "cluster.out", "wb") as out, open(work / "cluster.err", "wb") as err:
+        # its own process group: a kill (a timeout, a session that ends first) also reaches the Ray
+        # processes its cluster started
+        process = subprocess.Popen([sys.executable, __file__, str(work)], cwd=REPO, stdout=out, stderr=err,
+                                   env={**os.environ, "RAY_TMPDIR": ray_tmp, "LAYERLOOP_RAY_STALL_TIMEOUT_S": "90"},
+                                   start_new_session=True)
+    _CHILD.update(process=process, work=work, ray_tmp=ray_tmp, started=time.perf_counter())
+
+
+def stop_background() -> None:
+    """End of the session: a child that nobody collected (its tests were not reached) is killed, and its
+    Ray temp folder removed (the work folder stays with the session's others, for its logs)."""
+    if not _CHILD:
+        return
+    _kill_child()
+    shutil.rmtree(_CHILD["ray_tmp"], ignore_errors=True)
+
+
+def _kill_child() -> None:
+    process = _CHILD["process"]
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def fault_runs(tmp_path_factory):
     pytest.importorskip("ray")
     from layerloop.config import load_config
     from layerloop.pipelines.build import build
 
-    work = tmp_path_factory.mktemp("faults")
-    # A private Ray temp dir: a cluster_utils head writes its address to <temp dir>/ray/ray_current_cluster,
-    # and any `ray.init()` without an address on this machine (another test session, a `layerloop build`)
-    # would join this test's cluster while it runs, or try a dead one if the child is killed. Kept short:
-    # Ray's socket paths under it must stay below the 107-character limit of Unix sockets.
-    ray_tmp = tempfile.mkdtemp(prefix="llf-", dir="/tmp")
-    started = time.perf_counter()
+    start_in_background(tmp_path_factory.mktemp("faults"))  # a no-op when the session started it
+    process, work = _CHILD["process"], _CHILD["work"]
     try:
-        done = subprocess.run([sys.executable, __file__, str(work)], cwd=REPO, capture_output=True, text=True,
-                              timeout=900, env={**os.environ, "RAY_TMPDIR": ray_tmp,
-                                                     "LAYERLOOP_RAY_STALL_TIMEOUT_S": "90"})
+        process.wait(timeout=max(1.0, 900 - (time.perf_counter() - _CHILD["started"])))
+    except subprocess.TimeoutExpired:
+        _kill_child()
     finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    (work / "cluster.out").write_text(done.stdout)
-    (work / "cluster.err").write_text(done.stderr)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"cluster script failed (rc {done.returncode}):\n{cause(work / 'cluster.err')}"
+        shutil.rmtree(_CHILD["ray_tmp"], ignore_errors=True)
+    stdout = (work / "cluster.out").read_text()
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"cluster script failed (rc {process.returncode}):\n{cause(work / 'cluster.err')}"
     runs = json.loads(lines[-1][len("RESULT "):])
-    runs["seconds"] = time.perf_counter() - started
-    reference = work / "local"
+    runs["seconds"] = time.perf_counter() - _CHILD["started"]
+    reference = tmp_path_factory.mktemp("faults") / "local"
     build(load_config("demo", OVERRIDES + ["executor=local"]), out=reference, progress=False)
     runs["reference"] = str(reference)
     return runs
