@@ -53,6 +53,7 @@ from layerloop.models.incontext_canvas import (  # noqa: F401  (re-exported)
 from layerloop.models.incontext_checkpoint import (  # noqa: F401  (re-exported)
     FILL_MODEL_ID, LORA_CONFIG_FILE, LORA_FILE, LORA_FORMAT, LORA_TARGETS, InContextConfig, checkpoint_hash,
 )
+from layerloop.models.incontext_base import to_velocity
 from layerloop.models.incontext_losses import InContextLosses
 from layerloop.models.text_encoders import (  # noqa: F401  (re-exported)
     TEXT_SUBFOLDERS, ByteTextEncoder, FluxTextEncoder, TextEmbeddings,
@@ -87,11 +88,16 @@ class InContextLoRA(InContextLosses, nn.Module):
     ``InContextPipeline`` (``decompose`` / ``compose`` here are shortcuts to it)."""
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                 config: InContextConfig | None = None):
+                 config: InContextConfig | None = None, prediction: str = "velocity"):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
+        from layerloop.models.incontext_base import PREDICTIONS
+
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
         self.config = config or InContextConfig()
+        self.prediction = prediction  # what the base predicts (incontext_base.to_velocity); the base's, not the LoRA's
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         for module in (transformer, vae, text_encoder):
             module.requires_grad_(False)
@@ -140,7 +146,8 @@ class InContextLoRA(InContextLosses, nn.Module):
         if incontext_base.is_base_folder(model):  # a tiny base pretrained by the incontext-base task
             transformer, vae, own_text_encoder = incontext_base.load_base(model, dtype, device)
             config = {"base_model": str(Path(model).expanduser().resolve()), "base_revision": None, **config}
-            return cls(transformer, vae, (text_encoder or own_text_encoder).to(device), InContextConfig(**config))
+            return cls(transformer, vae, (text_encoder or own_text_encoder).to(device), InContextConfig(**config),
+                       prediction=incontext_base.base_prediction(model))
         needed = ("transformer", "vae") + (() if text_encoder is not None else TEXT_SUBFOLDERS)
         folder = hub.resolve_folder(model, needed, revision=revision)
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device)
@@ -286,7 +293,8 @@ class InContextLoRA(InContextLosses, nn.Module):
 
     def velocity(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, text: TextEmbeddings,
                  height: int, width: int) -> torch.Tensor:
-        """The transformer's flow prediction ``v`` (≈ noise - x0) for packed noisy latents ``x_t``."""
+        """The flow velocity ``v`` (≈ noise - x0) for packed noisy latents ``x_t``: the transformer's output,
+        or made from it when the base predicts x0 (``incontext_base.to_velocity``)."""
         b = x_t.shape[0]
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -296,7 +304,7 @@ class InContextLoRA(InContextLosses, nn.Module):
             encoder_hidden_states=text.embeds, pooled_projections=text.pooled,
             timestep=t.to(self.device, self.dtype).expand(b), guidance=guidance,
             img_ids=self.image_ids(height, width), txt_ids=text.ids, return_dict=False)[0]
-        return out.float()
+        return to_velocity(out.float(), x_t.float(), cond[..., :x_t.shape[-1]].float(), t, self.prediction)
 
     def one_step(self, direction: str, canvas: torch.Tensor, x0: torch.Tensor, region: torch.Tensor,
                  captions: Sequence[str], t: torch.Tensor, noise: torch.Tensor, height: int,

@@ -41,6 +41,10 @@ from layerloop.files import sha256_file, write_json_atomic
 from layerloop.models.text_encoders import ByteTextEncoder
 
 BASE_CLASS = "LayerloopTinyFill"  # model_index.json's _class_name of a base folder
+# What a base's transformer predicts (model_index.json ``prediction``; FLUX.1-Fill-dev and every folder
+# without the key: ``velocity``). See ``to_velocity``.
+PREDICTIONS = ("velocity", "sample", "residual")
+T_MIN = 1e-3  # the smallest t an x0 prediction is divided by (samplers and training never go below it)
 BASE_FORMAT = 1
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 TEXT_WEIGHTS = "model.safetensors"
@@ -48,6 +52,51 @@ VAE_VARIANTS = ("kl", "s2d")
 
 _TINY_ID = re.compile(r"^tiny(?::(?:(?P<s2d>s2d)(?:-(?P<seed2>\d+))?|(?P<seed>\d+)))?$")
 _TINY_NAME = re.compile(r"^tiny-(?:(?P<s2d>s2d)-)?(?P<seed>\d+)$")
+
+
+# --------------------------------------------------------------------------- prediction
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, given: torch.Tensor, t: torch.Tensor,
+                prediction: str) -> torch.Tensor:
+    """The flow velocity ``v = noise - x0`` (what the samplers and losses take) from the transformer's output
+    ``out`` (B x L x C), by what the base was trained to predict:
+
+    * ``velocity``: ``out`` is v (FLUX.1-Fill-dev, and the random tiny bases);
+    * ``sample``: ``out`` is x0, so ``v = (x_t - x0) / t``;
+    * ``residual``: ``out`` is x0 minus ``given``, the Fill conditioning's image latents (B x L x C: the
+      masked image, or the in-context task's given panels and first guesses), so that where a task changes
+      nothing the answer is 0.
+
+    A velocity has to carry the input noise through the network, which a transformer a few dozen channels
+    wide cannot do next to the content (a 64-wide base trained with ``velocity`` still returned visible noise
+    at t = 1); a tiny pretrained stand-in for the FLUX base therefore predicts ``residual`` (docs/fidelity.md)."""
+    if prediction == "velocity":
+        return out
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    x0 = out + given if prediction == "residual" else out
+    return (x_t - x0) / t.reshape(-1, 1, 1).to(x_t.dtype).clamp_min(T_MIN)
+
+
+def flow_error(v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+               prediction: str) -> torch.Tensor:
+    """What the flow-matching loss squares: ``v - (noise - x0)``, times t for a base that predicts x0
+    (``sample``, ``residual``): its loss is then the MSE of x0, where the velocity MSE would weigh small t by
+    1 / t^2."""
+    error = v - (noise - x0)
+    if prediction == "velocity":
+        return error
+    return error * t.reshape(-1, 1, 1).to(error.dtype)
+
+
+def base_prediction(folder: str | os.PathLike) -> str:
+    """What a base folder's transformer predicts (``to_velocity``): model_index.json ``prediction``, else
+    ``velocity`` (folders written before the key)."""
+    index = json.loads((Path(folder).expanduser() / "model_index.json").read_text())
+    prediction = index.get("prediction", "velocity")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"{folder}: prediction {prediction!r} in model_index.json is not one of "
+                         f"{', '.join(PREDICTIONS)}")
+    return prediction
 
 
 # --------------------------------------------------------------------------- names
@@ -158,9 +207,13 @@ def base_hash(folder: str | os.PathLike) -> str:
 
 
 def save_base(folder: str | os.PathLike, transformer: nn.Module, vae: nn.Module, text_encoder: ByteTextEncoder,
-              info: dict[str, Any] | None = None) -> Path:
+              info: dict[str, Any] | None = None, prediction: str = "velocity") -> Path:
     """Write a base folder (the layout in the module docstring); ``info`` is stored in model_index.json
-    (what it was trained on, for people). The transformer must be a plain FluxTransformer2DModel."""
+    (what it was trained on, for people), and ``prediction`` (``to_velocity``) when it is not ``velocity``,
+    so that velocity bases keep the bytes of before the option. The transformer must be a plain
+    FluxTransformer2DModel."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
     from safetensors.torch import save_file
 
     if not isinstance(text_encoder, ByteTextEncoder):
@@ -181,7 +234,8 @@ def save_base(folder: str | os.PathLike, transformer: nn.Module, vae: nn.Module,
         "_class_name": BASE_CLASS, "format": BASE_FORMAT,
         "transformer": ["diffusers", type(transformer).__name__],
         "vae": [type(vae).__module__.split(".")[0], type(vae).__name__],
-        "text_encoder": ["layerloop", "ByteTextEncoder"], "info": info or {}})
+        "text_encoder": ["layerloop", "ByteTextEncoder"], "info": info or {},
+        **({"prediction": prediction} if prediction != "velocity" else {})})
     return folder
 
 

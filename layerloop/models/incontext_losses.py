@@ -19,6 +19,7 @@ from typing import Mapping
 
 import torch
 
+from layerloop.models.incontext_base import flow_error
 from layerloop.models.incontext_canvas import COMPOSE, DECOMPOSE, DIRECTIONS, GENERATED, PANELS, LatentCanvas
 
 # (first direction, second direction, loss name) of the two cycles.
@@ -37,10 +38,11 @@ class InContextLosses:
 
     def supervised_loss(self, batch: LatentCanvas, direction: str, t: torch.Tensor,
                         noise: torch.Tensor) -> torch.Tensor:
-        """Flow-matching MSE ``|v - (noise - x0)|^2`` on the tokens ``direction`` generates."""
+        """Flow-matching MSE ``|v - (noise - x0)|^2`` on the tokens ``direction`` generates (the MSE of x0 for a
+        base that predicts x0: ``incontext_base.flow_error``)."""
         v, _ = self.one_step(direction, batch.x0, batch.x0, batch.region, batch.captions, t, noise,
                              batch.height, batch.width)
-        error = v - (noise - batch.x0)
+        error = flow_error(v, noise, batch.x0, t, self.prediction)
         if self.restricted:  # per-sample token sets: the mean over the tokens each sample generates
             tokens = self.fill_tokens(direction, batch.region, batch.height, batch.width)
             return _masked_mean(error.pow(2), tokens)

@@ -29,7 +29,10 @@ decomposing and composing stay what the LoRA has to learn.
 **Loss**: flow matching (`x_t = (1 - t) x0 + t noise`, target `noise - x0`, logit-normal t) averaged over the
 masked tokens, plus `unmasked_weight` (0.1) times the average over the others (the base must also carry
 the given pixels through, which the sampler's output relies on; weighted down because it is copying).
-Guidance is fed at `guidance` (30), the value the in-context LoRA trains and samples with.
+Guidance is fed at `guidance` (30), the value the in-context LoRA trains and samples with. With
+`prediction: sample` or `residual` the transformer predicts x0 (or x0 minus the conditioning's image
+latents) instead of the velocity, and the loss is the MSE of x0 (`incontext_base.to_velocity`,
+`flow_error`); the base folder records it, and LoRAs on it use it.
 
 Weights: `save_weights` writes the base folder (`transformer/`, `vae/`, `text_encoder/`, `model_index.json`);
 `weights_hash` is `incontext_base.base_hash` (the transformer weights' digest), which LoRAs trained on the
@@ -40,7 +43,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -76,6 +79,9 @@ class InContextBaseParams(BaseModel):
     timestep_mean: float = 0.0
     timestep_std: float = Field(1.0, gt=0)
     kinds: list[str] = Field(default_factory=lambda: ["rendered", "quadruple"])
+    # what the transformer predicts (incontext_base.to_velocity): None is the base folder's when ``model`` is
+    # one, else ``velocity`` (FLUX's); ``residual`` lets a tiny base learn content instead of carrying noise
+    prediction: Literal["velocity", "sample", "residual"] | None = None
 
     @field_validator("kinds")
     @classmethod
@@ -108,9 +114,12 @@ class FillBase(nn.Module):
     """The tiny Fill model being pretrained: the transformer (trained), its VAE and byte text encoder
     (frozen). Token layout, packing and conditioning as ``InContextLoRA`` (``models/incontext.py``)."""
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module):
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, prediction: str = "velocity"):
         super().__init__()
+        if prediction not in incontext_base.PREDICTIONS:
+            raise ValueError(f"prediction {prediction!r} is not one of {', '.join(incontext_base.PREDICTIONS)}")
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.prediction = prediction  # what the transformer learns to predict (incontext_base.to_velocity)
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         transformer.requires_grad_(True)
@@ -167,7 +176,8 @@ class FillBase(nn.Module):
             pooled_projections=text.pooled.to(self.device, dtype), timestep=t.to(self.device, dtype),
             guidance=guidance_input, img_ids=self.image_ids(rows, columns), txt_ids=text.ids.to(self.device, dtype),
             return_dict=False)[0]
-        return out.float()
+        return incontext_base.to_velocity(out.float(), x_t.float(), cond[..., :x_t.shape[-1]].float(), t,
+                                          self.prediction)
 
 
 @register_task(FAMILY)
@@ -207,9 +217,14 @@ class InContextBaseTask:
         if tiny is not None:
             parts = incontext_base.tiny_components(*tiny, layers=p.layers, single_layers=p.single_layers,
                                                    heads=p.heads, head_dim=p.head_dim, text_dim=p.text_dim)
+            prediction = p.prediction or "velocity"
         else:
             parts = incontext_base.load_base(self.cfg.model, torch.float32, "cpu")
-        self.model = FillBase(*parts).to(device)
+            prediction = incontext_base.base_prediction(self.cfg.model)
+            if p.prediction not in (None, prediction):
+                raise ValueError(f"task.prediction is {p.prediction!r}, but the base folder {self.cfg.model} was "
+                                 f"trained to predict {prediction!r}; leave task.prediction unset to continue it")
+        self.model = FillBase(*parts, prediction=prediction).to(device)
         self.model.transformer.train()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -238,7 +253,7 @@ class InContextBaseTask:
         noise = torch.randn(x0.shape, generator=generator).to(model.device)
         x_t = (1.0 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
         v = model.velocity(x_t, cond, t, [s.caption for s in batch], rows, columns, p.guidance)
-        per_token = (v - (noise - x0)).pow(2).mean(dim=-1)  # B x L
+        per_token = incontext_base.flow_error(v, noise, x0, t, model.prediction).pow(2).mean(dim=-1)  # B x L
         inside = masks.reshape(b, -1).to(model.device) > 0
         masked_loss = per_token[inside].mean()
         unmasked_loss = per_token[~inside].mean() if (~inside).any() else per_token.new_zeros(())
@@ -251,7 +266,8 @@ class InContextBaseTask:
         p = self.params
         info = {"trained_from": str(self.cfg.model), "resolution": p.resolution, "guidance": p.guidance,
                 "data": [d.name for d in self.cfg.data]}
-        incontext_base.save_base(path, self.model.transformer, self.model.vae, self.model.text_encoder, info)
+        incontext_base.save_base(path, self.model.transformer, self.model.vae, self.model.text_encoder, info,
+                                 prediction=self.model.prediction)
 
     def load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file

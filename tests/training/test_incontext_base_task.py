@@ -133,3 +133,64 @@ def test_stop_resume_base_folder_and_a_lora_on_it(shards, tmp_path):
     save_file(changed, str(base / weights))
     with pytest.raises(ValueError, match="retrained"):
         load_model(lora["final"])
+
+
+def test_to_velocity_and_flow_error_for_each_prediction():
+    g = torch.Generator().manual_seed(0)
+    x0, noise, given, out = (torch.randn(2, 5, 3, generator=g) for _ in range(4))
+    t = torch.tensor([0.25, 1.0])
+    x_t = (1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise
+    assert torch.equal(incontext_base.to_velocity(out, x_t, given, t, "velocity"), out)
+    for prediction, x0_hat in (("sample", out), ("residual", out + given)):
+        v = incontext_base.to_velocity(out, x_t, given, t, prediction)
+        # one Euler step from t to 0 lands on the predicted x0, and the x0 error is the loss
+        assert torch.allclose(x_t - t.view(-1, 1, 1) * v, x0_hat, atol=1e-6)
+        error = incontext_base.flow_error(v, noise, x0, t, prediction)
+        assert torch.allclose(error.abs(), (x0_hat - x0).abs(), atol=1e-5)
+    # residual: an output of 0 is the given image itself (a task that changes nothing)
+    v = incontext_base.to_velocity(torch.zeros_like(out), x_t, given, t, "residual")
+    assert torch.allclose(x_t - t.view(-1, 1, 1) * v, given, atol=1e-6)
+    with pytest.raises(ValueError, match="not one of"):
+        incontext_base.to_velocity(out, x_t, given, t, "epsilon")
+
+
+def test_a_residual_base_records_its_prediction_and_a_lora_on_it_uses_it(shards, batch, tmp_path):
+    task = _task(shards, prediction="residual")
+    assert task.model.prediction == "residual"
+    optimizer = torch.optim.AdamW(task.trainable_parameters(), lr=2e-3)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, _ = task.loss(batch, 0, torch.Generator().manual_seed(0))
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+    run_training(_cfg(shards, steps=2, prediction="residual"), tmp_path / "base")
+    base = tmp_path / "base" / "final"
+    assert json.loads((base / "model_index.json").read_text())["prediction"] == "residual"
+    assert incontext_base.base_prediction(base) == "residual"
+    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext", region_margin=1), tmp_path / "lora")
+    model = load_model(lora["final"])
+    assert model.prediction == "residual"
+    # with the transformer's output zeroed, decomposing returns the given panels: in the region the first
+    # guess (the composite for the clean object), outside it what is pasted back (the composite again)
+    with torch.no_grad():
+        model.transformer.proj_out.weight.zero_()
+        model.transformer.proj_out.bias.zero_()
+    import numpy as np
+    from PIL import Image
+
+    sample, size = batch[0], 16
+    composite = np.asarray(Image.fromarray(sample.composite).resize((size, size)))
+    region = np.zeros((size, size), np.uint8)
+    region[4:12, 4:12] = 1
+    decomposed = model.decompose(composite, region, "", steps=4, seed=0)
+    assert np.abs(decomposed.background.astype(int) - composite.astype(int)).max() <= 1
+    # continuing a residual base with another prediction is refused; unset continues it
+    with pytest.raises(ValueError, match="trained to predict 'residual'"):
+        InContextBaseTask(_cfg(shards, model=base, prediction="velocity")).setup(torch.device("cpu"))
+    velocity_base = tmp_path / "vbase"
+    run_training(_cfg(shards, steps=2), velocity_base)
+    assert "prediction" not in json.loads((velocity_base / "final" / "model_index.json").read_text())
