@@ -116,7 +116,7 @@ class InContextLoRA(InContextLosses, nn.Module):
             if "lora_" in name:
                 # peft casts the adapter to the base dtype; small LoRA updates vanish in bf16, so train in fp32
                 param.data = param.data.float()
-        self._empty_panel: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._constant_panels: dict[tuple[float, int, int, str], torch.Tensor] = {}  # constant_latents
 
     # ------------------------------------------------------------- constructors
     @classmethod
@@ -261,14 +261,19 @@ class InContextLoRA(InContextLosses, nn.Module):
         mask = mask.view(b, h, s, w, s).permute(0, 2, 4, 1, 3).reshape(b, s * s, h, w)
         return self.pack(mask)
 
+    def constant_latents(self, value: float, height: int, width: int) -> torch.Tensor:
+        """Latents (1 x c x h x w) of a panel whose pixels are all ``value`` (in [-1, 1]), encoded once per
+        value, size and device."""
+        key = (float(value), height, width, str(self.device))
+        if key not in self._constant_panels:
+            pixels = torch.full((1, 3, height, width), float(value), device=self.device)
+            self._constant_panels[key] = self.encode_panel(pixels).float()
+        return self._constant_panels[key]
+
     def empty_panel(self, height: int, width: int) -> torch.Tensor:
         """Packed-ready latents (1 x c x h x w) of a masked-out panel: Fill zeroes masked pixels
         (``image * (1 - mask)``), i.e. mid grey in [-1, 1]."""
-        key = (height, width, str(self.device))
-        if key not in self._empty_panel:
-            zeros = torch.zeros(1, 3, height, width, device=self.device)
-            self._empty_panel[key] = self.encode_panel(zeros).float()
-        return self._empty_panel[key]
+        return self.constant_latents(0.0, height, width)
 
     # ------------------------------------------------------------- conditioning and the network
     def condition(self, direction: str, canvas: torch.Tensor, region: torch.Tensor, height: int,

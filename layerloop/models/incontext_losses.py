@@ -9,8 +9,8 @@ The cycle term (the Cycle-Consistent Tuning paper's: compose(decompose(C)) = C, 
 (F, B)) chains two one-step x0 estimates, so training never runs a sampler, and never shows the cycle the
 ground truth it is compared with or the ground truth of the panels it generates (see ``cycle_loss``).
 
-The mixin relies on the model's ``one_step``, ``panel_tokens``, ``empty_panel``, ``pack``, ``config`` and
-``device``.
+The mixin relies on the model's ``one_step``, ``panel_tokens``, ``empty_panel``, ``constant_latents``,
+``pack``, ``config``, ``prediction`` and ``device``.
 """
 
 from __future__ import annotations
@@ -95,13 +95,8 @@ class InContextLosses:
     def constant_panel(self, name: str, height: int, width: int) -> torch.Tensor:
         """Packed tokens (rows x columns x 4c) of an empty layer's panels: ``matte`` colour or alpha 0."""
         value = {"matte": self.config.matte, "transparent": 0}[name] / 127.5 - 1.0
-        key = (name, height, width, str(self.device))
-        cache = self.__dict__.setdefault("_constant_panels", {})
-        if key not in cache:
-            pixels = torch.full((1, 3, height, width), value, device=self.device)
-            step = 2 * self.vae_scale
-            cache[key] = self.pack(self.encode_panel(pixels).float()).view(height // step, width // step, -1)
-        return cache[key]
+        step = 2 * self.vae_scale
+        return self.pack(self.constant_latents(value, height, width)).view(height // step, width // step, -1)
 
     def cycle_loss(self, batch: LatentCanvas, noise1: Mapping[str, torch.Tensor] | torch.Tensor,
                    noise2: Mapping[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:

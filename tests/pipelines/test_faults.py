@@ -30,17 +30,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
+from tests.background import BackgroundChild
 
 REPO = Path(__file__).resolve().parents[2]
 # 12 shards of 2 samples: enough shards that a kill after the first commit lands mid-build on two
@@ -336,47 +336,19 @@ def source_keys(run_dir: Path) -> list[str]:
     return [item.key for item in RoremSource(Path(run_dir) / "demo-data", name="demo").items()]
 
 
-_CHILD: dict = {}  # the running child: process, work and Ray temp folders, start time
+CHILD = BackgroundChild()
 
 
 def start_in_background(work: Path) -> None:
-    """Start the child (the cluster and its scenarios) now, without waiting for it; ``fault_runs`` collects it.
-
+    """Start the child (the cluster and its scenarios) without waiting for it; ``fault_runs`` collects it.
     ``tests/conftest.py`` calls this when the session has collected these tests: the child spends its
     minutes mostly waiting on Ray (node deaths, retries, restarts), so it runs while the rest of the suite
-    does. A private Ray temp dir: a cluster_utils head writes its address to <temp dir>/ray/ray_current_cluster,
-    and any `ray.init()` without an address on this machine (another test, a `layerloop build`) would join
-    this test's cluster while it runs, or try a dead one if the child is killed. Kept short: Ray's socket
-    paths under it must stay below the 107-character limit of Unix sockets."""
-    if _CHILD:
-        return
-    ray_tmp = tempfile.mkdtemp(prefix="llf-", dir="/tmp")
-    with open(work / "cluster.out", "wb") as out, open(work / "cluster.err", "wb") as err:
-        # its own process group: a kill (a timeout, a session that ends first) also reaches the Ray
-        # processes its cluster started
-        process = subprocess.Popen([sys.executable, __file__, str(work)], cwd=REPO, stdout=out, stderr=err,
-                                   env={**os.environ, "RAY_TMPDIR": ray_tmp, "LAYERLOOP_RAY_STALL_TIMEOUT_S": "90"},
-                                   start_new_session=True)
-    _CHILD.update(process=process, work=work, ray_tmp=ray_tmp, started=time.perf_counter())
+    does."""
+    CHILD.start([sys.executable, __file__, str(work)], work, REPO, {"LAYERLOOP_RAY_STALL_TIMEOUT_S": "90"})
 
 
 def stop_background() -> None:
-    """End of the session: a child that nobody collected (its tests were not reached) is killed, and its
-    Ray temp folder removed (the work folder stays with the session's others, for its logs)."""
-    if not _CHILD:
-        return
-    _kill_child()
-    shutil.rmtree(_CHILD["ray_tmp"], ignore_errors=True)
-
-
-def _kill_child() -> None:
-    process = _CHILD["process"]
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+    CHILD.stop()
 
 
 @pytest.fixture(scope="module")
@@ -386,18 +358,11 @@ def fault_runs(tmp_path_factory):
     from layerloop.pipelines.build import build
 
     start_in_background(tmp_path_factory.mktemp("faults"))  # a no-op when the session started it
-    process, work = _CHILD["process"], _CHILD["work"]
-    try:
-        process.wait(timeout=max(1.0, 900 - (time.perf_counter() - _CHILD["started"])))
-    except subprocess.TimeoutExpired:
-        _kill_child()
-    finally:
-        shutil.rmtree(_CHILD["ray_tmp"], ignore_errors=True)
-    stdout = (work / "cluster.out").read_text()
+    code, stdout, _ = CHILD.wait(timeout=900)
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"cluster script failed (rc {process.returncode}):\n{cause(work / 'cluster.err')}"
+    assert lines, f"cluster script failed (rc {code}):\n{cause(CHILD.work / 'child.err')}"
     runs = json.loads(lines[-1][len("RESULT "):])
-    runs["seconds"] = time.perf_counter() - _CHILD["started"]
+    runs["seconds"] = time.perf_counter() - CHILD.started
     reference = tmp_path_factory.mktemp("faults") / "local"
     build(load_config("demo", OVERRIDES + ["executor=local"]), out=reference, progress=False)
     runs["reference"] = str(reference)

@@ -5,12 +5,12 @@ local Ray of the other tests."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
 import pytest
+
+from tests.background import BackgroundChild
 
 SCRIPT = r"""
 import json, sys
@@ -41,15 +41,25 @@ cluster.shutdown()
 """
 
 
+CHILD = BackgroundChild()
+
+
+def start_in_background(work: Path) -> None:
+    """The cluster script, started when the session collects this test (``tests/conftest.py``): its minute
+    of Ray start-up and actor scheduling overlaps the rest of the suite."""
+    CHILD.start([sys.executable, "-c", SCRIPT, str(work / "run")], work, Path(__file__).resolve().parents[2])
+
+
+def stop_background() -> None:
+    CHILD.stop()
+
+
 @pytest.mark.ray
 def test_gpu_stage_runs_on_the_gpu_node_with_cpu_fallback(tmp_path):
-    # A private, short RAY_TMPDIR: the cluster must not publish its address machine-wide, where an
-    # address-less ray.init() elsewhere would join it (and socket paths must stay short).
-    with tempfile.TemporaryDirectory(prefix="llgpu", dir="/tmp") as ray_tmp:
-        done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "run")], capture_output=True,
-                              text=True, timeout=400, env={**os.environ, "RAY_TMPDIR": ray_tmp})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"script failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    start_in_background(tmp_path)  # a no-op when the session started it
+    code, stdout, stderr = CHILD.wait(timeout=400)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["ok"] == 4 and result["failed"] == 0
     stage_actors = [node for name, node in result["actors"] if "_StageActor" in name]
