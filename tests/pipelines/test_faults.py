@@ -344,7 +344,10 @@ def start_in_background(work: Path) -> None:
     ``tests/conftest.py`` calls this when the session has collected these tests: the child spends its
     minutes mostly waiting on Ray (node deaths, retries, restarts), so it runs while the rest of the suite
     does."""
-    CHILD.start([sys.executable, __file__, str(work)], work, REPO, {"LAYERLOOP_RAY_STALL_TIMEOUT_S": "90"})
+    # PYTHONPATH: the script's own imports (tests.background) resolve from the repository root
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    CHILD.start([sys.executable, __file__, str(work)], work, REPO,
+                {"LAYERLOOP_RAY_STALL_TIMEOUT_S": "90", "PYTHONPATH": path})
 
 
 def stop_background() -> None:
