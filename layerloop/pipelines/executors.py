@@ -392,11 +392,6 @@ class RayExecutor:
         import ray
         import ray.data
 
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the CLI shows one bar over shards instead
-        context.max_errored_blocks = 0
-        if hasattr(context, "execution_no_progress_timeout_s"):  # Ray >= 2.5x: fail instead of waiting forever
-            context.execution_no_progress_timeout_s = stall_timeout()
         task_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy",
                                      "compute": ray.data.TaskPoolStrategy(size=self._task_concurrency(len(tasks)))}
         actor_args: dict[str, Any] = {"batch_size": 1, "batch_format": "numpy"}
@@ -410,6 +405,14 @@ class RayExecutor:
             [{"shard": task.index, "payload": _dumps(task.items)} for task in tasks],
             override_num_blocks=len(tasks),
         )
+        # This build's own settings, on the dataset's copy of the DataContext (every dataset derived from it
+        # shares that copy): the process's current context, which other datasets of the process (a user's, a
+        # reader's, the next build's) copy from, is left as it was.
+        context = dataset.context
+        context.enable_progress_bars = False  # the CLI shows one bar over shards instead
+        context.max_errored_blocks = 0
+        if hasattr(context, "execution_no_progress_timeout_s"):  # Ray >= 2.5x: fail instead of waiting forever
+            context.execution_no_progress_timeout_s = stall_timeout()
         write_in_last = groups[-1][0] == "tasks"  # fuse the write into the last task op when there is one
         for position, (kind, indices) in enumerate(groups):
             read = position == 0

@@ -108,12 +108,20 @@ def test_a_build_that_cannot_run_fails_with_one_clear_message(ray_local, tmp_pat
     from layerloop.config import load_config
     from layerloop.pipelines.build import build
 
+    import ray.data
+
     monkeypatch.setenv(executors.STALL_TIMEOUT_ENV, "10")
     config = load_config("demo", ["source.n=2", "source.size=32", "stages.load.short_side=32",
                                   "shards.samples_per_shard=2", "report.enabled=false", "stages.caption.gpus=1",
                                   "executor=ray"])
+    current = ray.data.DataContext.get_current()
+    before = (current.execution_no_progress_timeout_s, current.max_errored_blocks, current.enable_progress_bars)
     with pytest.raises(executors.BuildStalledError) as raised:
         build(config, out=tmp_path / "out", progress=False)
+    # the timeout is the build's own (its dataset's context): other datasets of the process keep theirs
+    current = ray.data.DataContext.get_current()
+    assert (current.execution_no_progress_timeout_s, current.max_errored_blocks,
+            current.enable_progress_bars) == before
     message = str(raised.value)
     assert message.startswith("Ray Data build made no progress for 10 s")
     # 2 CPUs: the caption pool, a task and the shard write after the pool ask for half a CPU each (plan_cpus)
