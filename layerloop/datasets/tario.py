@@ -585,14 +585,7 @@ def read_member(url: str, ref: MemberRef | tuple[int, int], *, max_bytes: int | 
                                    f"is only {total} bytes long")
             if offset >= BLOCK:
                 f.seek(offset - BLOCK)
-                try:
-                    header = tarfile.TarInfo.frombuf(f.read(BLOCK), "utf-8", "surrogateescape")
-                except tarfile.HeaderError as error:
-                    raise TarReadError(f"{url} changed since it was indexed: no valid tar header before offset "
-                                       f"{offset} ({error})") from None
-                if header.size != size and not (header.size == 0 and size >= 8 ** 11):
-                    raise TarReadError(f"{url} changed since it was indexed: the member at offset {offset} is "
-                                       f"{header.size} bytes, not {size}")
+                _check_header(f.read(BLOCK), url, offset, size)
             f.seek(offset)
             data = f.read(size)
     except OSError as error:
@@ -600,6 +593,19 @@ def read_member(url: str, ref: MemberRef | tuple[int, int], *, max_bytes: int | 
     if len(data) != size:
         raise TarReadError(f"{name} is cut short: read {len(data)} of {size} bytes at offset {offset} of {url}")
     return data
+
+
+def _check_header(block: bytes, shown: str, offset: int, size: int) -> None:
+    """The tar header block just before an indexed member still describes it (a GNU base-256 size, written
+    as 0 here, is accepted for members of 8 GiB and more); ``shown`` names the tar in the error."""
+    try:
+        header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as error:
+        raise TarReadError(f"{shown} changed since it was indexed: no valid tar header before offset {offset} "
+                           f"({error})") from None
+    if header.size != size and not (header.size == 0 and size >= 8 ** 11):
+        raise TarReadError(f"{shown} changed since it was indexed: the member at offset {offset} is "
+                           f"{header.size} bytes, not {size}")
 
 
 def _read_stored_member(url: str, offset: int, size: int, name: str) -> bytes:
@@ -616,14 +622,7 @@ def _read_stored_member(url: str, offset: int, size: int, name: str) -> bytes:
     if offset >= BLOCK:
         if len(data) < BLOCK:
             raise TarReadError(f"{name} is cut short: {storage.redact(url)} ends before offset {offset}")
-        try:
-            header = tarfile.TarInfo.frombuf(data[:BLOCK], "utf-8", "surrogateescape")
-        except tarfile.HeaderError as error:
-            raise TarReadError(f"{storage.redact(url)} changed since it was indexed: no valid tar header before "
-                               f"offset {offset} ({error})") from None
-        if header.size != size and not (header.size == 0 and size >= 8 ** 11):
-            raise TarReadError(f"{storage.redact(url)} changed since it was indexed: the member at offset {offset} "
-                               f"is {header.size} bytes, not {size}")
+        _check_header(data[:BLOCK], storage.redact(url), offset, size)
         data = data[BLOCK:]
     if len(data) != size:
         raise TarReadError(f"{name} is cut short: read {len(data)} of {size} bytes at offset {offset} of "

@@ -10,7 +10,7 @@ import pytest
 
 from layerloop.evaluation.compare import compare_table
 from layerloop.selfimprove.loop import read_events, self_improve
-from tests.selfimprove.test_selfimprove_loop import bfs_config
+from tests.selfimprove.test_selfimprove_loop import bfs_config, one_torch_thread
 
 EVALUATION = {
     "heldout": {"name": "eval-heldout", "build": "demo",
@@ -25,15 +25,9 @@ EVALUATION = {
 
 @pytest.fixture(scope="module")
 def evaluated_loop(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         out = tmp_path_factory.mktemp("si-eval") / "loop"
         result = self_improve(bfs_config(evaluation=EVALUATION), rounds=2, out=out, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return out, result
 
 

@@ -14,6 +14,7 @@ from layerloop.selfimprove.config import load_selfimprove_config
 from layerloop.selfimprove.loop import plan_steps, read_events, self_improve
 from layerloop.selfimprove.results import PretrainResult, read_result
 from layerloop.selfimprove.steps import pretrain_config, train_config
+from tests.selfimprove.test_selfimprove_loop import one_torch_thread
 
 SMALL = [
     "base.logos.overrides=[source.n=8, source.size=64, source.output_size=32]",
@@ -27,16 +28,10 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def pretrained_loop(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         out = tmp_path_factory.mktemp("si-pretrain") / "loop"
         config = load_selfimprove_config("selfimprove_logos_cpu", SMALL)
         result = self_improve(config, rounds=1, out=out, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return config, out, result
 
 

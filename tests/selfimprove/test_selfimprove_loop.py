@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,6 +29,19 @@ POLICY = {"name": "test", "all": [
     {"threshold": {"column": "duplicate", "op": "==", "value": False}},
     {"topk": {"column": "recomposition_mean", "k": 1, "by": "input_key", "keep": "bottom"}},
 ]}
+
+
+@contextmanager
+def one_torch_thread():
+    """Torch on one thread while a loop runs in this process (the shared 2-core machine), restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bfs_config(data: dict[str, str] | None = None, **extra) -> dict:
