@@ -30,6 +30,7 @@ One writer per run prefix: ``Lease`` (see its docstring for what is and is not g
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import fnmatch
@@ -715,10 +716,11 @@ def staging_base() -> Path:
 
 
 def check_staging_on_cluster(out: str | os.PathLike, nodes: list[dict[str, Any]], what: str) -> None:
-    """Refuse a Ray run whose output folder is a staging folder (``--out s3://...`` of ``train`` or
-    ``self-improve``) when the cluster has more than one live node (``ray.nodes()``): tasks on the other nodes
-    would write into a folder of the same name on their own disks, which nothing uploads. One clear error
-    before any work, instead of results that silently never reach the store."""
+    """Refuse a Ray run whose output folder is a staging folder (``--out s3://...`` of ``self-improve``)
+    when the cluster has more than one live node (``ray.nodes()``): its steps and their builds' Ray tasks on
+    the other nodes would write into a folder of the same name on their own disks, which nothing uploads.
+    One clear error before any work, instead of results that silently never reach the store. (``train``
+    hands its staging folder to its workers instead: ``Staged.handoff``.)"""
     from layerloop.errors import ConfigError
 
     try:
@@ -746,51 +748,101 @@ class Staged:
     (``staging_dir``) that mirrors the store prefix.
 
     * Under the prefix's lease (``Lease``: one writer, refused with the holder's line), for the whole command.
-    * On entry, objects missing locally or of another size are downloaded (the prefix is the truth; a
-      staging folder holding more, from a run killed before its last upload, keeps it: that is newer progress).
+    * On entry, objects missing locally or of another size or ETag are downloaded (the prefix is the truth;
+      a staging folder holding more, from a run killed before its last upload, keeps it: that is newer
+      progress).
     * Every ``LAYERLOOP_STAGING_SYNC_S`` seconds (60) and on exit (also after an error or an interrupt),
       files new or changed since the last upload are uploaded, data first and then ``.json``/``.parquet``
       records (the local commit marks), then objects whose file is gone locally (older checkpoints) are
       removed. A copy on the store is therefore always a state the local run went through, at most one
       sync interval old, and the same command resumes from it on any machine.
     * The bytes are those of a local run: the command itself writes local files.
-    What this does not give: Ray tasks of such a command on other nodes do not see the staging folder (use
-    a shared disk for multi-node ``self-improve`` with ``executor: ray``), and the staging folder is a
-    write outside ``--out`` (in the user's cache; delete it freely once synced).
+
+    Work on other nodes of a Ray cluster (no shared disk needed). The command hands the prefix over
+    (``handoff``: its own syncing stops after one upload) to Ray tasks that each open a *node copy*
+    (``Staged(url, lease=False)``, the same folder name under that node's ``staging_base``): it is made
+    equal to the store on entry (files the store lacks are removed; one pull at a time per node), and a
+    writer's copy (``writer=True``, the single task that writes at that moment: rank 0 of Ray Train)
+    uploads like the command's own. When the tasks are done the command's folder is made equal to the
+    store again and its syncing goes on. ``staging_of(path)`` finds the staged prefix of a local path in
+    this process.
+
+    The staging folder is a write outside ``--out`` (in the user's cache; delete it freely once synced).
     """
 
-    def __init__(self, url: str, interval: float | None = None):
+    def __init__(self, url: str, interval: float | None = None, *, lease: bool = True, writer: bool = True):
         self.remote = StorePath(url)
         self.local = staging_dir(url)
         self.interval = float(interval if interval is not None else os.environ.get(SYNC_ENV) or 60)
+        self.owner, self.writer = lease, writer or lease
+        self._record = self.local.with_name(self.local.name + ".objects.json")
         self._pushed: dict[str, tuple[int, int]] = {}
+        self._etags: dict[str, str | None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lease: Lease | None = None
 
     def __enter__(self) -> Path:
-        check_bucket(self.remote)
-        self.lease = Lease(self.remote / LEASE_NAME).acquire()
+        if self.owner:
+            check_bucket(self.remote)
+            self.lease = Lease(self.remote / LEASE_NAME).acquire()
         try:
             self.local.mkdir(parents=True, exist_ok=True)
-            self.pull()
+            if self.owner:
+                self.pull()
+            else:
+                with _node_lock(self.local.with_name(self.local.name + ".lock")):
+                    self.pull(mirror=True)
         except BaseException:
-            self.lease.release()
+            if self.lease is not None:
+                self.lease.release()
             raise
-        self._thread = threading.Thread(target=self._loop, name="layerloop-staging", daemon=True)
-        self._thread.start()
+        _ACTIVE[str(self.local.resolve())] = self
+        self._start()
         return self.local
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._halt()
+        _ACTIVE.pop(str(self.local.resolve()), None)
         try:
-            self.push()
+            if self.writer:
+                self.push()
         finally:
             if self.lease is not None:
                 self.lease.release()
+
+    def _start(self) -> None:
+        if self.writer and self.interval > 0:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="layerloop-staging", daemon=True)
+            self._thread.start()
+
+    def _halt(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @contextlib.contextmanager
+    def handoff(self) -> Iterator[str]:
+        """Hand the prefix to Ray tasks on any node (node copies, see the class docstring) for the block:
+        upload what is new, stop syncing, yield the URL; afterwards (also after an error) make this folder
+        equal to the store and sync on. Nested hand-offs of one prefix are one."""
+        if self._handed:
+            yield self.remote.url
+            return
+        self._halt()
+        self._handed = True
+        try:
+            self.push()
+            yield self.remote.url
+        finally:
+            self._handed = False
+            self.pull(mirror=True)
+            self._start()
+
+    _handed = False
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -799,46 +851,81 @@ class Staged:
             except Exception as error:  # noqa: BLE001 - the exit push reports it
                 log.warning("cannot sync %s to %s yet: %s", self.local, self.remote, error)
 
-    def _remote_files(self) -> dict[str, int]:
-        def find() -> dict[str, int]:
+    def _remote_files(self) -> dict[str, tuple[int, str | None]]:
+        def find() -> dict[str, tuple[int, str | None]]:
             try:
                 found = self.remote.fs.find(self.remote.path, detail=True)
             except FileNotFoundError:
                 return {}
             prefix = self.remote.path + "/"
-            return {name[len(prefix):]: int(info.get("size") or 0) for name, info in found.items()
+            return {name[len(prefix):]: (int(info.get("size") or 0), info.get("ETag") or info.get("etag"))
+                    for name, info in found.items()
                     if name.startswith(prefix) and info.get("type", "file") == "file"}
         files = _call("list", self.remote.url, find)
-        return {name: size for name, size in files.items() if name != LEASE_NAME and _TMP_MARK not in name}
+        return {name: info for name, info in files.items()
+                if name.rsplit("/", 1)[-1] != LEASE_NAME and _TMP_MARK not in name}
 
-    def pull(self) -> int:
-        """Download what the staging folder lacks; returns how many files."""
-        count = 0
-        for name, size in sorted(self._remote_files().items()):
-            target = self.local / name
-            if target.is_file() and target.stat().st_size == size:
+    def _load_record(self) -> None:
+        try:
+            self._etags = json.loads(self._record.read_text())
+        except (OSError, ValueError):
+            self._etags = {}
+
+    def _save_record(self) -> None:
+        tmp = self._record.with_name(f"{self._record.name}{_TMP_MARK}{secrets.token_hex(4)}")
+        tmp.write_text(json.dumps(self._etags, sort_keys=True))
+        os.replace(tmp, self._record)
+
+    def _local_files(self) -> dict[str, Path]:
+        return {path.relative_to(self.local).as_posix(): path for path in sorted(self.local.rglob("*"))
+                if path.is_file() and not path.is_symlink() and _TMP_MARK not in path.name}
+
+    def pull(self, mirror: bool = False) -> int:
+        """Download what the staging folder lacks or holds in another version (size, or the ETag recorded
+        when it was last downloaded or uploaded); returns how many files. ``mirror``: also remove local
+        files the store does not have (and folders left empty), and re-fetch a file of the same size whose
+        ETag is not known: the folder is then exactly the store."""
+        with self._lock:
+            self._load_record()
+            remote = self._remote_files()
+            count = 0
+            for name, (size, etag) in sorted(remote.items()):
+                target = self.local / name
+                if target.is_file() and target.stat().st_size == size and (
+                        self._etags.get(name) == etag or (not mirror and name not in self._etags)):
+                    info = target.stat()
+                    self._pushed[name] = (info.st_size, info.st_mtime_ns)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f"{target.name}{_TMP_MARK}{secrets.token_hex(4)}")
+                try:
+                    _call("read", (self.remote / name).url, self.remote.fs.get_file, (self.remote / name).path,
+                          str(tmp))
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
                 info = target.stat()
                 self._pushed[name] = (info.st_size, info.st_mtime_ns)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f"{target.name}{_TMP_MARK}{secrets.token_hex(4)}")
-            try:
-                _call("read", (self.remote / name).url, self.remote.fs.get_file, (self.remote / name).path, str(tmp))
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            info = target.stat()
-            self._pushed[name] = (info.st_size, info.st_mtime_ns)
-            count += 1
-        return count
+                self._etags[name] = etag
+                count += 1
+            if mirror:
+                for name, path in self._local_files().items():
+                    if name not in remote:
+                        path.unlink(missing_ok=True)
+                        self._pushed.pop(name, None)
+                        self._etags.pop(name, None)
+                for folder in sorted((p for p in self.local.rglob("*") if p.is_dir()), reverse=True):
+                    if not any(folder.iterdir()):
+                        folder.rmdir()
+            self._save_record()
+            return count
 
     def push(self) -> int:
         """Upload new and changed files (data, then records), then remove objects deleted locally."""
         with self._lock:
-            local: dict[str, Path] = {}
-            for path in sorted(self.local.rglob("*")):
-                if path.is_file() and not path.is_symlink() and _TMP_MARK not in path.name:
-                    local[path.relative_to(self.local).as_posix()] = path
+            if not self._etags:
+                self._load_record()
+            local = self._local_files()
             changed = []
             for name, path in local.items():
                 try:
@@ -855,10 +942,59 @@ class Staged:
                         continue
                     raise error
                 self._pushed[name] = (info.st_size, info.st_mtime_ns)
-            for name in sorted(set(self._remote_files()) - set(local)):
+            remote = self._remote_files()
+            for name in sorted(set(remote) - set(local)):
                 (self.remote / name).unlink(missing_ok=True)
                 self._pushed.pop(name, None)
+                self._etags.pop(name, None)
+            for _, name, _, info in changed:
+                if name in remote and remote[name][0] == info.st_size:
+                    self._etags[name] = remote[name][1]
+            self._save_record()
             return len(changed)
+
+
+_ACTIVE: dict[str, Staged] = {}  # local staging folder -> its Staged, in this process
+
+
+def staging_of(path: str | os.PathLike) -> tuple[Staged, str] | None:
+    """(the ``Staged`` open in this process whose folder holds ``path``, ``path`` relative to it), or None."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, TypeError):
+        return None
+    for root, staged in list(_ACTIVE.items()):
+        if resolved == Path(root) or resolved.is_relative_to(root):
+            return staged, resolved.relative_to(root).as_posix()
+    return None
+
+
+def rebase(value: Any, old: str, new: str) -> Any:
+    """``value`` (a config's JSON data) with every string path in the folder ``old`` moved to ``new`` (a
+    node copy of a staging folder may live elsewhere than the command's: another ``staging_base``)."""
+    if old == new:
+        return value
+    if isinstance(value, dict):
+        return {key: rebase(item, old, new) for key, item in value.items()}
+    if isinstance(value, list):
+        return [rebase(item, old, new) for item in value]
+    if isinstance(value, str) and (value == old or value.startswith(old.rstrip("/") + "/")):
+        return new + value[len(old):]
+    return value
+
+
+@contextlib.contextmanager
+def _node_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (one node copy pulls at a time on a node)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ============================================================================= other readers

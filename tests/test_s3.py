@@ -282,14 +282,16 @@ def test_killed_build_to_s3_resumes_to_the_same_bytes(s3, demo_data, local_run):
 
 # ============================================================================= Ray, webdataset, the stream
 @pytest.fixture(scope="module")
-def ray_s3(s3):
-    """Ray whose workers see the S3 fixture's environment (endpoint and fake credentials). A Ray started
-    earlier in the session (without it) is restarted with it; tests after this module only use local files."""
+def ray_s3(s3, tmp_path_factory):
+    """Ray whose workers see the S3 fixture's environment (endpoint and fake credentials) and a staging
+    base of their own (never the user's cache). A Ray started earlier in the session (without it) is
+    restarted with it; tests after this module only use local files."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
+    staging = str(tmp_path_factory.mktemp("ray-workers-staging"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", **s3.env}})
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", storage.STAGING_ENV: staging, **s3.env}})
     yield ray
 
 
@@ -704,3 +706,4 @@ def test_train_with_out_on_s3_syncs_its_folder_and_resumes_from_the_store(s3, s3
     shutil.rmtree(tmp_path / "staging")  # another machine: the finished run is pulled, nothing is retrained
     assert main(["train", "train_bfs_demo", *overrides, "--out", out, "--no-progress"]) == 0
     assert all((final / w).read_bytes() == (local / "final" / w).read_bytes() for w in weights)
+

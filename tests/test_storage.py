@@ -272,3 +272,49 @@ def test_a_staging_folder_on_a_multi_node_ray_cluster_is_refused(tmp_path, monke
     storage.check_staging_on_cluster(tmp_path / "shared", two, "self-improve")  # not a staging folder
     with pytest.raises(ConfigError, match=r"self-improve with --out on an object store .* other 1 node\(s\)"):
         storage.check_staging_on_cluster(staged, two, "self-improve")
+
+
+def test_handoff_gives_the_prefix_to_node_copies_and_takes_back_what_they_wrote(s3, tmp_path, monkeypatch):
+    """A command's staging folder handed to work on another node (its own staging base): the node copy is
+    made equal to the store (a stale file it held is removed, one of the same size but other bytes fetched
+    again), only a writer copy uploads, and afterwards the command's folder is the store again."""
+    url = f"s3://{s3.bucket()}/run"
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "driver"))
+    with storage.Staged(url, interval=0) as local:
+        (local / "keep.txt").write_text("kept")
+        (local / "old.txt").write_text("old")
+        (local / "ckpt").mkdir()
+        (local / "ckpt" / "w.bin").write_bytes(b"1" * 8)
+        staged, relative = storage.staging_of(local / "ckpt" / "w.bin")
+        assert relative == "ckpt/w.bin" and staged.remote.url == url
+        with staged.handoff() as handed:
+            assert handed == url and sorted(s3.keys(url[5:].split("/")[0], "run/")) == \
+                ["run/ckpt/w.bin", "run/keep.txt", "run/old.txt", "run/run.lease"]
+            monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "node"))  # another node's disk
+            node = storage.staging_dir(url)
+            (node / "ckpt").mkdir(parents=True)
+            (node / "stale.txt").write_text("from an earlier run")
+            (node / "ckpt" / "w.bin").write_bytes(b"0" * 8)  # same size, other bytes
+            with storage.Staged(url, lease=False, writer=False) as reader:
+                assert reader == node and (node / "ckpt" / "w.bin").read_bytes() == b"1" * 8
+                assert not (node / "stale.txt").exists() and (node / "old.txt").read_text() == "old"
+                (node / "not-uploaded.txt").write_text("a reader's file")
+            with storage.Staged(url, lease=False) as writer:  # rank 0: writes, removes, uploads on exit
+                assert not (writer / "not-uploaded.txt").exists()
+                (writer / "old.txt").unlink()
+                (writer / "ckpt" / "w.bin").write_bytes(b"2" * 8)
+                (writer / "new.txt").write_text("new")
+            monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "driver"))
+        assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == \
+            ["ckpt/w.bin", "keep.txt", "new.txt"]
+        assert (local / "ckpt" / "w.bin").read_bytes() == b"2" * 8 and (local / "new.txt").read_text() == "new"
+    assert storage.staging_of(local) is None  # closed
+    assert storage.location(f"{url}/ckpt/w.bin").read_bytes() == b"2" * 8
+    assert not storage.location(f"{url}/old.txt").exists()
+
+
+def test_rebase_moves_paths_in_a_folder_and_nothing_else():
+    data = {"out": "/a/stage/x", "runs": ["/a/stage", "/a/stage/y/z", "/a/stager", "s3://b/a/stage"], "n": 3}
+    assert storage.rebase(data, "/a/stage", "/node/s") == {
+        "out": "/node/s/x", "runs": ["/node/s", "/node/s/y/z", "/a/stager", "s3://b/a/stage"], "n": 3}
+    assert storage.rebase(data, "/a/stage", "/a/stage") is data

@@ -1,0 +1,134 @@
+"""Ray Train across nodes that share no disk, with ``--out`` on S3 (moto's server on 127.0.0.1): each node
+has its own staging base (``LAYERLOOP_STAGING_DIR`` set per node), so a worker can only see what the
+store gives it. A run stopped after its first checkpoint resumes from the store on a driver that has no
+staging folder any more, and ends with the weights of the same run written to a folder every node sees.
+
+Runs in a child process (its own three-node cluster and S3 server), started when the session collects
+this test (``tests/conftest.py``), so its minutes overlap the rest of the suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.background import BackgroundChild
+
+REPO = Path(__file__).resolve().parents[2]
+MB = 1024 * 1024
+
+
+def _config(data_url: str):
+    from layerloop.training import load_train_config
+
+    return load_train_config({
+        "name": "ray-nodes", "family": "bfs", "stage": "stage1", "model": "tiny", "steps": 4, "lr": 1e-2,
+        "batch_size": 1, "checkpoint_every": 2, "seed": 1, "executor": "ray", "num_workers": 2,
+        "ray": {"cpus_per_worker": 1}, "data": [{"name": "q", "run_dir": data_url}],
+        "task": {"resolution": 16, "phi_checkpoint": "untrained"}})
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _orchestrate(work: Path) -> dict:
+    import shutil
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from layerloop import storage
+    from layerloop.training import run_training
+    from tests.test_storage import S3Server
+    from tests.training.test_ray_train import write_shards
+
+    server = S3Server()
+    os.environ.update(server.env)  # the nodes started below inherit the endpoint and the fake credentials
+    os.environ[storage.STAGING_ENV] = str(work / "driver")
+    bucket = server.bucket()
+    data = write_shards(work / "data")
+    fs = storage.filesystem("s3")
+    for path in sorted(data.iterdir()):
+        fs.put_file(str(path), f"{bucket}/data/{path.name}")
+    data_url, out_url = f"s3://{bucket}/data", f"s3://{bucket}/train"
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
+        "env_vars": {storage.STAGING_ENV: str(work / "head")}})
+    try:
+        for i in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
+                             env_vars={storage.STAGING_ENV: str(work / f"node-{i}")})
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        shared = run_training(_config(data_url), work / "shared")  # a folder every node sees: the reference
+        with storage.Staged(out_url) as local:
+            first = run_training(_config(data_url), local, stop_at=2)
+        shutil.rmtree(work / "driver")  # another machine: only the store holds the first two steps
+        with storage.Staged(out_url) as local:
+            second = run_training(_config(data_url), local)
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    prefix = f"{bucket}/train/"
+    stored = sorted(name[len(prefix):] for name in fs.find(prefix.rstrip("/")))
+    weights = {name: (fs.cat_file(prefix + name) == (work / "shared" / name).read_bytes())
+               for name in stored if name.endswith(".safetensors")}
+    metrics = [json.loads(line)["step"] for line in fs.cat_file(prefix + "metrics.jsonl").decode().splitlines()]
+    copies = {name: _files(work / name / local.name) if (work / name / local.name).is_dir() else None
+              for name in ("head", "node-0", "node-1")}
+    server.stop()
+    return {"nodes": nodes, "shared_step": shared["step"], "first": first, "second": second, "stored": stored,
+            "weights": weights, "metrics": metrics, "driver": _files(local), "copies": copies}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print("RESULT " + json.dumps(_orchestrate(Path(sys.argv[1]))))
+    sys.exit(0)
+
+
+CHILD = BackgroundChild()
+
+
+def start_in_background(work: Path) -> None:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    CHILD.start([sys.executable, __file__, str(work)], work, REPO, {"PYTHONPATH": path})
+
+
+def stop_background() -> None:
+    CHILD.stop()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the_store(tmp_path):
+    pytest.importorskip("moto.server")
+    start_in_background(tmp_path)  # a no-op when the session started it
+    code, stdout, stderr = CHILD.wait(timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"cluster script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    run = json.loads(lines[-1][len("RESULT "):])
+    assert run["nodes"] == 3 and run["shared_step"] == 4
+    assert run["first"]["step"] == 2 and run["first"]["stopped"]
+    assert run["second"]["resumed_from"] == 2 and run["second"]["step"] == 4
+    driver = run["second"]["out_dir"]  # rank 0's node copy elsewhere; the summary names the command's folder
+    assert run["second"]["final"] == driver + "/final" and "/driver/" in driver
+    assert run["metrics"] == [1, 2, 3, 4]  # the resumed run appended to the stored log, nothing twice
+    # the store holds the run (checkpoints, final weights, records), not Ray's copies, leases or temporaries
+    assert "final/checkpoint_hash.txt" in run["stored"] and "train.json" in run["stored"]
+    assert not [k for k in run["stored"] if k.startswith("ray/") or ".tmp-" in k or k.endswith("run.lease")]
+    assert run["weights"] and all(run["weights"].values()), run["weights"]  # = the shared-folder run's bytes
+    assert run["driver"] == run["stored"]  # the command's folder is the store again after the hand-off
+    # The two worker nodes each made their own copy and resumed from the stored step-2 checkpoint; rank 0's
+    # holds what it wrote (the final weights), the other's only what it read. The head (no CPU) ran none.
+    copies = run["copies"]
+    assert copies["head"] is None
+    for name in ("node-0", "node-1"):
+        assert copies[name] and "checkpoints/step-000002/trainer.pt" in copies[name], copies
+    assert sum("final/checkpoint_hash.txt" in copies[name] for name in ("node-0", "node-1")) == 1, copies
