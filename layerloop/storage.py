@@ -877,8 +877,14 @@ class Staged:
         os.replace(tmp, self._record)
 
     def _local_files(self) -> dict[str, Path]:
-        return {path.relative_to(self.local).as_posix(): path for path in sorted(self.local.rglob("*"))
-                if path.is_file() and not path.is_symlink() and _TMP_MARK not in path.name}
+        """The folder's files, not those being written (a ``.tmp-`` name, or inside a ``.tmp-`` folder: a
+        checkpoint before its rename)."""
+        files = {}
+        for path in sorted(self.local.rglob("*")):
+            name = path.relative_to(self.local).as_posix()
+            if _TMP_MARK not in name and path.is_file() and not path.is_symlink():
+                files[name] = path
+        return files
 
     def pull(self, mirror: bool = False) -> int:
         """Download what the staging folder lacks or holds in another version (size, or the ETag recorded

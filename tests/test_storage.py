@@ -304,6 +304,8 @@ def test_handoff_gives_the_prefix_to_node_copies_and_takes_back_what_they_wrote(
                 (writer / "old.txt").unlink()
                 (writer / "ckpt" / "w.bin").write_bytes(b"2" * 8)
                 (writer / "new.txt").write_text("new")
+                (writer / "ckpt.tmp-1").mkdir()  # a checkpoint being written: not uploaded
+                (writer / "ckpt.tmp-1" / "part.bin").write_bytes(b"3")
             monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "driver"))
         assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == \
             ["ckpt/w.bin", "keep.txt", "new.txt"]
@@ -311,6 +313,7 @@ def test_handoff_gives_the_prefix_to_node_copies_and_takes_back_what_they_wrote(
     assert storage.staging_of(local) is None  # closed
     assert storage.location(f"{url}/ckpt/w.bin").read_bytes() == b"2" * 8
     assert not storage.location(f"{url}/old.txt").exists()
+    assert not storage.location(f"{url}/ckpt.tmp-1/part.bin").exists()
 
 
 def test_rebase_moves_paths_in_a_folder_and_nothing_else():

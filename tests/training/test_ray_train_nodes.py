@@ -1,7 +1,8 @@
 """Ray Train across nodes that share no disk, with ``--out`` on S3 (moto's server on 127.0.0.1): each node
 has its own staging base (``LAYERLOOP_STAGING_DIR`` set per node), so a worker can only see what the
 store gives it. A run stopped after its first checkpoint resumes from the store on a driver that has no
-staging folder any more, and ends with the weights of the same run written to a folder every node sees.
+staging folder any more, and ends with the weights of the same run written to a folder every node sees;
+a run whose rank-0 node is killed after its first stored checkpoint resumes from it on a spare node.
 
 Runs in a child process (its own three-node cluster and S3 server), started when the session collects
 this test (``tests/conftest.py``), so its minutes overlap the rest of the suite."""
@@ -21,14 +22,38 @@ REPO = Path(__file__).resolve().parents[2]
 MB = 1024 * 1024
 
 
-def _config(data_url: str):
+KILL_STEPS = 16
+
+
+def _config(data_url: str, steps: int = 4):
     from layerloop.training import load_train_config
 
     return load_train_config({
-        "name": "ray-nodes", "family": "bfs", "stage": "stage1", "model": "tiny", "steps": 4, "lr": 1e-2,
-        "batch_size": 1, "checkpoint_every": 2, "seed": 1, "executor": "ray", "num_workers": 2,
-        "ray": {"cpus_per_worker": 1}, "data": [{"name": "q", "run_dir": data_url}],
+        "name": "ray-nodes", "family": "bfs", "stage": "stage1", "model": "tiny", "steps": steps, "lr": 1e-2,
+        "batch_size": 1, "checkpoint_every": 2, "keep": 2, "seed": 1, "executor": "ray", "num_workers": 2,
+        "ray": {"cpus_per_worker": 1, "max_failures": 3}, "data": [{"name": "q", "run_dir": data_url}],
         "task": {"resolution": 16, "phi_checkpoint": "untrained"}})
+
+
+def _kill_rank0_node(cluster, nodes: dict, work: Path, fs, prefix: str, staging_name: str, done) -> dict:
+    """Wait for the first checkpoint on the store, then kill the node whose copy holds checkpoints (rank 0's:
+    the writer) without warning; a spare node takes its place when Ray Train restarts the group."""
+    import time
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not done.is_set():
+        try:
+            stored = [name for name in fs.find(prefix) if "/checkpoints/step-" in name]
+        except FileNotFoundError:
+            stored = []
+        if stored:
+            for name, node in nodes.items():
+                if (work / name / staging_name / "checkpoints").is_dir():
+                    step = max(int(n.split("/checkpoints/step-")[1][:6]) for n in stored)
+                    cluster.remove_node(node, allow_graceful=False)
+                    return {"victim": name, "stored_step_at_kill": step}
+        time.sleep(0.02)
+    return {"victim": None, "stored_step_at_kill": None}
 
 
 def _files(folder: Path) -> list[str]:
@@ -60,18 +85,39 @@ def _orchestrate(work: Path) -> dict:
         "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
         "env_vars": {storage.STAGING_ENV: str(work / "head")}})
     try:
-        for i in range(2):
-            cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
-                             env_vars={storage.STAGING_ENV: str(work / f"node-{i}")})
+        nodes = {f"node-{i}": cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
+                                               env_vars={storage.STAGING_ENV: str(work / f"node-{i}")})
+                 for i in range(2)}
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        nodes = len([n for n in ray.nodes() if n["Alive"]])
+        alive = len([n for n in ray.nodes() if n["Alive"]])
         shared = run_training(_config(data_url), work / "shared")  # a folder every node sees: the reference
         with storage.Staged(out_url) as local:
             first = run_training(_config(data_url), local, stop_at=2)
         shutil.rmtree(work / "driver")  # another machine: only the store holds the first two steps
         with storage.Staged(out_url) as local:
             second = run_training(_config(data_url), local)
+        # Rank 0's node killed mid-training: the restarted group (a spare node in its place) resumes from the
+        # last checkpoint rank 0 uploaded, and ends with the weights of an uninterrupted run.
+        import threading
+
+        nodes["node-2"] = cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
+                                           env_vars={storage.STAGING_ENV: str(work / "node-2")})
+        cluster.wait_for_nodes()
+        kill_url = f"s3://{bucket}/train-kill"
+        reference = run_training(_config(data_url, KILL_STEPS), work / "kill-reference")
+        done, kill = threading.Event(), {}
+        watcher = threading.Thread(target=lambda: kill.update(_kill_rank0_node(
+            cluster, nodes, work, fs, f"{bucket}/train-kill", storage.staging_dir(kill_url).name, done)))
+        watcher.start()
+        try:
+            with storage.Staged(kill_url) as kill_local:
+                killed = run_training(_config(data_url, KILL_STEPS), kill_local)
+        finally:
+            done.set()
+            watcher.join()
+        kill_metrics = [json.loads(line)["step"] for line in
+                        fs.cat_file(f"{bucket}/train-kill/metrics.jsonl").decode().splitlines()]
         ray.shutdown()
     finally:
         cluster.shutdown()
@@ -82,8 +128,10 @@ def _orchestrate(work: Path) -> dict:
     metrics = [json.loads(line)["step"] for line in fs.cat_file(prefix + "metrics.jsonl").decode().splitlines()]
     copies = {name: _files(work / name / local.name) if (work / name / local.name).is_dir() else None
               for name in ("head", "node-0", "node-1")}
+    kill.update(hash=fs.cat_file(f"{bucket}/train-kill/final/checkpoint_hash.txt").decode().strip(),
+                reference_hash=reference["checkpoint_hash"], metrics=kill_metrics, summary=killed)
     server.stop()
-    return {"nodes": nodes, "shared_step": shared["step"], "first": first, "second": second, "stored": stored,
+    return {"nodes": alive, "kill": kill, "shared_step": shared["step"], "first": first, "second": second, "stored": stored,
             "weights": weights, "metrics": metrics, "driver": _files(local), "copies": copies}
 
 
@@ -132,3 +180,19 @@ def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the
     for name in ("node-0", "node-1"):
         assert copies[name] and "checkpoints/step-000002/trainer.pt" in copies[name], copies
     assert sum("final/checkpoint_hash.txt" in copies[name] for name in ("node-0", "node-1")) == 1, copies
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_rank0_node_killed_mid_training_resumes_from_the_store_to_the_same_weights(tmp_path):
+    pytest.importorskip("moto.server")
+    start_in_background(tmp_path)
+    code, stdout, stderr = CHILD.wait(timeout=600)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"cluster script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    kill = json.loads(lines[-1][len("RESULT "):])["kill"]
+    assert kill["victim"], "no checkpoint reached the store before training ended"
+    assert kill["stored_step_at_kill"] < KILL_STEPS, "the node was killed after training finished"
+    assert kill["metrics"] == list(range(1, KILL_STEPS + 1)), "a step is missing or was logged twice"
+    assert kill["summary"]["resumed_from"] == kill["stored_step_at_kill"]  # the new group started from the store
+    assert kill["hash"] == kill["reference_hash"] == kill["summary"]["checkpoint_hash"]
