@@ -653,7 +653,7 @@ class Lease:
 STAGING_ENV = "LAYERLOOP_STAGING_DIR"
 SYNC_ENV = "LAYERLOOP_STAGING_SYNC_S"
 _TMP_MARK = ".tmp-"
-_MARKER_SUFFIXES = (".json", ".parquet", ".jsonl")  # commit marks and records: uploaded after the data
+_MARKER_SUFFIXES = (".json", ".parquet", ".jsonl")  # commit marks and records: after data of the same mtime
 
 
 def mirror(objects: list[StorePath], root: StorePath, target: Path) -> Path:
@@ -752,10 +752,13 @@ class Staged:
       a staging folder holding more, from a run killed before its last upload, keeps it: that is newer
       progress).
     * Every ``LAYERLOOP_STAGING_SYNC_S`` seconds (60) and on exit (also after an error or an interrupt),
-      files new or changed since the last upload are uploaded, data first and then ``.json``/``.parquet``
-      records (the local commit marks), then objects whose file is gone locally (older checkpoints) are
-      removed. A copy on the store is therefore always a state the local run went through, at most one
-      sync interval old, and the same command resumes from it on any machine.
+      files new or changed since the last upload are uploaded in the order they were last written
+      (modification time; on a tie data before ``.json``/``.parquet`` records), then objects whose file is
+      gone locally (older checkpoints) are removed. The writers write their commit marks last (a shard's
+      index after its tar, a checkpoint's ``trainer.pt`` after its weights, a metrics line before the
+      checkpoint of its step), so an upload cut short leaves every mark on the store behind what it marks. A
+      copy on the store is therefore a state the local run went through, at most one sync interval old, and
+      the same command resumes from it on any machine.
     * The bytes are those of a local run: the command itself writes local files.
 
     Work on other nodes of a Ray cluster (no shared disk needed). The command hands the prefix over
@@ -927,7 +930,8 @@ class Staged:
             return count
 
     def push(self) -> int:
-        """Upload new and changed files (data, then records), then remove objects deleted locally."""
+        """Upload new and changed files in the order they were written, then remove objects deleted
+        locally."""
         with self._lock:
             if not self._etags:
                 self._load_record()
@@ -939,8 +943,8 @@ class Staged:
                 except FileNotFoundError:
                     continue
                 if self._pushed.get(name) != (info.st_size, info.st_mtime_ns):
-                    changed.append((name.endswith(_MARKER_SUFFIXES), name, path, info))
-            for _, name, path, info in sorted(changed):
+                    changed.append((info.st_mtime_ns, name.endswith(_MARKER_SUFFIXES), name, path, info))
+            for _, _, name, path, info in sorted(changed, key=lambda item: item[:3]):
                 try:
                     (self.remote / name).put_file(path)
                 except StoreError as error:
@@ -953,7 +957,7 @@ class Staged:
                 (self.remote / name).unlink(missing_ok=True)
                 self._pushed.pop(name, None)
                 self._etags.pop(name, None)
-            for _, name, _, info in changed:
+            for _, _, name, _, info in changed:
                 if name in remote and remote[name][0] == info.st_size:
                     self._etags[name] = remote[name][1]
             self._save_record()

@@ -321,3 +321,25 @@ def test_rebase_moves_paths_in_a_folder_and_nothing_else():
     assert storage.rebase(data, "/a/stage", "/node/s") == {
         "out": "/node/s/x", "runs": ["/node/s", "/node/s/y/z", "/a/stager", "s3://b/a/stage"], "n": 3}
     assert storage.rebase(data, "/a/stage", "/a/stage") is data
+
+
+def test_push_uploads_in_the_order_the_files_were_written(s3, tmp_path, monkeypatch):
+    """A checkpoint's trainer.pt (its commit mark, written last) and a metrics line written before it: an
+    upload cut short never leaves a mark on the store without what it marks."""
+    import os
+
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
+    with storage.Staged(f"s3://{s3.bucket()}/run", interval=0) as local:
+        written = ["metrics.jsonl", "ckpt/weights/w.json", "ckpt/weights/w.safetensors", "ckpt/trainer.pt",
+                   "index.parquet", "shard.tar"]
+        for i, name in enumerate(written):
+            (local / name).parent.mkdir(parents=True, exist_ok=True)
+            (local / name).write_text(name)
+            os.utime(local / name, ns=(10**18 + i, 10**18 + i))
+        (local / "late.json").write_text("same time as the tar: after it")
+        os.utime(local / "late.json", ns=(10**18 + 5, 10**18 + 5))
+        uploaded = []
+        real = storage.StorePath.put_file
+        monkeypatch.setattr(storage.StorePath, "put_file",
+                            lambda self, path: uploaded.append(path.relative_to(local).as_posix()) or real(self, path))
+    assert uploaded == written + ["late.json"]
