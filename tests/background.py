@@ -5,6 +5,7 @@ of its own): it then overlaps the rest of the suite."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 class BackgroundChild:
@@ -48,6 +50,15 @@ class BackgroundChild:
         code = self.process.returncode
         return (None if code is not None and code < 0 else code, (self.work / "child.out").read_text(),
                 (self.work / "child.err").read_text())
+
+    def result(self, timeout: float, explain: Callable[[], str] | None = None) -> Any:
+        """The JSON on the child's last ``RESULT `` line (``wait`` first); fails the test when it printed none,
+        with ``explain()`` or else the tails of the child's output."""
+        code, stdout, stderr = self.wait(timeout)
+        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+        assert lines, (f"background child failed (rc {code}):\n"
+                       + (explain() if explain is not None else f"{stdout[-3000:]}\n{stderr[-5000:]}"))
+        return json.loads(lines[-1][len("RESULT "):])
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -361,10 +361,7 @@ def fault_runs(tmp_path_factory):
     from layerloop.pipelines.build import build
 
     start_in_background(tmp_path_factory.mktemp("faults"))  # a no-op when the session started it
-    code, stdout, _ = CHILD.wait(timeout=900)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"cluster script failed (rc {code}):\n{cause(CHILD.work / 'child.err')}"
-    runs = json.loads(lines[-1][len("RESULT "):])
+    runs = CHILD.result(timeout=900, explain=lambda: cause(CHILD.work / "child.err"))
     runs["seconds"] = time.perf_counter() - CHILD.started
     reference = tmp_path_factory.mktemp("faults") / "local"
     build(load_config("demo", OVERRIDES + ["executor=local"]), out=reference, progress=False)

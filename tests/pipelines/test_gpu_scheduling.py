@@ -4,7 +4,6 @@ local Ray of the other tests."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,10 +56,7 @@ def stop_background() -> None:
 @pytest.mark.ray
 def test_gpu_stage_runs_on_the_gpu_node_with_cpu_fallback(tmp_path):
     start_in_background(tmp_path)  # a no-op when the session started it
-    code, stdout, stderr = CHILD.wait(timeout=400)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-3000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = CHILD.result(timeout=400)
     assert result["ok"] == 4 and result["failed"] == 0
     stage_actors = [node for name, node in result["actors"] if "_StageActor" in name]
     assert stage_actors, result["actors"]

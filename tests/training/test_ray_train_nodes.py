@@ -154,15 +154,17 @@ def stop_background() -> None:
     CHILD.stop()
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    pytest.importorskip("moto.server")
+    start_in_background(tmp_path_factory.mktemp("ray-train-nodes"))  # a no-op when the session started it
+    return CHILD.result(timeout=600)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the_store(tmp_path):
-    pytest.importorskip("moto.server")
-    start_in_background(tmp_path)  # a no-op when the session started it
-    code, stdout, stderr = CHILD.wait(timeout=600)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"cluster script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    run = json.loads(lines[-1][len("RESULT "):])
+def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the_store(runs):
+    run = runs
     assert run["nodes"] == 3 and run["shared_step"] == 4
     assert run["first"]["step"] == 2 and run["first"]["stopped"]
     assert run["second"]["resumed_from"] == 2 and run["second"]["step"] == 4
@@ -185,13 +187,8 @@ def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rank0_node_killed_mid_training_resumes_from_the_store_to_the_same_weights(tmp_path):
-    pytest.importorskip("moto.server")
-    start_in_background(tmp_path)
-    code, stdout, stderr = CHILD.wait(timeout=600)
-    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"cluster script failed (rc {code}):\n{stdout[-3000:]}\n{stderr[-5000:]}"
-    kill = json.loads(lines[-1][len("RESULT "):])["kill"]
+def test_rank0_node_killed_mid_training_resumes_from_the_store_to_the_same_weights(runs):
+    kill = runs["kill"]
     assert kill["victim"], "no checkpoint reached the store before training ended"
     assert kill["stored_step_at_kill"] < KILL_STEPS, "the node was killed after training finished"
     assert kill["metrics"] == list(range(1, KILL_STEPS + 1)), "a step is missing or was logged twice"
