@@ -237,8 +237,12 @@ def validate_model(model: type[BaseModel], data: Any, *, prefix: tuple[str, ...]
 
 # ------------------------------------------------------------------------------------- fingerprint
 def fingerprint_of(data: Any) -> str:
-    """The 16-hex-digit hash of a JSON-able mapping (sorted keys): what run directories record."""
-    return sha256_text(json.dumps(data, sort_keys=True), 16)
+    """The 16-hex-digit hash of a JSON-able mapping (sorted keys): what run directories record. Paths inside
+    a staging folder open in this process count as their store URL (``storage.canonical``), so a step that
+    resumes in another node's copy of the folder finds the same fingerprint."""
+    from layerloop import storage
+
+    return sha256_text(json.dumps(storage.canonical(data), sort_keys=True), 16)
 
 
 # ----------------------------------------------------------------------------------------- loading

@@ -715,25 +715,6 @@ def staging_base() -> Path:
     return Path(os.environ.get(STAGING_ENV) or Path.home() / ".cache" / "layerloop" / "staging")
 
 
-def check_staging_on_cluster(out: str | os.PathLike, nodes: list[dict[str, Any]], what: str) -> None:
-    """Refuse a Ray run whose output folder is a staging folder (``--out s3://...`` of ``self-improve``)
-    when the cluster has more than one live node (``ray.nodes()``): its steps and their builds' Ray tasks on
-    the other nodes would write into a folder of the same name on their own disks, which nothing uploads.
-    One clear error before any work, instead of results that silently never reach the store. (``train``
-    hands its staging folder to its workers instead: ``Staged.handoff``.)"""
-    from layerloop.errors import ConfigError
-
-    try:
-        staged = Path(out).resolve().is_relative_to(staging_base().resolve())
-    except OSError:
-        staged = False
-    alive = [n for n in nodes if n.get("Alive", n.get("alive", False))]
-    if staged and len(alive) > 1:
-        raise ConfigError(f"{what} with --out on an object store runs in the local staging folder {out}, which the "
-                          f"other {len(alive) - 1} node(s) of this Ray cluster cannot see: run it on one machine "
-                          "(executor: local, or a single-node Ray), or give an --out on a disk every node mounts")
-
-
 def staging_dir(url: str) -> Path:
     """The local folder a store output is staged in: ``$LAYERLOOP_STAGING_DIR`` (default
     ``~/.cache/layerloop/staging``) / the first 16 hex digits of the URL's sha256."""
@@ -768,7 +749,8 @@ class Staged:
     writer's copy (``writer=True``, the single task that writes at that moment: rank 0 of Ray Train)
     uploads like the command's own. When the tasks are done the command's folder is made equal to the
     store again and its syncing goes on. ``staging_of(path)`` finds the staged prefix of a local path in
-    this process.
+    this process. Users: Ray Train's workers (rank 0 the writer) and the steps of a self-improvement loop
+    (one at a time, each a writer); records they share name paths by URL (``canonical``/``localize``).
 
     The staging folder is a write outside ``--out`` (in the user's cache; delete it freely once synced).
     """
@@ -953,7 +935,9 @@ class Staged:
                     raise error
                 self._pushed[name] = (info.st_size, info.st_mtime_ns)
             remote = self._remote_files()
-            for name in sorted(set(remote) - set(local)):
+            # Only what this folder held (pulled or uploaded) and no longer holds: objects another writer put
+            # under the prefix meanwhile (a build writing its shards straight to the store) stay.
+            for name in sorted(n for n in set(remote) - set(local) if n in self._pushed or n in self._etags):
                 (self.remote / name).unlink(missing_ok=True)
                 self._pushed.pop(name, None)
                 self._etags.pop(name, None)
@@ -977,6 +961,71 @@ def staging_of(path: str | os.PathLike) -> tuple[Staged, str] | None:
         if resolved == Path(root) or resolved.is_relative_to(root):
             return staged, resolved.relative_to(root).as_posix()
     return None
+
+
+@contextlib.contextmanager
+def viewing(url: str, folder: Path) -> Iterator[Path]:
+    """Read ``folder`` (a copy of the prefix ``url`` made earlier: a staging folder, a mirror of records) as
+    the prefix for the block, without syncing it: records that name ``url`` read as paths in it
+    (``localize``)."""
+    view = Staged(url, lease=False, writer=False)
+    view.local = Path(folder)
+    key = str(view.local.resolve())
+    previous = _ACTIVE.get(key)
+    _ACTIVE[key] = view
+    try:
+        yield view.local
+    finally:
+        if previous is None:
+            _ACTIVE.pop(key, None)
+        else:
+            _ACTIVE[key] = previous
+
+
+def canonical(value: Any) -> Any:
+    """``value`` (JSON data: a config, a record) with every path inside a staging folder open in this process
+    written as its store URL: what records and fingerprints hold, so that they are the same on every node
+    (a node copy of the folder may live elsewhere than the command's: another ``staging_base``)."""
+    for root, staged in list(_ACTIVE.items()):
+        value = rebase(value, root, staged.remote.url)
+    return value
+
+
+def localize(value: Any) -> Any:
+    """The inverse of ``canonical``: every URL below a staged prefix open in this process as the path in
+    its local folder (which holds what the store holds: a node copy is made equal to it on entry); the
+    folder opened last when several are open for one prefix."""
+    for root, staged in reversed(list(_ACTIVE.items())):
+        value = rebase(value, staged.remote.url, root)
+    return value
+
+
+def reference(ref: str | os.PathLike) -> str:
+    """A path or URL as records name it: a store URL as it is, a local path absolute (inside a staging
+    folder: its store URL, ``canonical``)."""
+    ref = str(ref)
+    return ref if is_remote(ref) else canonical(str(Path(ref).resolve()))
+
+
+def local_folder(ref: str | os.PathLike) -> Path:
+    """A folder to read a model checkpoint (``final/``, a pretrained base) from: a local path as it is; a
+    store URL below a staged prefix open in this process as its local copy; any other store URL mirrored
+    into ``cache_dir(url, "folders")`` (files the store lacks removed; one copy at a time per machine), so
+    that Ray tasks on any node load what a step on another node trained."""
+    ref = localize(str(ref))
+    if not is_remote(ref):
+        return Path(ref)
+    root = StorePath(ref)
+
+    def listing() -> list[StorePath]:
+        return [StorePath(f"{root.protocol}://{name}") for name, info in root.fs.find(root.path, detail=True).items()
+                if info.get("type", "file") == "file" and name.startswith(root.path + "/")]
+    objects = _call("list", root.url, listing)
+    if not objects:
+        raise FileNotFoundError(f"{redact(root.url)} holds no files (a checkpoint folder on the store was expected)")
+    target = cache_dir(root.url, "folders")
+    with _node_lock(target.with_name(target.name + ".lock")):
+        return mirror(objects, root, target)
 
 
 def rebase(value: Any, old: str, new: str) -> Any:

@@ -261,17 +261,55 @@ def test_mirror_copies_once_and_again_only_what_changed(s3, tmp_path, monkeypatc
         storage.mirror([storage.location(f"s3://{root.bucket}/elsewhere")], root, tmp_path / "copy")
 
 
-def test_a_staging_folder_on_a_multi_node_ray_cluster_is_refused(tmp_path, monkeypatch):
-    from layerloop.errors import ConfigError
+def test_records_name_staged_paths_by_url_and_each_node_reads_them_as_its_own(s3, tmp_path, monkeypatch):
+    """``canonical`` / ``localize`` / ``reference`` / ``fingerprint_of``: a path inside a staging folder is
+    recorded as its store URL, and read back in another node's copy (another staging base) as that copy's
+    path; a checkpoint folder named by URL is loaded from the copy, or mirrored into the cache elsewhere."""
+    from layerloop.config import fingerprint_of
 
+    url = f"s3://{s3.bucket()}/loop"
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "a"))
+    other = {"source": "/data/elsewhere", "model": "tiny"}
+    with storage.Staged(url, interval=0) as here:
+        (here / "train" / "final").mkdir(parents=True)
+        (here / "train" / "final" / "w.bin").write_bytes(b"w" * 4)
+        record = {"run_dir": str(here / "data" / "base"), "runs": [str(here)], **other}
+        stored = storage.canonical(record)
+        assert stored == {"run_dir": f"{url}/data/base", "runs": [url], **other}
+        assert storage.localize(stored) == record
+        assert storage.reference(here / "train" / "final") == f"{url}/train/final"
+        assert storage.reference("s3://b/x") == "s3://b/x"
+        assert storage.local_folder(f"{url}/train/final") == here / "train" / "final"  # no download
+        fingerprint = fingerprint_of(record)
+        monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "b"))  # another node
+        with storage.Staged(url, lease=False, writer=False) as there:
+            assert there != here and storage.localize(stored) == {
+                "run_dir": str(there / "data" / "base"), "runs": [str(there)], **other}
+            assert fingerprint_of({**record, "run_dir": str(there / "data" / "base"), "runs": [str(there)]}) == \
+                fingerprint
+    assert fingerprint_of(record) != fingerprint  # no staging folder open: paths are paths
+    copy = storage.local_folder(f"{url}/train/final")  # nothing staged here: a cached mirror
+    assert copy.is_relative_to(tmp_path / "cache") and (copy / "w.bin").read_bytes() == b"w" * 4
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        storage.local_folder(f"{url}/missing")
+
+
+def test_a_writer_never_removes_objects_another_writer_put_under_its_prefix(s3, tmp_path, monkeypatch):
+    """A build inside a staged folder writes its shards straight to the store: the folder's syncs must not
+    take them for files deleted locally."""
+    url = f"s3://{s3.bucket()}/loop"
     monkeypatch.setenv(storage.STAGING_ENV, str(tmp_path / "staging"))
-    staged = storage.staging_dir("s3://bucket/loop")
-    one = [{"NodeID": "a", "Alive": True}, {"NodeID": "gone", "Alive": False}]
-    two = [{"NodeID": "a", "Alive": True}, {"NodeID": "b", "Alive": True}]
-    storage.check_staging_on_cluster(staged, one, "self-improve")  # one live node: it sees its own disk
-    storage.check_staging_on_cluster(tmp_path / "shared", two, "self-improve")  # not a staging folder
-    with pytest.raises(ConfigError, match=r"self-improve with --out on an object store .* other 1 node\(s\)"):
-        storage.check_staging_on_cluster(staged, two, "self-improve")
+    with storage.Staged(url, interval=0) as local:
+        (local / "gone.txt").write_text("uploaded, then deleted locally")
+        staged = storage.staging_of(local)[0]
+        staged.push()
+        storage.location(f"{url}/build/shard-000000.tar").write_bytes(b"tar")  # another writer's object
+        (local / "gone.txt").unlink()
+        staged.push()
+        assert storage.location(f"{url}/build/shard-000000.tar").exists()
+        assert not storage.location(f"{url}/gone.txt").exists()
+        assert staged.pull() == 1 and (local / "build" / "shard-000000.tar").read_bytes() == b"tar"
 
 
 def test_handoff_gives_the_prefix_to_node_copies_and_takes_back_what_they_wrote(s3, tmp_path, monkeypatch):
