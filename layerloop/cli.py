@@ -203,16 +203,18 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from layerloop.selfimprove.layout import is_selfimprove_dir  # the loop's modules only for a loop
 
     if is_selfimprove_dir(args.dir):
+        from layerloop import storage
         from layerloop.selfimprove.lineage import describe_loop, trace
 
         if args.key and not _local(args.dir):
             folder = _loop_staging(args.dir)
         else:
             folder = args.dir if _local(args.dir) else _loop_records(args.dir)
-        if args.key:
-            text = json.dumps(trace(folder, args.key), indent=2, sort_keys=True, default=str)
-        else:
-            text = describe_loop(folder)  # JSON files only: no pyarrow
+        with contextlib.nullcontext() if folder is args.dir else storage.viewing(args.dir, folder):
+            if args.key:
+                text = json.dumps(trace(folder, args.key), indent=2, sort_keys=True, default=str)
+            else:
+                text = describe_loop(folder)  # JSON files only: no pyarrow
         # the mirror's paths are the store's: name the URL, not the local copy
         print(text if folder is args.dir else text.replace(str(folder), str(args.dir).rstrip("/")))
         return 0

@@ -649,7 +649,10 @@ def test_self_improvement_round_with_out_on_s3(s3, tmp_path, monkeypatch, capsys
     assert "name the staging folder" in capsys.readouterr().err
 
 
-def test_evaluate_with_out_on_s3_and_compare_reads_it_from_the_store(s3, local_run, tmp_path, monkeypatch, capsys):
+def test_evaluate_with_out_on_s3_and_compare_reads_it_from_the_store(s3, local_run, s3_run, tmp_path, monkeypatch,
+                                                                      capsys):
+    """The evaluation on the store also reads its held-out run from the store (the same shards as the local
+    one's): the metrics are the local evaluation's."""
     import json
 
     import yaml
@@ -671,7 +674,10 @@ def test_evaluate_with_out_on_s3_and_compare_reads_it_from_the_store(s3, local_r
     local = tmp_path / "local-eval"
     assert main(["evaluate", str(config), "--out", str(local), "--no-progress"]) == 0
     url = f"s3://{s3.bucket()}/eval"
-    assert main(["evaluate", str(config), "--out", url, "--no-progress"]) == 0
+    stored = tmp_path / "eval-stored.yaml"
+    data = yaml.safe_load(config.read_text())
+    stored.write_text(yaml.safe_dump({**data, "heldout": {**data["heldout"], "run_dir": s3_run[0]}}))
+    assert main(["evaluate", str(stored), "--out", url, "--no-progress"]) == 0
     capsys.readouterr()
     remote = json.loads(storage.location(f"{url}/metrics.json").read_text())
     assert remote["metrics"] == json.loads((local / "metrics.json").read_text())["metrics"]

@@ -23,8 +23,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from layerloop.datasets.base import SourceItem
 from layerloop.datasets.sources import _CachedSource
 from layerloop.files import sha256_text
@@ -37,20 +35,22 @@ class ShardSource(_CachedSource):
     """Lists once per instance (``_CachedSource``: the listing is not pickled to Ray workers)."""
 
     def __init__(self, path: str | Path, name: str = "heldout", select: int | None = None, seed: int = 0):
-        self.path = Path(path)
+        from layerloop import storage
+
+        self.path = storage.location(path)  # a Path, or a StorePath for a run on an object store
         self.name = name
         self.select = select
         self.seed = seed
 
     def _list(self) -> tuple[list[SourceItem], list[Failure]]:
-        from layerloop.datasets.shards import shard_paths
+        from layerloop.datasets.shards import read_parquet, shard_paths
         from layerloop.datasets.tario import scan_tar
 
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is not a run directory (a build's --out)")
         items, failures = [], []
         for tar in shard_paths(self.path):
-            rows = pq.read_table(tar.with_suffix(".parquet"), columns=["key", "status"]).to_pylist()
+            rows = read_parquet(tar.with_suffix(".parquet"), columns=["key", "status"]).to_pylist()
             ok = {row["key"] for row in rows if row["status"] == "ok"}
             samples, problems = scan_tar(str(tar))
             for problem in problems:

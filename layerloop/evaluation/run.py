@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from layerloop import storage
 from layerloop.config import BuildConfig, load_config
 from layerloop.evaluation.config import EvaluateConfig
 from layerloop.files import write_json_atomic
@@ -48,7 +49,7 @@ def method_build_config(cfg: EvaluateConfig, heldout: Path, method, metrics: tup
     data = {
         "name": f"{cfg.name}-{method.name}", "profile": cfg.profile, "seed": cfg.seed,
         "executor": executor or cfg.executor, "ray": cfg.ray.model_dump(),
-        "source": {"type": "shards", "path": str(Path(heldout).resolve()), "name": "heldout",
+        "source": {"type": "shards", "path": storage.reference(heldout), "name": "heldout",
                    **({"select": cfg.heldout.select} if cfg.heldout.select else {}), "seed": cfg.heldout.seed},
         "stages": [*method.stages, stage],
         "shards": {"name": method.name, "samples_per_shard": cfg.samples_per_shard},
@@ -97,9 +98,9 @@ def metric_models(cfg: EvaluateConfig) -> dict[str, str]:
     return models
 
 
-def heldout_dir(cfg: EvaluateConfig, out: Path, executor: str | None, progress: bool) -> Path:
+def heldout_dir(cfg: EvaluateConfig, out: Path, executor: str | None, progress: bool) -> Path | storage.StorePath:
     if cfg.heldout.run_dir is not None:
-        return Path(cfg.heldout.run_dir)
+        return storage.location(cfg.heldout.run_dir)
     from layerloop.pipelines.build import build
 
     target = out / "heldout"
@@ -116,7 +117,7 @@ def check_checkpoints(cfg: EvaluateConfig) -> None:
     for method in cfg.methods:
         for stage in method.stages:
             checkpoint = stage.get("checkpoint")
-            if checkpoint is not None and not Path(checkpoint).exists():
+            if checkpoint is not None and not storage.location(checkpoint).exists():
                 raise ConfigError(f"method {method.name!r}: {stage.get('stage')} checkpoint {checkpoint} does not "
                                   "exist. Train it first (e.g. `layerloop train train_bfs_demo --out runs/bfs-demo`) "
                                   f"or point methods.{method.name}.stages.{stage.get('stage')}.checkpoint at a "
@@ -143,7 +144,7 @@ def evaluate(cfg: EvaluateConfig, out: str | Path | None = None, executor: str |
     out_dir = cfg.out_dir(out)
     check_out_dir(out_dir)
     metrics, skipped = available_metrics(cfg)
-    placeholder = Path(cfg.heldout.run_dir or out_dir / "heldout")
+    placeholder = storage.location(cfg.heldout.run_dir or out_dir / "heldout")
     builds = {m.name: method_build_config(cfg, placeholder, m, metrics, executor) for m in cfg.methods}
     check_checkpoints(cfg)
     for config in builds.values():  # generator weights missing: stop before any work

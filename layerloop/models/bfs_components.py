@@ -55,7 +55,9 @@ def load_compositor(path: str | Path, device: torch.device | str = "cpu") -> Lat
 def load_rgba_vae(path: str | Path, rgb_vae) -> nn.Module:
     """An RGBA VAE with the weights of an `rgba-vae` run, built on (a copy of) `rgb_vae`'s config."""
     rgba = bfs.make_rgba_vae(rgb_vae)
-    state = load_file(str(Path(path) / RGBA_VAE_WEIGHTS), device=str(next(rgba.parameters()).device))
+    from layerloop import storage
+
+    state = load_file(str(storage.local_folder(path) / RGBA_VAE_WEIGHTS), device=str(next(rgba.parameters()).device))
     rgba.load_state_dict({k: v.to(next(rgba.parameters()).dtype) for k, v in state.items()}, strict=True)
     return rgba
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from layerloop import storage
 from layerloop.models import incontext_checkpoint as checkpoint_io
 from layerloop.models.checkpoints import recorded_hash
 from layerloop.models.incontext import InContextLoRA
@@ -75,6 +76,8 @@ def base_model(checkpoint: str | os.PathLike) -> tuple[str, str | None]:
     tiny = parse_tiny_base_name(saved["base_model"])
     if tiny is not None:
         model = tiny_model_id(*tiny)
+    elif storage.is_remote(model):  # a base pretrained in a staged run (``storage.canonical``): its local copy
+        model = str(storage.local_folder(model))
     return model, saved.get("base_revision")
 
 

@@ -81,6 +81,9 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
     from layerloop.pipelines.preflight import check_models
 
     run_dir = run_dir_for(config, out)
+    staged = storage.staging_of(run_dir) if isinstance(run_dir, Path) else None
+    if staged is not None and (executor or config.executor) == "ray":
+        return _build_through_store(config, *staged, executor, progress, report)
     check_run_dir(run_dir)
     pipeline = Pipeline.from_config(config, run_dir)  # validates the source and every stage; writes nothing
     check_models(config)  # offline and a model missing: say so before taking the lock or listing anything
@@ -105,6 +108,47 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
             write_report(run_dir, rows=config.report.rows, seed=config.seed)
         logs.upload_store_logs()
     return result
+
+
+def _build_through_store(config: BuildConfig, staged: storage.Staged, relative: str, executor: str | None,
+                         progress: bool, report: bool | None) -> BuildResult:
+    """A Ray build whose output folder is inside a staging folder (a step of ``self-improve --out s3://...``,
+    an ``evaluate`` method): its tasks may run on nodes that cannot see that folder, so it is the build of
+    the same config to the folder's store URL (workers write their shards straight to the store and read
+    what the config names inside the folder from it: ``storage.canonical``), and the folder then downloads
+    what it wrote. The fingerprint is the same either way (``config.fingerprint_of``)."""
+    url = staged.remote.url if relative == "." else (staged.remote / relative).url
+    data = config.model_dump(mode="json")
+    rendered = _render_demo_here(config, staged.local / relative)
+    if rendered is not None:  # a demo source renders into the run directory: here, then read from the store
+        staged.push()
+        data["source"] = {"type": "rorem", "path": str(rendered), "name": config.source.get("name", "demo")}
+    config = BuildConfig.model_validate(storage.canonical(data))
+    result = build(config, out=url, executor=executor, progress=progress, report=report)
+    staged.pull()
+    return result
+
+
+def _render_demo_here(config: BuildConfig, run_dir: Path) -> Path | None:
+    """For a demo source that would render its scenes into the run directory (``source_config``): render
+    them now into ``<run dir>.scenes`` beside it (inside the same staging folder, so they go to the store
+    with it; the run directory on the store must hold only the run) and return that folder; None for any
+    other source. The build then reads it as the RORem folder it is, which gives the tars of a build that
+    renders itself."""
+    from layerloop.pipelines.pipeline import source_config
+
+    if config.source.get("type") != "demo":
+        return None
+    resolved = source_config(config.source, run_dir)
+    folder = Path(resolved.get("path", ""))
+    if resolved.get("type") != "demo" or (folder != run_dir and run_dir not in folder.parents):
+        return None
+    from layerloop.datasets.demo_scenes import generate_demo_data
+
+    target = run_dir.with_name(run_dir.name + ".scenes")
+    generate_demo_data(target, int(resolved["n"]), seed=int(resolved.get("seed", 0)),
+                       size=int(resolved.get("size", 256)))
+    return target
 
 
 def check_run_dir(run_dir: Path) -> None:

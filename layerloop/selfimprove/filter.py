@@ -191,6 +191,9 @@ def accept(candidate: LayeredSample, decision: Decision, source: LineageSource) 
         "rule": decision.rule, "policy": source.policy_text, "candidates_run": str(source.candidates),
         "mix": source.mix,
     }
+    from layerloop import storage
+
+    lineage = storage.canonical(lineage)  # a staged loop's paths by URL: the same on every node
     kind = ACCEPTED_KIND.get(source.family)
     if kind is None:
         raise ValueError(f"no accepted-sample kind for family {source.family!r}; known: {sorted(ACCEPTED_KIND)}")

@@ -150,5 +150,7 @@ def summary_report_dir(out: str | Path) -> Path:
 
 
 def read_mix(round_path: str | Path) -> dict[str, Any]:
-    """A round's training mix (``mix.json``, written by the ``mix`` step)."""
-    return json.loads(RoundPaths(Path(round_path)).mix.read_text())
+    """A round's training mix (``mix.json``, written by the ``mix`` step; paths as ``results.read_result``)."""
+    from layerloop import storage
+
+    return storage.localize(json.loads(RoundPaths(Path(round_path)).mix.read_text()))

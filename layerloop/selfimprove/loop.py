@@ -31,7 +31,10 @@ Execution: with ``executor: ray`` every step is a task of one Ray task graph, su
 step's task takes its predecessor's ObjectRef as an argument, so Ray starts it when that one finished,
 retries a step whose worker or node died, and places the train step on a GPU node when training uses a
 GPU), and the builds inside ``data`` and ``generate`` run on Ray Data as
-``layerloop build`` does. ``executor: local`` runs the same steps in this process.
+``layerloop build`` does. ``executor: local`` runs the same steps in this process. With ``--out`` on an
+object store (the command's staging folder, ``storage.Staged``) no node needs to see another's disk: the
+driver hands the folder over for the DAG, each step runs in its node's own copy of it (``_run_one``), its
+builds write to the store (``pipelines.build``), and the driver follows the steps' markers on the store.
 
 Accepted samples (``filter.accept``): for the BFS family a candidate's composite is the generator's own C;
 the accepted sample keeps the generated F and B and recomputes ``C = a*F + (1-a)*B`` so that it is a valid
@@ -108,16 +111,54 @@ class Step:
 
 
 # ================================================================================ running
-def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, *upstream: Any) -> dict[str, Any]:
-    """A step as a plain function of picklable arguments (the unit of the Ray DAG); ``upstream`` only orders it."""
+def _run_one(config_json: dict[str, Any], out: str, k: int, name: str, staged: str | None = None,
+             *upstream: Any) -> dict[str, Any]:
+    """A step as a plain function of picklable arguments (the unit of the Ray DAG); ``upstream`` only orders it.
+
+    ``staged``: the store URL of a loop whose ``--out`` is on a store, handed over by the command
+    (``storage.Staged.handoff``). The step then runs in this node's copy of the staging folder, made equal
+    to the store first and uploaded when the step ends (and every sync interval while it runs): steps run
+    one at a time, so there is one writer, and no node needs to see another's disk. Its builds write to the
+    store (``pipelines.build``), its records name paths in the folder by their URL (``storage.canonical``)."""
     cfg = SelfImproveConfig.model_validate(config_json)
     if name in ("train", "pretrain"):
         _set_torch_threads()
-    return {"round": k, "step": name, **Step(cfg, Path(out), k, name)().to_json()}
+    if staged is None:
+        return {"round": k, "step": name, **Step(cfg, Path(out), k, name)().to_json()}
+    from layerloop import storage
+
+    with storage.Staged(staged, lease=False, writer=True) as local:
+        return {"round": k, "step": name, **Step(cfg, local, k, name)().to_json()}
 
 
 def _step_label(k: int, name: str) -> str:
     return name if k < 0 else f"round {k}: {name}"
+
+
+class _Markers:
+    """Which steps have finished: their markers in the loop's folder, or, while the folder is handed to the
+    steps' node copies (``remote``: its store prefix), on the store. A marker once seen stays seen (a marker
+    is never removed while the loop runs), so a poll asks the store about one step only."""
+
+    def __init__(self, out: Path, remote: Any = None):
+        self.out, self.remote, self.seen = out, remote, set()
+
+    def done(self, k: int, name: str) -> bool:
+        if (k, name) in self.seen:
+            return True
+        marker = _marker(self.out, k, name)
+        if self.remote is None:
+            found = marker.exists()
+        else:
+            from layerloop import storage
+
+            try:
+                found = (self.remote / marker.relative_to(self.out).as_posix()).exists()
+            except storage.StoreError:  # the store out of reach for a moment: ask again at the next poll
+                found = False
+        if found:
+            self.seen.add((k, name))
+        return found
 
 
 class _StepBar:
@@ -129,7 +170,7 @@ class _StepBar:
 
         from layerloop import logs
 
-        self.out, self.rounds = out, rounds
+        self.out, self.rounds, self.markers = out, rounds, _Markers(out)
         plan = plan_steps(rounds, evaluate, pretrain)
         self.steps = [(k, name) for k, name in plan if name not in ALWAYS_RUN]
         self.bar = tqdm(total=len(plan), unit="step", desc="self-improve",
@@ -141,8 +182,8 @@ class _StepBar:
         """Count the finished steps from their markers; show the first one not finished."""
         if not self.enabled:
             return
-        done = sum(1 for k, name in self.steps if _marker(self.out, k, name).exists())
-        current = next(((k, name) for k, name in self.steps if not _marker(self.out, k, name).exists()),
+        done = sum(1 for k, name in self.steps if self.markers.done(k, name))
+        current = next(((k, name) for k, name in self.steps if not self.markers.done(k, name)),
                        (self.rounds - 1, "summary"))
         if done != self.bar.n:
             self.bar.update(done - self.bar.n)
@@ -245,7 +286,8 @@ class StepCannotRunError(RuntimeError):
 
 
 def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, str], dict[str, float]],
-                    bar: _StepBar | None = None, evaluate: bool = False, pretrain: bool = False) -> Any:
+                    bar: _StepBar | None = None, evaluate: bool = False, pretrain: bool = False,
+                    markers: _Markers | None = None) -> Any:
     """``ray.get`` of the last step, but never forever: Ray keeps a task whose resources no alive node has
     pending (an autoscaler may still add one), so when the step that runs now (the first without its
     marker) asks for more than any alive node offers for longer than the stall timeout
@@ -256,6 +298,7 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
 
     timeout, since = stall_timeout(), None
     steps = plan_steps(rounds, evaluate, pretrain)
+    markers = markers or _Markers(out)
     while True:
         ready, _ = ray.wait([ref], timeout=1.0 if bar is not None and bar.enabled else 5.0)
         if bar is not None:
@@ -263,7 +306,7 @@ def _wait_for_steps(ref: Any, out: Path, rounds: int, requests: dict[tuple[int, 
         if ready:
             return ray.get(ref)
         current = next(((k, name) for k, name in steps
-                        if name not in ALWAYS_RUN and not _marker(out, k, name).exists()), None)
+                        if name not in ALWAYS_RUN and not markers.done(k, name)), None)
         need = {key: value for key, value in requests.get(current, {}).items() if value > 0}
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         if not need or any(all(r.get(key, 0) >= value for key, value in need.items()) for r in nodes):
@@ -284,8 +327,6 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
     """Submit every step as a Ray task whose argument is its predecessor's result (an ObjectRef): Ray
     starts a step when the previous one finished, retries it when its worker or node dies (the step then
     resumes from its own files), and the driver only waits for the last one."""
-    import ray
-
     from layerloop.pipelines.executors import RayExecutor
 
     from layerloop import logs
@@ -294,10 +335,29 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
         bar.bar.set_postfix_str("starting Ray...", refresh=True)
     logs.status("starting Ray", enabled=bar is None or not bar.enabled)
     RayExecutor(cfg.ray).init_ray()
+    _pin_ray_data_singletons()
     from layerloop import storage
 
-    storage.check_staging_on_cluster(out, ray.nodes(), "self-improve")
-    _pin_ray_data_singletons()
+    staged = storage.staging_of(out)
+    if staged is None:
+        return _submit_steps(cfg, out, rounds, bar, None, _Markers(out))
+    # --out on a store: the steps run in node copies of the staging folder (see _run_one), on any node.
+    markers = _Markers(out, staged[0].remote)
+    if bar is not None:
+        bar.markers = markers
+    try:
+        with staged[0].handoff() as url:
+            _submit_steps(cfg, out, rounds, bar, url, markers)
+    finally:
+        if bar is not None:
+            bar.markers = _Markers(out)
+    return [json.loads(_marker(out, k, name).read_text()) for k, name in _plan(cfg, rounds) if name != "summary"]
+
+
+def _submit_steps(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | None, staged: str | None,
+                  markers: _Markers) -> list[dict[str, Any]]:
+    import ray
+
     step_task = ray.remote(_run_one)
     retries = cfg.ray.max_task_retries if cfg.ray.max_task_retries is not None else 3
     defaults = {"num_cpus": 0, "max_retries": retries, "retry_exceptions": False}
@@ -312,12 +372,15 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
         elif name == "pretrain":
             options.update(_pretrain_resources(cfg))
         requests[(k, name)] = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
-        args = (config_json, str(out), k, name) + (() if ref is None else (ref,))
+        args = (config_json, str(out), k, name, staged) + (() if ref is None else (ref,))
         ref = step_task.options(**options).remote(*args)
     try:
-        _wait_for_steps(ref, out, rounds, requests, bar, cfg.evaluation is not None, cfg.pretrain is not None)
+        _wait_for_steps(ref, out, rounds, requests, bar, cfg.evaluation is not None, cfg.pretrain is not None,
+                        markers)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
+    if staged is not None:  # the driver's folder is made equal to the store after the hand-off
+        return []
     return [json.loads(_marker(out, k, name).read_text()) for k, name in steps if name != "summary"]
 
 

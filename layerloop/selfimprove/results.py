@@ -132,13 +132,20 @@ RESULT_TYPES: dict[str, type[StepResult]] = {
 
 
 def write_result(out: str | Path, k: int, result: StepResult) -> None:
-    """Write ``result`` as step ``result.step``'s marker of round ``k``: from now on the step is finished."""
-    write_json_atomic(RoundPaths.of(out, k).marker(result.step), result.to_json(), mkdir=True, default=str)
+    """Write ``result`` as step ``result.step``'s marker of round ``k``: from now on the step is finished.
+    Paths inside a staging folder are recorded as their store URL (``storage.canonical``), so that a step
+    on another node, in its own copy of the folder, reads them as its own paths (``read_result``)."""
+    from layerloop import storage
+
+    write_json_atomic(RoundPaths.of(out, k).marker(result.step), storage.canonical(json.loads(
+        json.dumps(result.to_json(), default=str))), mkdir=True)
 
 
 def read_result(out: str | Path, k: int, kind: type[R]) -> R:
     """The result of a finished step of round ``k`` (``kind``: its result type), from its marker."""
-    value = kind.from_json(json.loads(RoundPaths.of(out, k).marker(kind.step).read_text()))
+    from layerloop import storage
+
+    value = kind.from_json(storage.localize(json.loads(RoundPaths.of(out, k).marker(kind.step).read_text())))
     assert isinstance(value, kind)
     return value
 

@@ -6,9 +6,11 @@ in order, skipping finished ones and recording results is ``layerloop.selfimprov
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
+from layerloop import storage
 from layerloop.files import sha256_text, write_json_atomic
 from layerloop.selfimprove.config import SelfImproveConfig
 from layerloop.selfimprove.layout import ROUNDS_DIR, RoundPaths, data_dir, read_mix, summary_report_dir
@@ -113,7 +115,7 @@ def step_mix(cfg: SelfImproveConfig, out: Path, k: int) -> MixResult:
     mix = {"round": k, "sources": sources, "accepted_weight": cfg.accepted_weight,
            "samples": sum(s["samples"] for s in sources if s["used"])}
     path = RoundPaths.of(out, k).mix
-    write_json_atomic(path, mix, mkdir=True, default=str)
+    write_json_atomic(path, storage.canonical(json.loads(json.dumps(mix, default=str))), mkdir=True)
     return MixResult(mix=str(path), samples=mix["samples"])
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from layerloop import storage
 from layerloop.samples import LayeredSample
 from layerloop.stages.base import SamplerParams, Stage
 from layerloop.stages.registry import register_stage
@@ -68,7 +69,7 @@ class DecomposeInContext(Stage):
         from layerloop.models.refs import ModelRef
 
         try:
-            model, revision = base_model(self.params.checkpoint)
+            model, revision = base_model(storage.local_folder(self.params.checkpoint))
         except FileNotFoundError:
             return []  # setup() reports the missing checkpoint with its path
         if model.startswith("tiny:") or Path(model).is_dir():
@@ -80,7 +81,7 @@ class DecomposeInContext(Stage):
         from layerloop.models.incontext_pipeline import InContextPipeline
         from layerloop.models.refs import inference_dtype
 
-        self._pipe = InContextPipeline.from_checkpoint(self.params.checkpoint, device=self.device,
+        self._pipe = InContextPipeline.from_checkpoint(storage.local_folder(self.params.checkpoint), device=self.device,
                                                        dtype=inference_dtype(self.params.dtype, self.device))
         self._step = self._pipe.size_multiple
 
@@ -115,7 +116,7 @@ class DecomposeInContext(Stage):
         sample.mask = region
         sample.kind = "candidate"
         sample.meta["generator"] = {
-            "family": "incontext", "checkpoint": str(Path(self.params.checkpoint).resolve()),
+            "family": "incontext", "checkpoint": storage.reference(self.params.checkpoint),
             "checkpoint_hash": self._pipe.checkpoint_hash, "steps": self.params.steps, "seed": seed,
             "recomposition_error": round(float(result.recomposition_error), 4),
         }

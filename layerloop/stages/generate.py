@@ -40,6 +40,7 @@ from typing import Literal
 
 import numpy as np
 
+from layerloop import storage
 from layerloop.samples import LayeredSample, composite as composite_layers
 from layerloop.stages.base import SamplerParams, Stage
 from layerloop.stages.registry import register_stage
@@ -69,7 +70,7 @@ class GenerateBFS(Stage):
         from layerloop.models.refs import ModelRef
 
         try:
-            saved = read_lora_config(self.params.checkpoint)
+            saved = read_lora_config(storage.local_folder(self.params.checkpoint))
         except (FileNotFoundError, ValueError):
             return []  # setup() reports the missing checkpoint with its path
         ref = ModelRef(stage=self.name, model=saved["base_model_id"], revision=saved.get("base_revision"),
@@ -96,7 +97,7 @@ class GenerateBFS(Stage):
                                      key="reference")
             self._reference_sha256 = sha256_file(self.params.reference)
         self._pipe = BFSPipeline.from_checkpoint(
-            self.params.checkpoint, device=self.device, dtype=inference_dtype(self.params.dtype, self.device),
+            storage.local_folder(self.params.checkpoint), device=self.device, dtype=inference_dtype(self.params.dtype, self.device),
             rgba_vae=self.params.rgba_vae, guidance=self.params.guidance)
         if self.params.reference is not None:
             self._pipe.load_redux(self.params.redux_model, self.params.redux_revision)
@@ -156,7 +157,7 @@ class GenerateBFS(Stage):
             sample.kind = "candidate"
             error = np.abs(composite_layers(out.foreground[i], background).astype(np.float64) - out.composite[i]).mean()
             sample.meta["generator"] = {
-                "family": "bfs", "checkpoint": str(Path(self.params.checkpoint).resolve()),
+                "family": "bfs", "checkpoint": storage.reference(self.params.checkpoint),
                 "checkpoint_hash": self._pipe.checkpoint_hash, "steps": self.params.steps, "seed": seeds[i],
                 "noise": self.params.noise, "guidance": self._pipe.guidance,
                 "recomposition_error": round(float(error), 4),

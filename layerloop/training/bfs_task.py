@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from layerloop import storage
 from layerloop.files import sha256_file
 from layerloop.models import bfs
 from layerloop.models.bfs_components import (  # noqa: F401  (re-exported: the stage-file names and loaders)
@@ -358,7 +359,9 @@ class BFSTask:
             kind, tokens = resolved_text(self.params, self.cfg.model)
 
             def absolute(value: str | None) -> str | None:
-                return value if value in (None, UNTRAINED) else str(Path(value).resolve())
+                if value in (None, UNTRAINED) or storage.is_remote(value):
+                    return value
+                return storage.canonical(str(Path(value).resolve()))  # a staged folder's: its URL
 
             info = {"format": "layerloop-bfs-train", "stage": self.stage, "model": self.cfg.model,
                     "revision": self.cfg.revision, "text_encoder": kind, "text_tokens": tokens,

@@ -44,6 +44,7 @@ import torch.nn as nn
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from layerloop import storage
 from layerloop.models import incontext as ic
 from layerloop.models.incontext_checkpoint import TASK_FILE, read_task_info  # noqa: F401  (re-exported)
 from layerloop.models.incontext_pipeline import build_model, load_model  # noqa: F401  (re-exported)
@@ -188,10 +189,10 @@ class InContextTask:
         model = self.cfg.model
         if is_base_folder(model):  # a tiny pretrained base: found from any directory, and pinned by its hash
             model = str(Path(model).expanduser().resolve())
-        info = {"format": TASK_FORMAT, "model": model, "revision": self.cfg.revision,
+        info = {"format": TASK_FORMAT, "model": storage.canonical(model), "revision": self.cfg.revision,
                 "resolution": self.params.resolution, "text_tokens": self.params.text_tokens,
                 "cycle_weight": self.params.cycle_weight, "guidance": self.params.guidance,
-                "init_lora": str(Path(init).resolve()) if init else None}
+                "init_lora": storage.canonical(str(Path(init).resolve())) if init else None}
         if is_base_folder(model):
             info["base_hash"] = base_hash(model)
         (path / TASK_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -57,6 +57,52 @@ def _kill_rank0_node(cluster, nodes: dict, work: Path, fs, prefix: str, staging_
     return {"victim": None, "stored_step_at_kill": None}
 
 
+def _node_env(work: Path, name: str) -> dict[str, str]:
+    """A node's own staging base and model cache: what it sees of the disk."""
+    from layerloop import storage
+
+    return {storage.STAGING_ENV: str(work / name), storage.CACHE_ENV: str(work / name / "cache")}
+
+
+def _self_improve_on_nodes(work: Path, fs, bucket: str) -> dict:
+    """One round of the tiny BFS loop with --out on S3 on the two live 1-CPU worker nodes, against the same
+    loop run in this process into a local folder; then the same command on a driver without a staging
+    folder, which finds the round done on the store."""
+    import shutil
+
+    import torch
+
+    from layerloop import storage
+    from layerloop.selfimprove.loop import read_events, self_improve
+    from tests.selfimprove.test_selfimprove_loop import accepted_keys, bfs_config
+
+    torch.set_num_threads(1)  # a Ray step's trainer runs one thread (it holds one CPU): outputs depend on it
+    os.environ[storage.STAGING_ENV] = str(work / "loop-driver")
+    reference = self_improve(bfs_config(), rounds=1, out=work / "loop-local", progress=False)
+    url = f"s3://{bucket}/loop"
+    with storage.Staged(url) as local:
+        first = self_improve(bfs_config(executor="ray"), rounds=1, out=local, progress=False)
+        events = read_events(local)
+    name = storage.staging_dir(url).name
+    scores = "rounds/round-000/scores.parquet"
+    stored = sorted(n[len(f"{bucket}/loop/"):] for n in fs.find(f"{bucket}/loop"))
+    result = {
+        "reference": reference["rounds"], "first": first["rounds"], "stored": stored, "driver": _files(local),
+        "accepted": sorted(accepted_keys(local / scores)), "reference_accepted":
+            sorted(accepted_keys(work / "loop-local" / scores)),
+        "pids": sorted({e["pid"] for e in events if e["event"] == "done" and e["round"] >= 0}),
+        "copies": {node: _files(work / node / name) for node in ("head", "node-0", "node-1", "node-2")
+                   if (work / node / name).is_dir()},
+        "data_equal": all((local / n).read_bytes() == (work / "loop-local" / n).read_bytes()
+                          for n in _files(local) if n.startswith("data/") and n.endswith((".tar", ".parquet")))}
+    shutil.rmtree(work / "loop-driver")  # another machine: the store holds the loop
+    with storage.Staged(url) as local:
+        again = self_improve(bfs_config(executor="ray"), rounds=1, out=local, progress=False)
+        result["again"] = again["rounds"]
+        result["skipped"] = sorted({e["step"] for e in read_events(local)[len(events):] if e["event"] == "skip"})
+    return result
+
+
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
 
@@ -75,6 +121,7 @@ def _orchestrate(work: Path) -> dict:
     server = S3Server()
     os.environ.update(server.env)  # the nodes started below inherit the endpoint and the fake credentials
     os.environ[storage.STAGING_ENV] = str(work / "driver")
+    os.environ[storage.CACHE_ENV] = str(work / "driver-cache")
     bucket = server.bucket()
     data = write_shards(work / "data")
     fs = storage.filesystem("s3")
@@ -84,10 +131,10 @@ def _orchestrate(work: Path) -> dict:
 
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "object_store_memory": 100 * MB, "include_dashboard": False,
-        "env_vars": {storage.STAGING_ENV: str(work / "head")}})
+        "env_vars": _node_env(work, "head")})
     try:
         nodes = {f"node-{i}": cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
-                                               env_vars={storage.STAGING_ENV: str(work / f"node-{i}")})
+                                               env_vars=_node_env(work, f"node-{i}"))
                  for i in range(2)}
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
@@ -103,7 +150,7 @@ def _orchestrate(work: Path) -> dict:
         import threading
 
         nodes["node-2"] = cluster.add_node(num_cpus=1, object_store_memory=100 * MB,
-                                           env_vars={storage.STAGING_ENV: str(work / "node-2")})
+                                           env_vars=_node_env(work, "node-2"))
         cluster.wait_for_nodes()
         kill_url = f"s3://{bucket}/train-kill"
         reference = run_training(_config(data_url, KILL_STEPS), work / "kill-reference")
@@ -119,8 +166,9 @@ def _orchestrate(work: Path) -> dict:
             watcher.join()
         kill_metrics = [json.loads(line)["step"] for line in
                         fs.cat_file(f"{bucket}/train-kill/metrics.jsonl").decode().splitlines()]
-        ray.shutdown()
+        loop = _self_improve_on_nodes(work, fs, bucket)
     finally:
+        ray.shutdown()
         cluster.shutdown()
     prefix = f"{bucket}/train/"
     stored = sorted(name[len(prefix):] for name in fs.find(prefix.rstrip("/")))
@@ -132,7 +180,7 @@ def _orchestrate(work: Path) -> dict:
     kill.update(hash=fs.cat_file(f"{bucket}/train-kill/final/checkpoint_hash.txt").decode().strip(),
                 reference_hash=reference["checkpoint_hash"], metrics=kill_metrics, summary=killed)
     server.stop()
-    return {"nodes": alive, "kill": kill, "shared_step": shared["step"], "first": first, "second": second, "stored": stored,
+    return {"nodes": alive, "kill": kill, "loop": loop, "shared_step": shared["step"], "first": first, "second": second, "stored": stored,
             "weights": weights, "metrics": metrics, "driver": _files(local), "copies": copies}
 
 
@@ -183,6 +231,25 @@ def test_ray_train_on_nodes_without_a_shared_disk_writes_and_resumes_through_the
     for name in ("node-0", "node-1"):
         assert copies[name] and "checkpoints/step-000002/trainer.pt" in copies[name], copies
     assert sum("final/checkpoint_hash.txt" in copies[name] for name in ("node-0", "node-1")) == 1, copies
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_self_improvement_on_nodes_without_a_shared_disk_runs_through_the_store(runs):
+    """Every step in a node copy of the loop's staging folder, its builds writing to the store: the round
+    equals the same loop run in one process (checkpoint, accepted samples, built data byte for byte)."""
+    loop = runs["loop"]
+    assert loop["first"] == loop["reference"] == loop["again"], loop
+    assert loop["accepted"] == loop["reference_accepted"] and loop["accepted"]
+    assert loop["data_equal"]
+    assert loop["driver"] == loop["stored"]  # the command's folder is the store again
+    assert "rounds/round-000/steps/report.json" in loop["stored"] and "report/index.html" in loop["stored"]
+    assert not [k for k in loop["stored"] if ".tmp-" in k or k.endswith("run.lease")]
+    # Steps ran in copies on more than one node; the train step (it holds a CPU) on a worker node (the head
+    # has none), in that node's own copy. (Copies of later steps hold the trained LoRA too: they pulled it.)
+    trained = [n for n, files in loop["copies"].items() if "rounds/round-000/train/final/checkpoint_hash.txt" in files]
+    assert len(loop["copies"]) >= 2 and set(trained) - {"head"}, loop["copies"].keys()
+    assert {"data", "mix", "train", "generate", "filter", "report"} <= set(loop["skipped"]), loop["skipped"]
 
 
 @pytest.mark.ray
