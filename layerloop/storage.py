@@ -1016,11 +1016,7 @@ def local_folder(ref: str | os.PathLike) -> Path:
     if not is_remote(ref):
         return Path(ref)
     root = StorePath(ref)
-
-    def listing() -> list[StorePath]:
-        return [StorePath(f"{root.protocol}://{name}") for name, info in root.fs.find(root.path, detail=True).items()
-                if info.get("type", "file") == "file" and name.startswith(root.path + "/")]
-    objects = _call("list", root.url, listing)
+    objects = list(root.rglob("*"))
     if not objects:
         raise FileNotFoundError(f"{redact(root.url)} holds no files (a checkpoint folder on the store was expected)")
     target = cache_dir(root.url, "folders")
