@@ -340,22 +340,22 @@ def _run_ray(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | Non
 
     staged = storage.staging_of(out)
     if staged is None:
-        return _submit_steps(cfg, out, rounds, bar, None, _Markers(out))
-    # --out on a store: the steps run in node copies of the staging folder (see _run_one), on any node.
-    markers = _Markers(out, staged[0].remote)
-    if bar is not None:
-        bar.markers = markers
-    try:
-        with staged[0].handoff() as url:
-            _submit_steps(cfg, out, rounds, bar, url, markers)
-    finally:
+        _submit_steps(cfg, out, rounds, bar, None, _Markers(out))
+    else:  # --out on a store: the steps run in node copies of the staging folder (see _run_one), on any node
+        markers = _Markers(out, staged[0].remote)
         if bar is not None:
-            bar.markers = _Markers(out)
+            bar.markers = markers
+        try:
+            with staged[0].handoff() as url:  # afterwards the driver's folder equals the store
+                _submit_steps(cfg, out, rounds, bar, url, markers)
+        finally:
+            if bar is not None:
+                bar.markers = _Markers(out)
     return [json.loads(_marker(out, k, name).read_text()) for k, name in _plan(cfg, rounds) if name != "summary"]
 
 
 def _submit_steps(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar | None, staged: str | None,
-                  markers: _Markers) -> list[dict[str, Any]]:
+                  markers: _Markers) -> None:
     import ray
 
     step_task = ray.remote(_run_one)
@@ -379,9 +379,6 @@ def _submit_steps(cfg: SelfImproveConfig, out: Path, rounds: int, bar: _StepBar 
                         markers)
     except ray.exceptions.RayTaskError as error:
         raise error.as_instanceof_cause() from None
-    if staged is not None:  # the driver's folder is made equal to the store after the hand-off
-        return []
-    return [json.loads(_marker(out, k, name).read_text()) for k, name in steps if name != "summary"]
 
 
 def self_improve(config: str | Path | dict[str, Any] | SelfImproveConfig, rounds: int | None = None,
