@@ -88,16 +88,19 @@ class InContextLoRA(InContextLosses, nn.Module):
     ``InContextPipeline`` (``decompose`` / ``compose`` here are shortcuts to it)."""
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                 config: InContextConfig | None = None, prediction: str = "velocity"):
+                 config: InContextConfig | None = None, prediction: str = "velocity", positions: str = "canvas"):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        from layerloop.models.incontext_base import PREDICTIONS
+        from layerloop.models.incontext_base import POSITIONS, PREDICTIONS
 
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
         self.config = config or InContextConfig()
         self.prediction = prediction  # what the base predicts (incontext_base.to_velocity); the base's, not the LoRA's
+        self.positions = positions  # where the base places the canvas for RoPE (incontext_base.canvas_ids); the base's
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         for module in (transformer, vae, text_encoder):
             module.requires_grad_(False)
@@ -147,7 +150,8 @@ class InContextLoRA(InContextLosses, nn.Module):
             transformer, vae, own_text_encoder = incontext_base.load_base(model, dtype, device)
             config = {"base_model": str(Path(model).expanduser().resolve()), "base_revision": None, **config}
             return cls(transformer, vae, (text_encoder or own_text_encoder).to(device), InContextConfig(**config),
-                       prediction=incontext_base.base_prediction(model))
+                       prediction=incontext_base.base_prediction(model),
+                       positions=incontext_base.base_positions(model))
         needed = ("transformer", "vae") + (() if text_encoder is not None else TEXT_SUBFOLDERS)
         folder = hub.resolve_folder(model, needed, revision=revision)
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype).to(device)
@@ -246,11 +250,10 @@ class InContextLoRA(InContextLosses, nn.Module):
         return grid.repeat_interleave(step, dim=1).repeat_interleave(step, dim=2)
 
     def image_ids(self, height: int, width: int) -> torch.Tensor:
+        from layerloop.models.incontext_base import canvas_ids
+
         rows, columns = height // (2 * self.vae_scale), len(PANELS) * width // (2 * self.vae_scale)
-        ids = torch.zeros(rows, columns, 3, device=self.device)
-        ids[..., 1] += torch.arange(rows, device=self.device)[:, None]
-        ids[..., 2] += torch.arange(columns, device=self.device)[None, :]
-        return ids.reshape(rows * columns, 3)
+        return canvas_ids(rows, columns, len(PANELS), self.positions, self.device)
 
     def pack_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """B x H x 4W pixel mask -> B x L x 4s^2, as ``FluxFillPipeline.prepare_mask_latents`` (each

@@ -44,6 +44,9 @@ BASE_CLASS = "LayerloopTinyFill"  # model_index.json's _class_name of a base fol
 # What a base's transformer predicts (model_index.json ``prediction``; FLUX.1-Fill-dev and every folder
 # without the key: ``velocity``). See ``to_velocity``.
 PREDICTIONS = ("velocity", "sample", "residual")
+# Where the canvas's tokens sit for RoPE (model_index.json ``positions``; FLUX and every folder without the
+# key: ``canvas``). See ``canvas_ids``.
+POSITIONS = ("canvas", "panels")
 T_MIN = 1e-3  # the smallest t an x0 prediction is divided by (samplers and training never go below it)
 BASE_FORMAT = 1
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
@@ -91,12 +94,52 @@ def flow_error(v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, t: torch.
 def base_prediction(folder: str | os.PathLike) -> str:
     """What a base folder's transformer predicts (``to_velocity``): model_index.json ``prediction``, else
     ``velocity`` (folders written before the key)."""
+    return _index_choice(folder, "prediction", PREDICTIONS)
+
+
+def base_positions(folder: str | os.PathLike) -> str:
+    """How a base folder's transformer places the canvas for RoPE (``canvas_ids``): model_index.json
+    ``positions``, else ``canvas`` (folders written before the key)."""
+    return _index_choice(folder, "positions", POSITIONS)
+
+
+def _index_choice(folder: str | os.PathLike, key: str, choices: tuple[str, ...]) -> str:
     index = json.loads((Path(folder).expanduser() / "model_index.json").read_text())
-    prediction = index.get("prediction", "velocity")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"{folder}: prediction {prediction!r} in model_index.json is not one of "
-                         f"{', '.join(PREDICTIONS)}")
-    return prediction
+    value = index.get(key, choices[0])
+    if value not in choices:
+        raise ValueError(f"{folder}: {key} {value!r} in model_index.json is not one of {', '.join(choices)}")
+    return value
+
+
+# --------------------------------------------------------------------------- positions
+def canvas_ids(rows: int, columns: int, panels: int, positions: str,
+               device: str | torch.device = "cpu") -> torch.Tensor:
+    """RoPE position ids (rows * columns x 3: index, row, column) of a canvas of ``panels`` panels side by side,
+    ``rows`` x ``columns`` tokens in all, in the packed token order:
+
+    * ``canvas``: the canvas is one wide image (index 0, column 0 .. columns - 1), as FLUX places any image
+      and as In-Context LoRA feeds FLUX its panels. A token's counterpart in another panel is a whole panel
+      width away;
+    * ``panels``: every panel is an image of its own at index = its number (0 .. panels - 1), rows and
+      columns from 0 within it, as FLUX.1 Kontext places its reference images on the index axis. A token
+      and its counterparts in the other panels then share their row and column, and differ only on the
+      index axis. A tiny pretrained stand-in base uses it (docs/fidelity.md): its 6 RoPE channels per side
+      cannot tell an offset of one panel width from its neighbours, so finding "the same pixel in the
+      composite" is what it could not learn."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    if columns % panels:
+        raise ValueError(f"{columns} token columns do not split into {panels} panels")
+    ids = torch.zeros(rows, columns, 3, device=device)
+    ids[..., 1] += torch.arange(rows, device=device)[:, None]
+    column = torch.arange(columns, device=device)
+    if positions == "panels":
+        width = columns // panels
+        ids[..., 0] += (column // width)[None, :]
+        ids[..., 2] += (column % width)[None, :]
+    else:
+        ids[..., 2] += column[None, :]
+    return ids.reshape(rows * columns, 3)
 
 
 # --------------------------------------------------------------------------- names
@@ -207,13 +250,15 @@ def base_hash(folder: str | os.PathLike) -> str:
 
 
 def save_base(folder: str | os.PathLike, transformer: nn.Module, vae: nn.Module, text_encoder: ByteTextEncoder,
-              info: dict[str, Any] | None = None, prediction: str = "velocity") -> Path:
+              info: dict[str, Any] | None = None, prediction: str = "velocity", positions: str = "canvas") -> Path:
     """Write a base folder (the layout in the module docstring); ``info`` is stored in model_index.json
-    (what it was trained on, for people), and ``prediction`` (``to_velocity``) when it is not ``velocity``,
-    so that velocity bases keep the bytes of before the option. The transformer must be a plain
-    FluxTransformer2DModel."""
+    (what it was trained on, for people), ``prediction`` (``to_velocity``) when it is not ``velocity`` and
+    ``positions`` (``canvas_ids``) when it is not ``canvas``, so that bases without either option keep the
+    bytes of before. The transformer must be a plain FluxTransformer2DModel."""
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
     from safetensors.torch import save_file
 
     if not isinstance(text_encoder, ByteTextEncoder):
@@ -235,7 +280,8 @@ def save_base(folder: str | os.PathLike, transformer: nn.Module, vae: nn.Module,
         "transformer": ["diffusers", type(transformer).__name__],
         "vae": [type(vae).__module__.split(".")[0], type(vae).__name__],
         "text_encoder": ["layerloop", "ByteTextEncoder"], "info": info or {},
-        **({"prediction": prediction} if prediction != "velocity" else {})})
+        **({"prediction": prediction} if prediction != "velocity" else {}),
+        **({"positions": positions} if positions != "canvas" else {})})
     return folder
 
 

@@ -82,6 +82,9 @@ class InContextBaseParams(BaseModel):
     # what the transformer predicts (incontext_base.to_velocity): None is the base folder's when ``model`` is
     # one, else ``velocity`` (FLUX's); ``residual`` lets a tiny base learn content instead of carrying noise
     prediction: Literal["velocity", "sample", "residual"] | None = None
+    # where the canvas's tokens sit for RoPE (incontext_base.canvas_ids): None is the base folder's when
+    # ``model`` is one, else ``canvas`` (FLUX's one wide image); ``panels`` gives every panel its own index
+    positions: Literal["canvas", "panels"] | None = None
 
     @field_validator("kinds")
     @classmethod
@@ -114,12 +117,16 @@ class FillBase(nn.Module):
     """The tiny Fill model being pretrained: the transformer (trained), its VAE and byte text encoder
     (frozen). Token layout, packing and conditioning as ``InContextLoRA`` (``models/incontext.py``)."""
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, prediction: str = "velocity"):
+    def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, prediction: str = "velocity",
+                 positions: str = "canvas"):
         super().__init__()
         if prediction not in incontext_base.PREDICTIONS:
             raise ValueError(f"prediction {prediction!r} is not one of {', '.join(incontext_base.PREDICTIONS)}")
+        if positions not in incontext_base.POSITIONS:
+            raise ValueError(f"positions {positions!r} is not one of {', '.join(incontext_base.POSITIONS)}")
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.prediction = prediction  # what the transformer learns to predict (incontext_base.to_velocity)
+        self.positions = positions  # where the canvas's tokens sit for RoPE (incontext_base.canvas_ids)
         vae.requires_grad_(False)
         text_encoder.requires_grad_(False)
         transformer.requires_grad_(True)
@@ -157,10 +164,7 @@ class FillBase(nn.Module):
         return self.pack(mask)
 
     def image_ids(self, rows: int, columns: int) -> torch.Tensor:
-        ids = torch.zeros(rows, columns, 3, device=self.device)
-        ids[..., 1] += torch.arange(rows, device=self.device)[:, None]
-        ids[..., 2] += torch.arange(columns, device=self.device)[None, :]
-        return ids.reshape(rows * columns, 3)
+        return incontext_base.canvas_ids(rows, columns, len(PANELS), self.positions, self.device)
 
     def velocity(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, captions: list[str],
                  rows: int, columns: int, guidance: float) -> torch.Tensor:
@@ -217,14 +221,16 @@ class InContextBaseTask:
         if tiny is not None:
             parts = incontext_base.tiny_components(*tiny, layers=p.layers, single_layers=p.single_layers,
                                                    heads=p.heads, head_dim=p.head_dim, text_dim=p.text_dim)
-            prediction = p.prediction or "velocity"
+            prediction, positions = p.prediction or "velocity", p.positions or "canvas"
         else:
             parts = incontext_base.load_base(self.cfg.model, torch.float32, "cpu")
             prediction = incontext_base.base_prediction(self.cfg.model)
-            if p.prediction not in (None, prediction):
-                raise ValueError(f"task.prediction is {p.prediction!r}, but the base folder {self.cfg.model} was "
-                                 f"trained to predict {prediction!r}; leave task.prediction unset to continue it")
-        self.model = FillBase(*parts, prediction=prediction).to(device)
+            positions = incontext_base.base_positions(self.cfg.model)
+            for key, given, trained in (("prediction", p.prediction, prediction), ("positions", p.positions, positions)):
+                if given not in (None, trained):
+                    raise ValueError(f"task.{key} is {given!r}, but the base folder {self.cfg.model} was trained "
+                                     f"with {trained!r}; leave task.{key} unset to continue it")
+        self.model = FillBase(*parts, prediction=prediction, positions=positions).to(device)
         self.model.transformer.train()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -267,7 +273,7 @@ class InContextBaseTask:
         info = {"trained_from": str(self.cfg.model), "resolution": p.resolution, "guidance": p.guidance,
                 "data": [d.name for d in self.cfg.data]}
         incontext_base.save_base(path, self.model.transformer, self.model.vae, self.model.text_encoder, info,
-                                 prediction=self.model.prediction)
+                                 prediction=self.model.prediction, positions=self.model.positions)
 
     def load_weights(self, path: Path) -> None:
         from safetensors.torch import load_file

@@ -189,8 +189,68 @@ def test_a_residual_base_records_its_prediction_and_a_lora_on_it_uses_it(shards,
     decomposed = model.decompose(composite, region, "", steps=4, seed=0)
     assert np.abs(decomposed.background.astype(int) - composite.astype(int)).max() <= 1
     # continuing a residual base with another prediction is refused; unset continues it
-    with pytest.raises(ValueError, match="trained to predict 'residual'"):
+    with pytest.raises(ValueError, match="trained with 'residual'"):
         InContextBaseTask(_cfg(shards, model=base, prediction="velocity")).setup(torch.device("cpu"))
     velocity_base = tmp_path / "vbase"
     run_training(_cfg(shards, steps=2), velocity_base)
     assert "prediction" not in json.loads((velocity_base / "final" / "model_index.json").read_text())
+
+
+def test_canvas_ids_place_the_panels_on_one_wide_image_or_each_on_its_own_index():
+    rows, columns = 3, 8  # four panels of 3 x 2 tokens
+    canvas = incontext_base.canvas_ids(rows, columns, 4, "canvas").reshape(rows, columns, 3)
+    assert torch.equal(canvas[..., 0], torch.zeros(rows, columns))  # FLUX's layout of one image
+    assert torch.equal(canvas[..., 1], torch.arange(rows).float()[:, None].expand(rows, columns))
+    assert torch.equal(canvas[..., 2], torch.arange(columns).float()[None, :].expand(rows, columns))
+    panels = incontext_base.canvas_ids(rows, columns, 4, "panels").reshape(rows, columns, 3)
+    for k in range(4):  # panel k: index k, rows and columns from 0 within the panel
+        block = panels[:, 2 * k:2 * k + 2]
+        assert torch.equal(block[..., 0], torch.full((rows, 2), float(k)))
+        assert torch.equal(block[..., 1:], panels[:, 0:2, 1:])
+    assert torch.equal(panels[..., 1], canvas[..., 1])
+    with pytest.raises(ValueError, match="not one of"):
+        incontext_base.canvas_ids(rows, columns, 4, "grid")
+    with pytest.raises(ValueError, match="do not split"):
+        incontext_base.canvas_ids(rows, 6, 4, "panels")
+
+
+def test_a_base_with_panel_positions_records_them_and_a_lora_on_it_feeds_them(shards, batch, tmp_path, monkeypatch):
+    task = _task(shards, positions="panels")
+    assert task.model.positions == "panels"
+    rows, columns = 4, 16  # SMALL: 16 px panels, tokens of 4 x 4 pixels (space-to-depth 2, 2 x 2 packing)
+    assert torch.equal(task.model.image_ids(rows, columns), incontext_base.canvas_ids(rows, columns, 4, "panels"))
+    run_training(_cfg(shards, steps=2, positions="panels"), tmp_path / "base")
+    base = tmp_path / "base" / "final"
+    assert json.loads((base / "model_index.json").read_text())["positions"] == "panels"
+    assert incontext_base.base_positions(base) == "panels"
+    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext", region_margin=1), tmp_path / "lora")
+    model = load_model(lora["final"])
+    assert model.positions == "panels"
+    # the transformer gets the panel positions, and they change its output (the base was trained with them)
+    seen = []
+    forward = model.transformer.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["img_ids"])
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.transformer, "forward", spy)
+    import numpy as np
+    from PIL import Image
+
+    size = 16
+    composite = np.asarray(Image.fromarray(batch[0].composite).resize((size, size)))
+    region = np.zeros((size, size), np.uint8)
+    region[4:12, 4:12] = 1
+    first = model.decompose(composite, region, "", steps=1, seed=0)
+    assert seen and all(torch.equal(ids, incontext_base.canvas_ids(rows, columns, 4, "panels")) for ids in seen)
+    model.positions = "canvas"
+    second = model.decompose(composite, region, "", steps=1, seed=0)
+    assert not np.array_equal(first.layer, second.layer)
+    # continuing it with other positions is refused; a base without the option keeps model_index.json's bytes
+    with pytest.raises(ValueError, match="task.positions is 'canvas'.*trained with 'panels'"):
+        InContextBaseTask(_cfg(shards, model=base, positions="canvas")).setup(torch.device("cpu"))
+    plain = tmp_path / "plain"
+    run_training(_cfg(shards, steps=2), plain)
+    assert "positions" not in json.loads((plain / "final" / "model_index.json").read_text())
+    assert incontext_base.base_positions(plain / "final") == "canvas"
