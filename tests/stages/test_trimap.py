@@ -96,3 +96,30 @@ def test_deterministic():
 def test_unknown_param_is_rejected():
     with pytest.raises(ValueError):
         TrimapStage(bandwidth=3)
+
+
+def test_the_cropped_morphology_equals_the_whole_image_one():
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(40):  # blobs of a few discs, anywhere, also touching or crossing the image's edges
+        h, w = rng.integers(24, 90, size=2)
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(rng.integers(1, 4)):
+            cy, cx = rng.integers(-5, h + 5), rng.integers(-5, w + 5)
+            r = rng.uniform(0.5, 18)
+            yy, xx = np.mgrid[:h, :w]
+            mask[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 255
+        masks.append(mask)
+    full = np.full((30, 40), 255, np.uint8)
+    masks += [full, np.pad(np.full((3, 50), 255, np.uint8), ((10, 10), (0, 0)))]
+    tested = 0
+    for mask in masks:
+        if not mask.any():
+            continue
+        for band_px in (0, 1, 3, 7, 12):
+            trimap, inner = make_trimap(mask, band_px)
+            expected, expected_inner = make_trimap(mask, band_px, crop=False)
+            assert inner == expected_inner
+            np.testing.assert_array_equal(trimap, expected)
+            tested += 1
+    assert tested >= 150
