@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,6 +49,26 @@ def _task(data, **task) -> InContextBaseTask:
     t = InContextBaseTask(_cfg(data, **task))
     t.setup(torch.device("cpu"))
     return t
+
+
+def _base_and_lora(shards, tmp_path, **option):
+    """A base pretrained 2 steps with one task option (recorded in its model_index.json) and a LoRA on it."""
+    run_training(_cfg(shards, steps=2, **option), tmp_path / "base")
+    base = tmp_path / "base" / "final"
+    [(key, value)] = option.items()
+    assert json.loads((base / "model_index.json").read_text())[key] == value
+    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext", region_margin=1), tmp_path / "lora")
+    return base, load_model(lora["final"])
+
+
+def _small_input(sample, size: int = 16):
+    """The sample's composite at ``size`` px and a square region in its middle."""
+    from PIL import Image
+
+    composite = np.asarray(Image.fromarray(sample.composite).resize((size, size)))
+    region = np.zeros((size, size), np.uint8)
+    region[size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    return composite, region
 
 
 def test_registry_builds_the_task_and_validates_its_section(shards, tmp_path):
@@ -167,25 +188,15 @@ def test_a_residual_base_records_its_prediction_and_a_lora_on_it_uses_it(shards,
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0]
 
-    run_training(_cfg(shards, steps=2, prediction="residual"), tmp_path / "base")
-    base = tmp_path / "base" / "final"
-    assert json.loads((base / "model_index.json").read_text())["prediction"] == "residual"
+    base, model = _base_and_lora(shards, tmp_path, prediction="residual")
     assert incontext_base.base_prediction(base) == "residual"
-    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext", region_margin=1), tmp_path / "lora")
-    model = load_model(lora["final"])
     assert model.prediction == "residual"
     # with the transformer's output zeroed, decomposing returns the given panels: in the region the first
     # guess (the composite for the clean object), outside it what is pasted back (the composite again)
     with torch.no_grad():
         model.transformer.proj_out.weight.zero_()
         model.transformer.proj_out.bias.zero_()
-    import numpy as np
-    from PIL import Image
-
-    sample, size = batch[0], 16
-    composite = np.asarray(Image.fromarray(sample.composite).resize((size, size)))
-    region = np.zeros((size, size), np.uint8)
-    region[4:12, 4:12] = 1
+    composite, region = _small_input(batch[0])
     decomposed = model.decompose(composite, region, "", steps=4, seed=0)
     assert np.abs(decomposed.background.astype(int) - composite.astype(int)).max() <= 1
     # continuing a residual base with another prediction is refused; unset continues it
@@ -219,12 +230,8 @@ def test_a_base_with_panel_positions_records_them_and_a_lora_on_it_feeds_them(sh
     assert task.model.positions == "panels"
     rows, columns = 4, 16  # SMALL: 16 px panels, tokens of 4 x 4 pixels (space-to-depth 2, 2 x 2 packing)
     assert torch.equal(task.model.image_ids(rows, columns), incontext_base.canvas_ids(rows, columns, 4, "panels"))
-    run_training(_cfg(shards, steps=2, positions="panels"), tmp_path / "base")
-    base = tmp_path / "base" / "final"
-    assert json.loads((base / "model_index.json").read_text())["positions"] == "panels"
+    base, model = _base_and_lora(shards, tmp_path, positions="panels")
     assert incontext_base.base_positions(base) == "panels"
-    lora = run_training(_cfg(shards, steps=2, model=base, family="incontext", region_margin=1), tmp_path / "lora")
-    model = load_model(lora["final"])
     assert model.positions == "panels"
     # the transformer gets the panel positions, and they change its output (the base was trained with them)
     seen = []
@@ -235,13 +242,7 @@ def test_a_base_with_panel_positions_records_them_and_a_lora_on_it_feeds_them(sh
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.transformer, "forward", spy)
-    import numpy as np
-    from PIL import Image
-
-    size = 16
-    composite = np.asarray(Image.fromarray(batch[0].composite).resize((size, size)))
-    region = np.zeros((size, size), np.uint8)
-    region[4:12, 4:12] = 1
+    composite, region = _small_input(batch[0])
     first = model.decompose(composite, region, "", steps=1, seed=0)
     assert seen and all(torch.equal(ids, incontext_base.canvas_ids(rows, columns, 4, "panels")) for ids in seen)
     model.positions = "canvas"
