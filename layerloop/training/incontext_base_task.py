@@ -32,7 +32,9 @@ the given pixels through, which the sampler's output relies on; weighted down be
 Guidance is fed at `guidance` (30), the value the in-context LoRA trains and samples with. With
 `prediction: sample` or `residual` the transformer predicts x0 (or x0 minus the conditioning's image
 latents) instead of the velocity, and the loss is the MSE of x0 (`incontext_base.to_velocity`,
-`flow_error`); the base folder records it, and LoRAs on it use it.
+`flow_error`); the base folder records it, and LoRAs on it use it. With `positions: panels` every panel is
+placed on RoPE's index axis with its own rows and columns (`incontext_base.canvas_ids`; FLUX's layout is
+one wide image, `canvas`), recorded and used the same way.
 
 Weights: `save_weights` writes the base folder (`transformer/`, `vae/`, `text_encoder/`, `model_index.json`);
 `weights_hash` is `incontext_base.base_hash` (the transformer weights' digest), which LoRAs trained on the
