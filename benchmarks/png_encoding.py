@@ -303,16 +303,18 @@ def naive_floor(pairs, images_per_sample, repeats: int) -> tuple[float, float]:
 
 
 def local_builds(args, scratch: Path, spec: str, tag: int = 0) -> tuple[float, list[float], list[float]]:
-    """``spec`` is ENCODER:LEVEL (``shards.png_encoder`` / ``shards.png_compress_level``); every build goes
-    into a fresh directory (``tag`` keeps a repeated spec from resuming an earlier one)."""
+    """``spec`` is ENCODER:LEVEL (``shards.png_encoder`` / ``shards.png_compress_level``), optionally followed by
+    comma-separated config overrides (``opencv:1,stages.trimap.band=0.02``); every build goes into a fresh
+    directory (``tag`` keeps a repeated spec from resuming an earlier one)."""
     from layerloop.config import load_config
     from layerloop.pipelines.build import build
 
     overrides = [f"source.n={args.n}", f"source.size={args.size}", f"source.path={scratch / 'scenes'}",
                  f"stages.load.short_side={args.size}", f"shards.samples_per_shard={args.samples_per_shard}",
                  "report.enabled=false"]
-    encoder, _, level = spec.partition(":")
-    overrides += [f"shards.png_encoder={encoder}", f"shards.png_compress_level={level}"]
+    encoding, *extra = spec.split(",")
+    encoder, _, level = encoding.partition(":")
+    overrides += [f"shards.png_encoder={encoder}", f"shards.png_compress_level={level}", *extra]
     config = load_config("demo", overrides)
     times, cpus = [], []
     for attempt in range(1 + args.repeats):
@@ -335,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads per library")
     parser.add_argument("--cv2-levels", type=int, nargs="*", default=[0, 1, 2, 3, 6, 9])
     parser.add_argument("--builds", nargs="*", default=["pil:6", "opencv:1", "opencv:2"],
-                        help="ENCODER:LEVEL of the whole local builds (shards.png_encoder, png_compress_level; "
-                             "none: skip the builds)")
+                        help="ENCODER:LEVEL[,OVERRIDE...] of the whole local builds (shards.png_encoder, "
+                             "png_compress_level, other config overrides; none: skip the builds)")
     parser.add_argument("--only", nargs="*", default=None, help="encoder names to time (substring match)")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args(argv)

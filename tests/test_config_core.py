@@ -21,8 +21,8 @@ from layerloop.training.config import TrainConfig, load_train_config, load_train
 PACKAGED_FINGERPRINTS = {
     "decompose_incontext_demo": "4724ac1b99b33d5d",
     # #16: shards by the opencv PNG encoder at level 1 (was cdce2e623525be33), then matting with the RCM-ordered
-    # preconditioner (was 79248d71811975d2)
-    "demo": "c26e6d06e25a122b",
+    # preconditioner (was 79248d71811975d2), then a trimap band of 0.01 (was c26e6d06e25a122b)
+    "demo": "73ebf8ee805e6780",
     "evaluate_bfs_demo": "e5432892ddde4193",
     "evaluate_bfs_rorem": "33c9f28f64b8cdcf",
     "evaluate_decompose_demo": "13f7f4bcd1800a88",
