@@ -66,16 +66,19 @@ def make_trimap(object_mask: np.ndarray, band_px: int, crop: bool = True) -> tup
     pad = band_px + 1
     top, left = max(0, y - pad), max(0, x - pad)
     window = (slice(top, min(mask.shape[0], y + h + pad)), slice(left, min(mask.shape[1], x + w + pad)))
-    crop = mask[window]
-    inside_depth = cv2.distanceTransform(crop, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).max()
+    region = mask[window]
+    # Start the inner radius at what the mask's thickness allows: a pixel survives an erosion of radius r
+    # only if it is farther than r from the background. The loop below then confirms the choice with the
+    # actual elliptical kernel (its discretisation differs from the L2 distance by up to a pixel).
+    inside_depth = cv2.distanceTransform(region, cv2.DIST_L2, cv2.DIST_MASK_PRECISE).max()
     inner = max(0, min(band_px, int(np.ceil(inside_depth)) - 1))
     while True:
-        sure_fg = cv2.erode(crop, ellipse(inner)) if inner > 0 else crop
+        sure_fg = cv2.erode(region, ellipse(inner)) if inner > 0 else region
         if sure_fg.any() or inner == 0:
             break
         inner -= 1
 
-    maybe_fg = cv2.dilate(crop, ellipse(band_px)) if band_px > 0 else crop
+    maybe_fg = cv2.dilate(region, ellipse(band_px)) if band_px > 0 else region
     trimap = np.full(mask.shape, BACKGROUND, np.uint8)
     part = trimap[window]
     part[maybe_fg > 0] = UNKNOWN
