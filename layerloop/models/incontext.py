@@ -92,12 +92,10 @@ class InContextLoRA(InContextLosses, nn.Module):
         super().__init__()
         from peft import LoraConfig, inject_adapter_in_model
 
-        from layerloop.models.incontext_base import POSITIONS, PREDICTIONS
+        from layerloop.models.incontext_base import POSITIONS, PREDICTIONS, check_choice
 
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
-        if positions not in POSITIONS:
-            raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("positions", positions, POSITIONS)
         self.config = config or InContextConfig()
         self.prediction = prediction  # what the base predicts (incontext_base.to_velocity); the base's, not the LoRA's
         self.positions = positions  # where the base places the canvas for RoPE (incontext_base.canvas_ids); the base's

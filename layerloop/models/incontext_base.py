@@ -57,6 +57,13 @@ _TINY_ID = re.compile(r"^tiny(?::(?:(?P<s2d>s2d)(?:-(?P<seed2>\d+))?|(?P<seed>\d
 _TINY_NAME = re.compile(r"^tiny-(?:(?P<s2d>s2d)-)?(?P<seed>\d+)$")
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` when it is one of ``choices`` (``PREDICTIONS``, ``POSITIONS``), else ValueError naming ``name``."""
+    if value not in choices:
+        raise ValueError(f"{name} {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
 # --------------------------------------------------------------------------- prediction
 def to_velocity(out: torch.Tensor, x_t: torch.Tensor, given: torch.Tensor, t: torch.Tensor,
                 prediction: str) -> torch.Tensor:
@@ -74,8 +81,7 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, given: torch.Tensor, t: to
     at t = 1); a tiny pretrained stand-in for the FLUX base therefore predicts ``residual`` (docs/fidelity.md)."""
     if prediction == "velocity":
         return out
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+    check_choice("prediction", prediction, PREDICTIONS)
     x0 = out + given if prediction == "residual" else out
     return (x_t - x0) / t.reshape(-1, 1, 1).to(x_t.dtype).clamp_min(T_MIN)
 
@@ -126,8 +132,7 @@ def canvas_ids(rows: int, columns: int, panels: int, positions: str,
       index axis. A tiny pretrained stand-in base uses it (docs/fidelity.md): its 6 RoPE channels per side
       cannot tell an offset of one panel width from its neighbours, so finding "the same pixel in the
       composite" is what it could not learn."""
-    if positions not in POSITIONS:
-        raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    check_choice("positions", positions, POSITIONS)
     if columns % panels:
         raise ValueError(f"{columns} token columns do not split into {panels} panels")
     ids = torch.zeros(rows, columns, 3, device=device)
@@ -255,10 +260,8 @@ def save_base(folder: str | os.PathLike, transformer: nn.Module, vae: nn.Module,
     (what it was trained on, for people), ``prediction`` (``to_velocity``) when it is not ``velocity`` and
     ``positions`` (``canvas_ids``) when it is not ``canvas``, so that bases without either option keep the
     bytes of before. The transformer must be a plain FluxTransformer2DModel."""
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions {positions!r} is not one of {', '.join(POSITIONS)}")
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("positions", positions, POSITIONS)
     from safetensors.torch import save_file
 
     if not isinstance(text_encoder, ByteTextEncoder):

@@ -122,10 +122,8 @@ class FillBase(nn.Module):
     def __init__(self, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module, prediction: str = "velocity",
                  positions: str = "canvas"):
         super().__init__()
-        if prediction not in incontext_base.PREDICTIONS:
-            raise ValueError(f"prediction {prediction!r} is not one of {', '.join(incontext_base.PREDICTIONS)}")
-        if positions not in incontext_base.POSITIONS:
-            raise ValueError(f"positions {positions!r} is not one of {', '.join(incontext_base.POSITIONS)}")
+        incontext_base.check_choice("prediction", prediction, incontext_base.PREDICTIONS)
+        incontext_base.check_choice("positions", positions, incontext_base.POSITIONS)
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
         self.prediction = prediction  # what the transformer learns to predict (incontext_base.to_velocity)
         self.positions = positions  # where the canvas's tokens sit for RoPE (incontext_base.canvas_ids)
