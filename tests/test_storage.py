@@ -63,6 +63,12 @@ class S3Server:
         self.server.stop()
 
 
+try:  # imported at collection, while pytest runs no other thread: a CI run once failed inside werkzeug's import
+    import moto.server  # noqa: F401  (its module-level loop over globals()) when the fixture imported it mid-session
+except ImportError:  # the fixture skips
+    pass
+
+
 @pytest.fixture(scope="session")
 def s3():
     pytest.importorskip("moto.server")
