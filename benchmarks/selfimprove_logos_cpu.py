@@ -24,7 +24,7 @@ from pathlib import Path
 ARMS = {
     "main": [],
     "nocycle": ["train.overrides=[steps=80, batch_size=8, checkpoint_every=40, task.region_margin=1, "
-                "task.cycle_weight=0]"],
+                "task.rank=32, task.timestep_mean=4.0, task.cycle_weight=0]"],
     "acceptall": ['policy={name: accept-all, threshold: {column: round, op: ">=", value: 0}}'],
 }
 METRICS = ("layer_psnr", "object_psnr", "layer_ssim", "object_ssim")

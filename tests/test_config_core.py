@@ -33,7 +33,7 @@ PACKAGED_FINGERPRINTS = {
     "rorem_pairs": "0c094a34d1a683bf",
     "selfimprove_bfs_demo": "e9b64e32f105f809",
     "selfimprove_incontext_demo": "6f75d0d858f013fb",  # #14: top-k by cycle_error: was 9f3fc33d46dffbfc
-    "selfimprove_logos_cpu": "5f97c3c4ef07184c",  # #14 (was 98f530b05c50934b: 600 pretraining steps, canvas positions)
+    "selfimprove_logos_cpu": "55c674048544e7b1",  # #14: LoRA rank 32, t near 1 (was 5f97c3c4ef07184c; 98f530b05c50934b before: 600 pretraining steps, canvas positions)
     "train_bfs": "2e5b8596fe12bb42",  # #15: shared noise, uniform t recorded: was c6f744fd9eb45728
     "train_bfs_demo": "eb458e6216312cb5",  # #15: shared noise, uniform t recorded: was 5107b9340a57bf13
     "train_bfs_recipe": "4a393db8c48661df",  # #15: the recipe (rgba-vae -> phi -> stage1 -> stage2), new
