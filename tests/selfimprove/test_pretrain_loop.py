@@ -73,3 +73,20 @@ def test_a_rerun_skips_the_pretraining_and_the_seed_makes_a_replicate(pretrained
     assert train_config(replicate, out, 0).seed == train_config(config, out, 0).seed + 1000
     with pytest.raises(ValueError, match="pretrain trains an in-context base"):
         load_selfimprove_config("selfimprove_bfs_demo", ["pretrain={config: train_incontext_base_demo}"])
+
+
+def test_the_no_cycle_ablation_differs_from_the_main_arm_only_in_the_cycle_weight():
+    """benchmarks/selfimprove_logos_cpu.py builds its no-cycle arm from the packaged train overrides, so a
+    change of the main arm's training reaches the ablation too."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "selfimprove_logos_cpu.py"
+    spec = importlib.util.spec_from_file_location("selfimprove_logos_cpu_benchmark", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    main = load_selfimprove_config("selfimprove_logos_cpu")
+    ablation = load_selfimprove_config("selfimprove_logos_cpu", benchmark.arm_overrides("nocycle"))
+    assert ablation.train.overrides == [*main.train.overrides, "task.cycle_weight=0"]
+    assert ablation.model_dump(exclude={"train"}) == main.model_dump(exclude={"train"})
+    assert benchmark.arm_overrides("main") == []
