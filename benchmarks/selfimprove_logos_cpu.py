@@ -21,13 +21,6 @@ import json
 import time
 from pathlib import Path
 
-ARMS = {
-    "main": [],
-    "nocycle": None,  # the packaged train overrides plus task.cycle_weight=0 (no_cycle_overrides)
-    "acceptall": ['policy={name: accept-all, threshold: {column: round, op: ">=", value: 0}}'],
-}
-METRICS = ("layer_psnr", "object_psnr", "layer_ssim", "object_ssim")
-
 
 def no_cycle_overrides() -> list[str]:
     """The packaged config's ``train.overrides`` with the cycle term switched off, so the ablation differs
@@ -38,8 +31,16 @@ def no_cycle_overrides() -> list[str]:
     return [f"train.overrides=[{', '.join([*train.overrides, 'task.cycle_weight=0'])}]"]
 
 
+ARMS = {  # arm -> its overrides of the packaged config
+    "main": lambda: [],
+    "nocycle": no_cycle_overrides,
+    "acceptall": lambda: ['policy={name: accept-all, threshold: {column: round, op: ">=", value: 0}}'],
+}
+METRICS = ("layer_psnr", "object_psnr", "layer_ssim", "object_ssim")
+
+
 def arm_overrides(arm: str) -> list[str]:
-    return no_cycle_overrides() if arm == "nocycle" else ARMS[arm]
+    return ARMS[arm]()
 
 
 def run_arm(arm: str, seed: int, out: Path, rounds: int) -> float:
