@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from layerloop.datasets.stream import ShardStream, WeightedShards
 from layerloop.files import atomic_path, write_atomic
+from layerloop.models.attention import training_attention
 from layerloop.models.checkpoints import HASH_FILE
 from layerloop.samples import LayeredSample
 from layerloop.seeds import seed63
@@ -218,10 +219,11 @@ def _accumulate_gradients(task: TrainTask, stream: ShardStream, cfg: TrainConfig
     for micro in range(cfg.grad_accum):
         batch = stream.next_batch()
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "step", rank, step, micro))
-        loss, logs = task.loss(batch, step, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower lr or check the data")
-        (loss / cfg.grad_accum).backward()
+        with training_attention():
+            loss, logs = task.loss(batch, step, generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}; lower lr or check the data")
+            (loss / cfg.grad_accum).backward()
         for key, value in {"loss": loss, **logs}.items():
             if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
                 value = value.detach() if isinstance(value, torch.Tensor) else value

@@ -134,3 +134,25 @@ def test_warmup_and_overrides(shards, tmp_path):
         load_train_config(cfg.model_dump(), ["data.missing.weight=2"])
     with pytest.raises(ValueError, match="needs executor=ray"):
         run_training(config(shards, num_workers=2), tmp_path / "other")
+
+
+def test_a_step_runs_forward_and_backward_without_cudnn_attention(shards, tmp_path, monkeypatch):
+    """The loop runs a task's loss and its backward (where a checkpoint recomputes the forward) with cuDNN's
+    fused attention switched off (layerloop/models/attention.py: it failed under checkpointing on an H200);
+    flash attention stays on, and the switch is restored after the step."""
+    from layerloop.training.bfs_task import BFSTask
+
+    seen = {}
+    original = BFSTask.loss
+
+    def loss(self, batch, step, generator):
+        seen["forward"] = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())
+        value, logs = original(self, batch, step, generator)
+        value.register_hook(lambda grad: seen.update(backward=torch.backends.cuda.cudnn_sdp_enabled()))
+        return value, logs
+
+    monkeypatch.setattr(BFSTask, "loss", loss)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    run_training(config(shards, steps=1), tmp_path / "run")
+    assert seen == {"forward": (False, True), "backward": False}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
