@@ -19,7 +19,7 @@ its ``layerloop/models`` wrapper or training loss exactly as the stages and trai
 | BFS step | Flux-Fill + BFS information-sharing LoRA (rank 16) + g | one stage-1 training step (``bfs_step.py``'s), 512 px, batch 1 |
 | in-context step | Flux-Fill + one LoRA (rank 32) + Flux VAE | one training step (``training_loss``: 2 supervised + 4 cycle passes), 512 px panels, batch 1, gradient checkpointing |
 
-FLOPs per call come from ``torch.utils.flop_counter.FlopCounterMode`` over one call (matmuls, convolutions and
+FLOPs per call come from ``torch.utils.flop_counter``'s operator formulas over one call (matmuls, convolutions and
 attention, forward and backward as executed, so a checkpointed step counts its recomputed forward; elementwise
 work is not counted, so the fraction of peak is a lower bound). The peak is the dense (non-sparse) bf16
 tensor-core figure of the detected GPU (H100/H200: 989 TFLOPS), or ``--peak-tflops``. Wrapper time includes
@@ -33,15 +33,22 @@ does; the in-context step VAE-encodes its panels, as its task does.
     python benchmarks/gpu_models.py --smoke               # tiny versions of the same code paths on CPU
 
 Without CUDA (and without ``--smoke``) it says so and exits with status 2. Prints a markdown table;
-appends nothing anywhere. ``bfs_step.py`` times the BFS step alone with its memory and options.
+appends nothing anywhere. On CUDA the header also gives the measured rate of an 8192^3 bf16 matrix product (the
+ceiling real code meets, under the data-sheet peak). Each row also goes to stderr as soon as it is measured, so
+a run cut short keeps what it finished; a model that fails (an API change, out of memory) gets a FAILED row
+with its error, the others are still measured (unless the error left the process's CUDA context unusable:
+then the rest get "not run" rows), and the exit status is 1. ``bfs_step.py`` times the BFS step alone with its
+memory and options.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -65,12 +72,26 @@ def peak_tflops(device_name: str, override: float | None) -> float | None:
 
 # --------------------------------------------------------------------------------------- measuring
 def count_flops(call: Callable[[], object]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of one call, by ``torch.utils.flop_counter``'s per-operator formulas under a plain dispatch mode.
+    Not ``FlopCounterMode`` itself: its module tracker hooks every module's outputs, which keeps alive the
+    activations a checkpointed step would free (the in-context step ran out of 140 GB under it on an H200)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Counter.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Counter():
         call()
-    return counter.get_total_flops()
+    return Counter.total
 
 
 def measure(workload, iters: int, synchronize: Callable[[], None]) -> tuple[float, int]:
@@ -86,6 +107,28 @@ def measure(workload, iters: int, synchronize: Callable[[], None]) -> tuple[floa
         synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times), flops
+
+
+def format_row(row: tuple, peak: float | None) -> str:
+    name, shape, samples, seconds, flops, total, memory = row
+    achieved = flops / seconds / 1e12
+    fraction = f"{achieved / peak:.1%}" if peak else "n/a"
+    return (f"| {name} | {shape} | {samples / seconds:.2f} | {seconds:.3f} | {flops / samples / 1e9:.1f} | "
+            f"{achieved:.1f} | {fraction} | {f'{memory:.1f}' if memory is not None else 'n/a'} | {total:.0f} |")
+
+
+def matmul_ceiling(torch, synchronize: Callable[[], None], n: int = 8192, repeats: int = 10) -> float:
+    """TFLOPS of an n^3 bf16 matrix product on random data (mean of ``repeats`` after three warm-ups): what this
+    GPU's tensor cores reach as measured, beside the data-sheet peak the fractions are taken against."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,35 +165,56 @@ def main(argv: list[str] | None = None) -> int:
                 "bfs-step": w.bfs_step, "inpaint": lambda d, s: w.inpaint(d, s, args.steps),
                 "flux-fill": lambda d, s: w.flux_fill(d, s, args.fill_steps),
                 "incontext-step": lambda d, s: w.incontext_step(d, s, checkpointing=not args.no_checkpointing)}
-    rows = []
+    ceiling = matmul_ceiling(torch, synchronize) if cuda else None
+    rows, failures = [], []
     bundle = None
     for name in args.models:
         started = time.perf_counter()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        if name in ("clip", "hps"):
-            bundle = bundle or w._vit_h_bundle(device, args.smoke)  # one ViT-H-14 serves both rows
-            workload = (w.clip if name == "clip" else w.hps)(device, args.smoke, bundle)
+        try:
+            if name in ("clip", "hps"):
+                bundle = bundle or w._vit_h_bundle(device, args.smoke)  # one ViT-H-14 serves both rows
+                workload = (w.clip if name == "clip" else w.hps)(device, args.smoke, bundle)
+            else:
+                workload = builders[name](device, args.smoke)
+            seconds, flops = measure(workload, args.iters, synchronize)
+        except Exception as error:  # one model's failure (an API change, out of memory) leaves the others' rows
+            failures.append((name, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]))
+            print(f"gpu_models.py: {name} failed after {time.perf_counter() - started:.0f} s: {failures[-1][1]}",
+                  file=sys.stderr, flush=True)
+            traceback.print_exc(file=sys.stderr)
         else:
-            workload = builders[name](device, args.smoke)
-        seconds, flops = measure(workload, args.iters, synchronize)
-        memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-        rows.append((workload.name, workload.shape, workload.samples, seconds, flops,
-                     time.perf_counter() - started, memory))
-        del workload  # frees the model before the next one is built (the ViT-H bundle stays for HPS)
+            memory = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            rows.append((workload.name, workload.shape, workload.samples, seconds, flops,
+                         time.perf_counter() - started, memory))
+            print(f"gpu_models.py: {format_row(rows[-1], peak)}", file=sys.stderr, flush=True)  # survives a timeout
+            del workload  # frees the model before the next one is built (the ViT-H bundle stays for HPS)
+        gc.collect()  # a diffusers pipeline is freed only by the cycle collector: 18 GiB of SDXL outlived `del`
         if cuda:
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as error:  # e.g. an illegal memory access: the process's CUDA context is lost
+                rest = args.models[args.models.index(name) + 1:]
+                failures.extend((later, f"not run: the CUDA context was lost after {name} "
+                                        f"({type(error).__name__})") for later in rest)
+                print(f"gpu_models.py: CUDA context lost after {name}; not run: {' '.join(rest) or 'none'}",
+                      file=sys.stderr, flush=True)
+                break
 
-    print(f"device: {device_name}; dense bf16 peak: {f'{peak:.0f} TFLOPS' if peak else 'unknown (--peak-tflops)'}; "
-          f"median of {args.iters} calls{'; SMOKE RUN: tiny configs, numbers mean nothing' if args.smoke else ''}\n")
+    matmul = f"; measured bf16 matmul ceiling (8192^3): {ceiling:.0f} TFLOPS" if ceiling else ""
+    print(f"device: {device_name}; dense bf16 peak: {f'{peak:.0f} TFLOPS' if peak else 'unknown (--peak-tflops)'}"
+          f"{matmul}; median of {args.iters} calls{'; SMOKE RUN: tiny configs, numbers mean nothing' if args.smoke else ''}\n")
     print("| model | workload | samples/s | s per call | GFLOP per sample | TFLOPS achieved | fraction of bf16 peak "
           "| peak GiB | build + measure s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, shape, samples, seconds, flops, total, memory in rows:
-        achieved = flops / seconds / 1e12
-        fraction = f"{achieved / peak:.1%}" if peak else "n/a"
-        print(f"| {name} | {shape} | {samples / seconds:.2f} | {seconds:.3f} | {flops / samples / 1e9:.1f} | "
-              f"{achieved:.1f} | {fraction} | {f'{memory:.1f}' if memory is not None else 'n/a'} | {total:.0f} |")
+    for row in rows:
+        print(format_row(row, peak))
+    for name, message in failures:
+        print(f"| {name} | FAILED: {message.replace('|', '/')} | | | | | | | |")
+    if failures:
+        return 1
     return 0
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from layerloop.models.attention import training_attention
+
 
 @dataclass
 class Workload:
@@ -357,16 +359,18 @@ def bfs_train_step(device: str, smoke: bool, resolution: int = 512, batch: int =
     cond = bfs.fill_condition(z_b, mask)
     img_ids, txt_ids = bfs.latent_image_ids(h, h, device=device), bfs.text_ids(text_tokens, device=device)
 
-    def step() -> float:
+    def step() -> float:  # under the trainer's attention kernels, as training/loop.py runs a step
         t = torch.rand(b, device=device)
         z1_c, z1_f = torch.randn_like(z0_c), torch.randn_like(z0_f)
-        v_c, v_f = generator(bfs.pack_latents(bfs.noisy_latents(z0_c, z1_c, t)),
-                             bfs.pack_latents(bfs.noisy_latents(z0_f, z1_f, t)), cond, t, text, pooled, 30.0,
-                             img_ids, txt_ids)
-        loss = bfs.stage1_loss(phi, v_c=bfs.unpack_latents(v_c.float(), h, h), v_f=bfs.unpack_latents(v_f.float(), h, h),
-                               z0_c=z0_c, z0_f=z0_f, z1_c=z1_c, z1_f=z1_f, z_b=z_b, t=t)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with training_attention():
+            v_c, v_f = generator(bfs.pack_latents(bfs.noisy_latents(z0_c, z1_c, t)),
+                                 bfs.pack_latents(bfs.noisy_latents(z0_f, z1_f, t)), cond, t, text, pooled, 30.0,
+                                 img_ids, txt_ids)
+            loss = bfs.stage1_loss(phi, v_c=bfs.unpack_latents(v_c.float(), h, h),
+                                   v_f=bfs.unpack_latents(v_f.float(), h, h),
+                                   z0_c=z0_c, z0_f=z0_f, z1_c=z1_c, z1_f=z1_f, z_b=z_b, t=t)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         return loss.item()
@@ -414,10 +418,11 @@ def incontext_step(device: str, smoke: bool, checkpointing: bool = True) -> Work
     batch = CanvasBatch.from_canvases(canvas, region, ["a red logo on a white mug"])
     noise = torch.Generator().manual_seed(0)
 
-    def step() -> float:
-        loss = model.training_loss(model.encode(batch), noise)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    def step() -> float:  # under the trainer's attention kernels, as training/loop.py runs a step
+        with training_attention():
+            loss = model.training_loss(model.encode(batch), noise)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         return loss.item()
