@@ -578,9 +578,16 @@ STAGE_FINGERPRINT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# Stage parameters that only place the work (an actor pool's size, its CPUs and GPUs): not in a build's
+# fingerprint, as ``Stage.describe`` leaves them out of each sample's metadata. ``batch_size`` stays in: a
+# model's batched numerics can differ with it.
+STAGE_SCHEDULING_KEYS = ("cpus", "gpus", "concurrency")
+
+
 class BuildConfig(ConfigModel):
     config_label: ClassVar[str] = "a build config"
-    # Everything that changes the output bytes counts; not the executor, Ray settings, report or out dir.
+    # Everything that changes the output bytes counts; not the executor, Ray settings, report or out dir,
+    # nor the stages' STAGE_SCHEDULING_KEYS.
     FINGERPRINT_EXCLUDE: ClassVar[tuple[str, ...]] = ("executor", "ray", "out", "report")
 
     name: str = "layerloop"
@@ -605,9 +612,29 @@ class BuildConfig(ConfigModel):
 
     def fingerprint(self) -> str:
         """As every config's, plus the source type's ``output_version`` where it has one and the resolved
-        ``STAGE_FINGERPRINT_DEFAULTS`` of its stages (what the same config produces changed)."""
+        ``STAGE_FINGERPRINT_DEFAULTS`` of its stages (what the same config produces changed), without the
+        stages' ``STAGE_SCHEDULING_KEYS``: a run resumes with more or fewer actors or GPUs per pool
+        (``matches_record`` accepts run directories recorded before that)."""
+        return self._fingerprint(scheduling=False)
+
+    def matches_record(self, record: dict[str, Any]) -> bool:
+        """Whether a run directory's ``run.json`` (``record``) holds a run of this config: its fingerprint is
+        ours, or it was made before the scheduling keys were left out (2026-12-04) and its recorded config,
+        under today's definition, has our fingerprint. The recorded fingerprint must then be its config's
+        under the earlier definition, so a record whose stage defaults have changed since is still refused."""
+        if record.get("fingerprint") == self.fingerprint():
+            return True
+        try:
+            recorded = type(self).model_validate(record["config"])
+        except (KeyError, TypeError, ValueError):
+            return False
+        return (recorded._fingerprint(scheduling=True) == record.get("fingerprint")
+                and recorded.fingerprint() == self.fingerprint())
+
+    def _fingerprint(self, scheduling: bool) -> str:
         data = self.model_dump(mode="json", exclude=set(self.FINGERPRINT_EXCLUDE))
-        data["stages"] = [{**STAGE_FINGERPRINT_DEFAULTS.get(str(entry.get("stage")), {}), **entry}
+        data["stages"] = [{**STAGE_FINGERPRINT_DEFAULTS.get(str(entry.get("stage")), {}),
+                           **{k: v for k, v in entry.items() if scheduling or k not in STAGE_SCHEDULING_KEYS}}
                           for entry in data["stages"]]
         version = getattr(type(self.source), "output_version", None)
         if version is not None:

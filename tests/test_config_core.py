@@ -29,8 +29,10 @@ PACKAGED_FINGERPRINTS = {
     "generate_bfs_demo": "10c69b51887d8925",  # #15: shared noise recorded: was a60cd3ad30809123
     "logos_demo": "d68cb346bf50d02d",  # #14 changed what it produces (non-linear logos): was 116d7e2697fe5aaf
     "pairs_demo": "d462c7d0150e7e9d",
-    "rorem": "e0381861157f7cdc",
-    "rorem_pairs": "0c094a34d1a683bf",
+    # stages' cpus/gpus/concurrency left out of build fingerprints (their run directories are still accepted:
+    # BuildConfig.matches_record); rorem's pools resized: were e0381861157f7cdc / 0c094a34d1a683bf
+    "rorem": "730a8105df013b35",
+    "rorem_pairs": "63c6de1626f6f2de",
     "selfimprove_bfs_demo": "e9b64e32f105f809",
     "selfimprove_incontext_demo": "6f75d0d858f013fb",  # #14: top-k by cycle_error: was 9f3fc33d46dffbfc
     "selfimprove_logos_cpu": "55c674048544e7b1",  # #14: LoRA rank 32, t near 1 (was 5f97c3c4ef07184c; 98f530b05c50934b before: 600 pretraining steps, canvas positions)

@@ -90,7 +90,8 @@ def build(config: BuildConfig, out: str | Path | None = None, executor: str | No
     runner = make_executor(executor or config.executor, config)
     started = time.perf_counter()
     with RunDirectory(run_dir) as run:
-        run.check_config(config.fingerprint())  # before listing: a demo source renders while listing
+        # before listing: a demo source renders while listing
+        run.check_config(config.fingerprint(), config.matches_record)
         try:
             result = _build_locked(config, run, pipeline, runner, started, progress)
         except BaseException as error:
@@ -204,7 +205,7 @@ def _build_locked(config: BuildConfig, run: RunDirectory, pipeline: Pipeline, ru
         _status(bar, _listing_text(config, run_dir))
         plan = pipeline.plan()
         run.start(config.model_dump(mode="json"), config.fingerprint(), plan.keys_digest, len(plan.tasks),
-                  plan.num_items, config.seed, config.name)
+                  plan.num_items, config.seed, config.name, config.matches_record)
 
         _status(bar, f"checking {len(plan.tasks)} committed shard(s)")
         summaries: dict[int, ShardSummary] = {}

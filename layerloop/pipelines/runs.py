@@ -25,7 +25,7 @@ import platform
 import secrets
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.parquet as pq
 
@@ -212,19 +212,23 @@ class RunDirectory:
                                    f"or use another --out.")
         return info
 
-    def check_config(self, fingerprint: str) -> None:
+    def check_config(self, fingerprint: str, same_config: Callable[[dict[str, Any]], bool] | None = None) -> None:
         """Refuse (RunMismatchError) a directory holding a run of another config; call it before listing
-        the source (a demo source renders while listing). ``start`` checks again, with the key listing."""
+        the source (a demo source renders while listing). ``start`` checks again, with the key listing.
+        ``same_config(run_json)``, asked when the fingerprints differ, may accept a run recorded under an
+        earlier definition of the fingerprint (``BuildConfig.matches_record``); ``start`` then records ours."""
         previous = self.read_run_json()
-        if previous is not None and previous.get("fingerprint") != fingerprint:
+        if (previous is not None and previous.get("fingerprint") != fingerprint
+                and not (same_config is not None and same_config(previous))):
             raise RunMismatchError(
                 f"{self.path} holds a run of a different config (fingerprint {previous.get('fingerprint')}, "
                 f"this one {fingerprint}). Use another --out directory, or delete {self.path} to start over.")
 
     def start(self, config: dict[str, Any], fingerprint: str, keys_digest: str, num_shards: int,
-              num_items: int, seed: int, name: str) -> dict[str, Any]:
+              num_items: int, seed: int, name: str,
+              same_config: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """Write run.json for a new run, or check that a resumed run is the same run."""
-        self.check_config(fingerprint)
+        self.check_config(fingerprint, same_config)
         previous = self.read_run_json()
         if previous is not None:
             if previous.get("keys_digest") != keys_digest:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from layerloop.config import load_config
 from layerloop.pipelines.build import build
-from layerloop.pipelines.runs import RunDirectory
+from layerloop.pipelines.runs import RunDirectory, RunMismatchError
 from layerloop.samples import composite_error
 
 SMALL = ["source.n=8", "source.size=64", "stages.load.short_side=64", "shards.samples_per_shard=2",
@@ -130,6 +130,40 @@ def test_resume_with_another_config_refuses(local_run, capsys):
     out, _ = local_run
     code = main(["build", "demo", "--out", str(out), "--executor", "local", *SMALL, "seed=5"])
     assert code == 2 and "different config" in capsys.readouterr().err
+
+
+def test_resume_with_other_pool_sizes_continues_and_earlier_fingerprints_are_accepted(local_run, tmp_path):
+    """A stage's actor-pool size, CPUs and GPUs place the work but do not change the bytes: a run resumes
+    with other values (a data engineer adds GPUs to a pool). A run.json written when they still counted in
+    the fingerprint is accepted and rewritten with today's."""
+    import json
+    import shutil
+
+    from layerloop.config import load_config as load
+
+    out = tmp_path / "run"
+    shutil.copytree(local_run[0], out)
+    resized = load("demo", SMALL + ["executor=local", "stages.matting.concurrency=3", "stages.matting.cpus=2"])
+    assert resized.fingerprint() == load("demo", SMALL + ["executor=local"]).fingerprint()
+    result = build(resized, out=out, progress=False)
+    assert result.shards_skipped == result.shards_total == 4
+    assert shard_bytes(out) == shard_bytes(local_run[0])
+
+    # run.json as a build before 2026-12-04 wrote it, with other pool sizes: the fingerprint then counted them
+    earlier = load("demo", SMALL + ["executor=local", "stages.matting.concurrency=5"])
+    record = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**record, "config": earlier.model_dump(mode="json"),
+                                              "fingerprint": earlier._fingerprint(scheduling=True)}))
+    assert build(resized, out=out, progress=False).shards_skipped == 4
+    assert json.loads((out / "run.json").read_text())["fingerprint"] == resized.fingerprint()
+    # another config is still refused, under either definition, and so is a record that does not add up
+    other = load("demo", SMALL + ["executor=local", "seed=5", "stages.matting.concurrency=3"])
+    for config, fingerprint in [(other, other._fingerprint(scheduling=True)), (other, other.fingerprint()),
+                                (earlier, other._fingerprint(scheduling=True))]:
+        (out / "run.json").write_text(json.dumps({**record, "config": config.model_dump(mode="json"),
+                                                  "fingerprint": fingerprint}))
+        with pytest.raises(RunMismatchError, match="different config"):
+            build(resized, out=out, progress=False)
 
 
 def test_messy_source_finishes_with_readable_failures(tmp_path):
