@@ -11,8 +11,9 @@ embeddings of T5's 512 tokens; VAE and text encoding are left out (they run with
 small fraction of a step). Needs CUDA: without it the script says so and exits with status 2.
 
 Reports step time, samples/s, peak memory, and the fraction of the GPU's dense bf16 peak: FLOPs of one
-full step (forward, backward, optimiser) counted with ``torch.utils.flop_counter.FlopCounterMode``
-(matmuls and attention; elementwise work is not counted, so the fraction is a lower bound), peak from
+full step (forward, backward, optimiser, a checkpoint's recompute) counted by ``gpu_models.count_flops``
+(``torch.utils.flop_counter``'s formulas for matmuls and attention; elementwise work is not counted, so the
+fraction is a lower bound), peak from
 ``gpu_models.PEAK_BF16_TFLOPS`` or ``--peak-tflops``.
 """
 
@@ -55,11 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(2):
         step()
-    from torch.utils.flop_counter import FlopCounterMode
+    from gpu_models import count_flops
 
-    with FlopCounterMode(display=False) as counter:  # one more (untimed) step, counted
-        step()
-    flops = counter.get_total_flops()
+    flops = count_flops(step)  # one more (untimed) step, counted
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     if device.type == "cuda":

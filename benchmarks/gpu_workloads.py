@@ -41,8 +41,9 @@ def box_masks(count: int, size: int) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------------------ models
 def frozen(module):
-    """Inference only: no parameter requires a gradient. FlopCounterMode's module tracker otherwise
-    hooks every tensor that requires one and trips over BLIP-2's expanded query tokens."""
+    """Inference only, as the stages run these models: no parameter requires a gradient, so no autograd
+    graph is kept (``FlopCounterMode``'s module tracker, used before ``gpu_models.count_flops``, also
+    tripped over BLIP-2's expanded query tokens when one did)."""
     return module.requires_grad_(False)
 
 
