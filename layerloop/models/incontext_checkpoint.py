@@ -34,6 +34,7 @@ LORA_FILE = "lora.safetensors"
 LORA_CONFIG_FILE = "lora.json"
 LORA_FORMAT = 1
 TASK_FILE = "incontext_task.json"  # written next to the LoRA by the training task
+DECOMPOSE_LOSSES = ("mse", "log_mse")
 
 
 @dataclass
@@ -51,14 +52,23 @@ class InContextConfig:
     # composite there for the clean object, an empty layer, the object for the composite), as a Fill
     # inpainting mask does; inference pastes the given pixels back (``incontext.InContextLoRA.fill_tokens``)
     region_margin: int | None = None
+    # "mse" (flow matching's, as FLUX) or "log_mse": the decompose term as the mean over samples and outputs of
+    # log(MSE) (``InContextLosses.log_mse``), the scale of a mean PSNR
+    decompose_loss: str = "mse"
     base_model: str = FILL_MODEL_ID
     base_revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.decompose_loss not in DECOMPOSE_LOSSES:
+            raise ValueError(f"decompose_loss must be one of {', '.join(DECOMPOSE_LOSSES)}, got {self.decompose_loss!r}")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         if self.region_margin is None:  # whole-panel LoRAs keep the lora.json of before the option
             del data["region_margin"]
+        if self.decompose_loss == "mse":  # likewise
+            del data["decompose_loss"]
         return data
 
     @classmethod

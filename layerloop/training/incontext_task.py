@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -73,6 +73,8 @@ class InContextParams(BaseModel):
     guidance: float = 30.0  # distilled guidance of FLUX.1-Fill-dev (its pipeline default)
     timestep_mean: float = 0.0  # logit-normal t, as SD3 / FLUX training
     timestep_std: float = Field(1.0, gt=0)
+    # mse: flow matching's MSE (FLUX's); log_mse: per sample and output log-MSE (InContextConfig.decompose_loss)
+    decompose_loss: Literal["mse", "log_mse"] = "mse"
     text_tokens: int | None = Field(None, ge=1)  # T5 sequence length; None: 512 (FLUX.1-Fill-dev). Tiny: 64
     init_lora: str | None = None  # start from a saved LoRA (a previous run's final/)
     kinds: list[str] = Field(default_factory=lambda: ["rendered", "quadruple"])  # sample kinds trained on
@@ -139,6 +141,8 @@ class InContextTask:
         }
         if self.params.region_margin is not None:  # absent otherwise: lora.json stays as it was
             self.lora_config["region_margin"] = self.params.region_margin
+        if self.params.decompose_loss != "mse":  # likewise
+            self.lora_config["decompose_loss"] = self.params.decompose_loss
 
         self.device = torch.device("cpu")
         self.model: ic.InContextLoRA | None = None

@@ -150,3 +150,45 @@ def test_options_are_recorded_and_whole_panel_checkpoints_are_unchanged(tmp_path
     assert loaded.config.region_margin == 2 and loaded.restricted
     with pytest.raises(ValueError, match="needs the region masks"):
         model.given_only(DECOMPOSE, torch.zeros(1, 64, 16), H, W)
+
+
+def test_log_mse_decompose_loss_is_the_mean_log_of_each_samples_output_errors(tmp_path):
+    """``decompose_loss: log_mse``: per sample, the MSE of the layer (with its matte) and of the clean object
+    over the tokens it paints, each logged; the loss is their mean. Recorded in lora.json only when set."""
+    from layerloop.models.incontext_losses import LOG_MSE_EPS
+
+    model = InContextLoRA.tiny(seed=0, vae="s2d", region_margin=1, decompose_loss="log_mse")
+    batch = model.encode(CanvasBatch.from_samples(logo_batch(2)))
+    generator = torch.Generator().manual_seed(0)
+    error = torch.randn(batch.x0.shape, generator=generator)
+    error[1] *= 10.0  # the second sample's errors are 100 times larger in MSE
+    painted = model.fill_tokens(DECOMPOSE, batch.region, H, W)
+    expected = []
+    for panels in (("layer", "alpha"), ("background",)):
+        for i in range(2):
+            tokens = painted[i] & model.panel_tokens(panels, H, W)
+            expected.append(torch.log(error[i][tokens].pow(2).mean() + LOG_MSE_EPS))
+    assert torch.allclose(model.log_mse(error, batch), torch.stack(expected).mean())
+    # each sample's share of the gradient is relative to its own error: the large one does not dominate
+    error.requires_grad_(True)
+    model.log_mse(error, batch).backward()
+    small, large = error.grad[0].abs().sum(), error.grad[1].abs().sum()
+    assert 0.05 < float(large / small) < 0.2  # ~1/10: d log(mse)/d e = 2e / (n mse)
+
+    # it is the decompose term of training_loss (and only that: compose keeps the MSE)
+    calls = []
+    original = model.log_mse
+    model.log_mse = lambda e, b: calls.append(original(e, b)) or calls[-1]
+    terms = model.training_loss(batch, torch.Generator().manual_seed(1))
+    assert len(calls) == 1 and terms["decompose"] is calls[0]
+    plain_terms = InContextLoRA.tiny(seed=0, vae="s2d", region_margin=1).training_loss(
+        batch, torch.Generator().manual_seed(1))
+    assert torch.allclose(terms["compose"], plain_terms["compose"])
+    del model.log_mse
+    plain = InContextLoRA.tiny(seed=0, vae="s2d", region_margin=1)
+    assert "decompose_loss" not in plain.config.to_json()
+    model.save_lora(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "lora.json").read_text())["config"]["decompose_loss"] == "log_mse"
+    assert load_model(tmp_path / "ckpt").config.decompose_loss == "log_mse"
+    with pytest.raises(ValueError, match="decompose_loss must be one of mse, log_mse"):
+        InContextLoRA.tiny(seed=0, decompose_loss="l1")
