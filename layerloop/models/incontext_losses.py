@@ -28,11 +28,11 @@ CYCLES = ((DECOMPOSE, COMPOSE, "cycle_decompose_compose"), (COMPOSE, DECOMPOSE, 
 # the painted tokens (a given panel, or a constant panel of an empty layer), and the given panel its painted
 # tokens start from.
 KNOWN_OUTSIDE = {"layer": "matte", "alpha": "transparent", "background": "composite", "composite": "background"}
+FIRST_GUESS = {"layer": "composite", "background": "composite", "composite": "background"}
 # ``decompose_loss: log_mse``: the outputs whose errors are logged apart (the layer with its matte; the clean
 # object), and the floor added to each MSE before the log (latent units squared; 1e-5 to 1e-3 measured alike).
 DECOMPOSE_OUTPUTS = (("layer", "alpha"), ("background",))
 LOG_MSE_EPS = 1e-4
-FIRST_GUESS = {"layer": "composite", "background": "composite", "composite": "background"}
 # Noise level of both cycle passes: pure noise, where the sampler starts (see ``cycle_loss``).
 CYCLE_T = 1.0
 
