@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from layerloop.files import atomic_path, sha256_file, write_json_atomic
+from layerloop.models.incontext_base import check_choice
 from layerloop.models.incontext_canvas import MATTE
 
 FILL_MODEL_ID = "black-forest-labs/FLUX.1-Fill-dev"
@@ -59,8 +60,7 @@ class InContextConfig:
     base_revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.decompose_loss not in DECOMPOSE_LOSSES:
-            raise ValueError(f"decompose_loss must be one of {', '.join(DECOMPOSE_LOSSES)}, got {self.decompose_loss!r}")
+        check_choice("decompose_loss", self.decompose_loss, DECOMPOSE_LOSSES)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -190,5 +190,5 @@ def test_log_mse_decompose_loss_is_the_mean_log_of_each_samples_output_errors(tm
     model.save_lora(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "lora.json").read_text())["config"]["decompose_loss"] == "log_mse"
     assert load_model(tmp_path / "ckpt").config.decompose_loss == "log_mse"
-    with pytest.raises(ValueError, match="decompose_loss must be one of mse, log_mse"):
+    with pytest.raises(ValueError, match="decompose_loss 'l1' is not one of mse, log_mse"):
         InContextLoRA.tiny(seed=0, decompose_loss="l1")
