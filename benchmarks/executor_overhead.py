@@ -156,9 +156,11 @@ def run_one(mode: str, args: argparse.Namespace) -> dict:
     result: dict = {"mode": mode, "startup_s": 0.0, "builds_s": [], "cpu_s": []}
     if kind == "ray":  # started as a build starts its local instance
         from layerloop.pipelines.executors import RayExecutor
+        from layerloop.pipelines.pipeline import Pipeline
 
+        preload = Pipeline.from_config(config, workdir / "unused").worker_imports()  # what build() passes
         started = time.perf_counter()
-        RayExecutor(config.ray.model_copy(update={"num_cpus": cpus})).init_ray()
+        RayExecutor(config.ray.model_copy(update={"num_cpus": cpus})).init_ray(preload=preload)
         result["startup_s"] = time.perf_counter() - started
     for attempt in range(1 + args.repeats):
         out = workdir / f"{mode.replace(':', '-')}-{attempt}-{os.getpid()}"

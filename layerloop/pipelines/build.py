@@ -229,7 +229,7 @@ def _build_locked(config: BuildConfig, run: RunDirectory, pipeline: Pipeline, ru
                     len(plan.tasks), skipped, len(pending), runner.name)
         if pending and hasattr(runner, "init_ray"):
             _status(bar, "starting Ray")
-            runner.init_ray()
+            runner.init_ray(preload=pipeline.worker_imports())
         if pending:
             _status(bar, f"building {len(pending)} shard group(s)")
         for summary in runner.run(pipeline, pending):

@@ -31,6 +31,7 @@ and otherwise fails with ``BuildStalledError``, one message saying what the plan
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import logging
@@ -39,10 +40,11 @@ import os
 import pickle
 import sys
 from itertools import islice
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from layerloop.config import RayConfig
 from layerloop.datasets.shards import ShardSummary
+from layerloop.pipelines import worker_preload
 from layerloop.pipelines.pipeline import Pipeline, ShardTask
 from layerloop.stages.base import Stage
 
@@ -322,13 +324,33 @@ def stall_message(stages: list[Stage], groups: list[tuple[str, list[int]]], quan
     return "\n".join([head, *ops[:8]])
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name] = value`` inside the block (nothing when ``value`` is None), as it was after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 class RayExecutor:
     name = "ray"
 
     def __init__(self, config: RayConfig | None = None):
         self.config = config or RayConfig()
 
-    def init_ray(self) -> None:
+    def init_ray(self, preload: Sequence[str] = ()) -> None:
+        """Connect to ``ray.address`` (or ``RAY_ADDRESS``), else start a local Ray. ``preload``: modules every
+        worker of a local Ray imports as it starts (``Pipeline.worker_imports``; ``worker_preload.py``); a
+        cluster's workers were started by ``ray start`` and are left as they are."""
         import ray
 
         if ray.is_initialized():
@@ -347,8 +369,12 @@ class RayExecutor:
             kwargs["include_dashboard"] = False
             if self.config.num_cpus:
                 kwargs["num_cpus"] = self.config.num_cpus
+            if preload:
+                kwargs["_system_config"] = {"preload_python_modules": [worker_preload.__name__]}
         logger.info("starting Ray%s", f" (connecting to {address})" if address else " (a local instance)")
-        ray.init(**kwargs)
+        # The local Ray's processes take this environment when ray.init starts them; the driver's is restored.
+        with _environment(worker_preload.PRELOAD_ENV, ",".join(preload) if preload and not address else None):
+            ray.init(**kwargs)
         logs.note_ray_session()
 
     def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:

@@ -83,6 +83,19 @@ class Pipeline:
     def build_stages(self) -> list[Stage]:
         return [build_stage(spec, seed=self.seed) for spec in self.stage_specs]
 
+    def worker_imports(self) -> list[str]:
+        """The modules a plain Ray task of this pipeline imports before it can work: its source's, its shard
+        writer's and its stages' own modules and the libraries the stages import on first use
+        (``Stage.worker_imports``). Empty when a stage runs in an actor pool: such a pipeline runs on Ray Data,
+        whose actors and tasks are not the workers a local Ray prestarts for plain tasks."""
+        stages = self.build_stages()
+        if any(stage.needs_actor for stage in stages):
+            return []
+        names = ["layerloop.pipelines.executors", type(self.source).__module__, type(self.writer).__module__]
+        for stage in stages:
+            names += [type(stage).__module__, *stage.worker_imports()]
+        return list(dict.fromkeys(names))
+
     def read(self, items: tuple[SourceItem, ...] | list[SourceItem]) -> list[LayeredSample]:
         samples = []
         for item in items:

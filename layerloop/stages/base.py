@@ -83,6 +83,12 @@ class Stage:
     def setup(self) -> None:
         """Load models once per worker/actor. Default: nothing to load."""
 
+    def worker_imports(self) -> tuple[str, ...]:
+        """Modules this stage imports on its first call (libraries it imports where it uses them), which a
+        local Ray's workers import as they start (``Pipeline.worker_imports``). Its own module is counted
+        already. Default: none."""
+        return ()
+
     def process_sample(self, sample: LayeredSample) -> LayeredSample:
         raise TypeError(f"{type(self).__name__} must implement process_sample or process_batch")
 

@@ -347,6 +347,9 @@ class MattingStage(Stage):
     def models(self) -> list:
         return [vitmatte_ref(self.params)] if self.params.backend == "vitmatte" else []
 
+    def worker_imports(self) -> tuple[str, ...]:
+        return ("pymatting",)  # every backend's foreground colours (``finish``), and the classical solvers
+
     def describe(self) -> dict[str, Any]:
         described = super().describe()
         if self.backend.load is None:  # model fields mean nothing to a classical backend

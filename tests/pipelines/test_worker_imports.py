@@ -119,3 +119,59 @@ def test_pin_threads_pins_torch_when_it_is_imported_later():
     the moment something imports it (a model stage's ``setup``, the evaluate stage's measures)."""
     done = subprocess.run([sys.executable, "-c", PIN], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+PRELOAD = '''
+import os
+import sys
+
+import ray
+
+from layerloop.config import RayConfig
+from layerloop.pipelines.executors import RayExecutor
+from layerloop.pipelines.worker_preload import PRELOAD_ENV
+
+RayExecutor(RayConfig(num_cpus=1)).init_ray(preload=["preload_fails", "preload_ok", "no_such_module_here"])
+assert PRELOAD_ENV not in os.environ, "the driver's environment was not restored"
+assert "preload_ok" not in sys.modules, "the driver preloaded"
+
+
+@ray.remote(num_cpus=1)
+def seen():
+    return sorted(name for name in ("preload_ok", "preload_fails") if name in sys.modules)
+
+
+print("SEEN", ray.get([seen.remote() for _ in range(2)], timeout=120))
+ray.shutdown()
+'''
+
+
+@pytest.mark.ray
+def test_a_local_ray_preloads_the_pipelines_modules_in_its_workers_and_survives_a_failing_one(tmp_path):
+    """``init_ray(preload=...)``: every worker of the local Ray imports the listed modules as it starts (the task
+    only looks into ``sys.modules``), and a module that raises at import or does not exist is logged and
+    skipped: Ray itself would kill every worker it starts on a failing preload."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "preload_ok.py").write_text("")
+    (site / "preload_fails.py").write_text("raise RuntimeError('this module fails at import')\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(Path(__file__).resolve().parents[2]),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(PRELOAD)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SEEN [['preload_ok'], ['preload_ok']]" in done.stdout, done.stdout[-2000:]
+
+
+def test_a_stateless_pipeline_names_what_its_workers_import_and_a_pipeline_with_actors_nothing(tmp_path):
+    from layerloop.config import load_config
+    from layerloop.pipelines.pipeline import Pipeline
+
+    names = Pipeline.from_config(load_config("demo", []), tmp_path / "run").worker_imports()
+    assert names[0] == "layerloop.pipelines.executors"
+    assert {"layerloop.datasets.shards", "layerloop.stages.matting", "pymatting"} <= set(names)
+    assert len(names) == len(set(names))
+    assert not any(name == "torch" or name.startswith("torch.") for name in names)
+    with_actor = load_config("demo", ["stages.matting.backend=vitmatte"])
+    assert Pipeline.from_config(with_actor, tmp_path / "run").worker_imports() == []
