@@ -14,15 +14,16 @@ first build) and ``warm`` (the same build again). What the clock includes:
   ``layerloop.pipelines.build`` before (so has every Ray mode): the stages' own imports and first calls
   (pymatting, numba's cached functions, pyarrow's first parquet write) are in it;
 * cold ``ray:N``: the build after ``ray.init``: the driver's planning, then each worker's first task, which
-  unpickles the pipeline (importing layerloop's config, pipeline, shard writer and stage modules) and pays
-  the same first calls as the local process, plus whatever of the worker's own start-up is not done yet
-  (Ray prestarts a worker per CPU at ``ray.init``);
+  pays the first calls the local process pays, plus whatever of the worker's own start-up is not done yet:
+  Ray prestarts a worker per CPU at ``ray.init``, and each imports the pipeline's modules and pymatting as
+  it starts (``init_ray(preload=Pipeline.worker_imports())``, as a build starts its local Ray), which may
+  still be running when the build begins;
 * cold ``local:2``: the children are spawned, import layerloop and plan before a barrier; the clock starts
   when it opens, so their start-up and imports are not in the build time;
 * warm: the same build again with the workers up (``local:2``: fresh children that ran one sample first).
 
-**Start-up** is reported apart: ``ray.init`` for the Ray modes (through ``RayExecutor.init_ray``, as a build
-starts its local Ray), the spawn-to-barrier time of the cold attempt for ``local:2`` (process start,
+**Start-up** is reported apart: ``ray.init`` for the Ray modes (through ``RayExecutor.init_ray`` with the
+pipeline's preload, as a build starts its local Ray), the spawn-to-barrier time of the cold attempt for ``local:2`` (process start,
 imports, planning), 0 for ``local``. The comparison table gives the warm ratio (goal <= 1.10), the cold
 build ratio (start-up excluded; goal <= 1.15, issue #16
 goal 3) and the cold end-to-end ratio (start-up + cold build for both sides). Demo scenes are rendered
