@@ -17,7 +17,8 @@ Every Ray node gets a ``--object-store-mb`` object store (1000 MB): small enough
 object-store budgets bind within a build of a few hundred samples, as they do in a long build with the
 default store (a shard group of 16 demo samples at 256 px is a 38 MB row). ``--before`` runs the executor
 as it was before issue #16 goal 4 (one Ray Data call per stage actor at a time; no CPU planned for the shard
-write after a last actor pool), for an A/B in one session.
+write after a last actor pool; rows carrying every ``work`` entry), for an A/B in one session; ``--keep-work``
+only the last (the stand-in model reads no ``work``, as the caption and score stages that end a real build).
 
 For each build: wall time of ``executor.run`` (Ray start-up excluded), start-up (build start to the first
 model batch), and the pool's time after start-up split into busy (model batches), **waiting for input**
@@ -141,6 +142,8 @@ def run_mode(mode: str, args: argparse.Namespace) -> dict:
     if args.before:  # the plan as before: no CPU kept for the write after a last actor pool
         planned = executors.plan_cpus
         executors.plan_cpus = lambda stages, groups, nodes: planned(stages, groups + [("tasks", [])], nodes)
+    if args.before or args.keep_work:  # rows carry every work entry to the pool and the write, as before
+        executors.work_read_by = lambda stages: None
 
     cv2.setNumThreads(args.threads)
     result: dict = {"mode": mode, "startup_s": 0.0, "builds": []}
@@ -232,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--before", action="store_true",
                    help="the executor as before issue #16 goal 4: one Ray Data call per stage actor at a time, and "
                         "no CPU planned for the shard write after a last actor pool")
+    p.add_argument("--keep-work", action="store_true",
+                   help="rows carry every work entry through the pool to the write (as before they were trimmed "
+                        "to what later stages read); implied by --before")
     p.add_argument("--object-store-mb", type=int, default=1000, help="object store per Ray node")
     p.add_argument("--threads", type=int, default=1, help="threads per library")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
@@ -251,6 +257,8 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
         command += ["--actor-calls", str(args.actor_calls)]
     if args.before:
         command.append("--before")
+    if args.keep_work:
+        command.append("--keep-work")
     with tempfile.TemporaryDirectory(prefix="llpool", dir="/tmp") as ray_tmp:
         done = subprocess.run(command, capture_output=True, text=True, cwd=HERE.parent,
                               env={**os.environ, "RAY_TMPDIR": ray_tmp})

@@ -47,6 +47,7 @@ class ModelWaitParams(StageParams):
 class ModelWaitStage(Stage):
     name = "model-wait"
     Params = ModelWaitParams
+    reads_work = frozenset()  # as the real model stages that end a build (caption, score)
     batch_size = 8  # as the real model stages (matting 8, BLIP-2 16, CLIP/HPS 32 in configs/rorem.yaml)
 
     def models(self) -> list:
@@ -81,6 +82,7 @@ class FeedStampParams(StageParams):
 class FeedStampStage(Stage):
     name = "feed-stamp"
     Params = FeedStampParams
+    reads_work = frozenset()
     batch_size = 1 << 30  # one call per shard group: the moment the group's CPU stages are done
 
     def process_batch(self, samples: list[LayeredSample]) -> list[LayeredSample]:

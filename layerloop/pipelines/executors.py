@@ -46,7 +46,7 @@ from layerloop.config import RayConfig
 from layerloop.datasets.shards import ShardSummary
 from layerloop.pipelines import worker_preload
 from layerloop.pipelines.pipeline import Pipeline, ShardTask
-from layerloop.stages.base import Stage
+from layerloop.stages.base import Stage, keep_work, work_read_by
 
 logger = logging.getLogger(__name__)
 
@@ -142,9 +142,10 @@ _TORCH_THREADS = _TorchThreads()
 
 
 def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int], read: bool,
-                      write: bool = False, cpus: float = 1.0) -> dict:
+                      write: bool = False, cpus: float = 1.0, keep: frozenset[str] | None = None) -> dict:
     """Task UDF: read a shard group's items (first op only), apply a run of stateless stages, and, when
-    this is the last op, commit the shard and pass on only its summary (no extra hop for the samples)."""
+    this is the last op, commit the shard and pass on only its summary (no extra hop for the samples);
+    otherwise hand on only the ``work`` entries a later stage reads (``keep``)."""
     pin_threads(cpus)
     stages = pipeline.build_stages()
     chosen = [stages[i] for i in stage_indices]
@@ -152,7 +153,7 @@ def _read_and_process(batch: dict, pipeline: Pipeline, stage_indices: list[int],
     for index, payload in _rows(batch):
         samples = pipeline.read(payload) if read else payload
         processed = Pipeline.process(samples, chosen)
-        out.append((index, pipeline.write(index, processed) if write else processed))
+        out.append((index, pipeline.write(index, processed) if write else keep_work(processed, keep)))
     return _batch(out)
 
 
@@ -171,18 +172,20 @@ def _write_shard(batch: dict, pipeline: Pipeline) -> dict:
 class _StageActor:
     """Actor UDF: one stage with its model, set up once per actor."""
 
-    def __init__(self, pipeline: Pipeline, stage_index: int, read: bool, cpus: float = 1.0):
+    def __init__(self, pipeline: Pipeline, stage_index: int, read: bool, cpus: float = 1.0,
+                 keep: frozenset[str] | None = None):
         pin_threads(cpus)
         self.pipeline = pipeline
         self.stage: Stage = pipeline.build_stages()[stage_index]
         self.stage.ensure_setup()
         self.read = read
+        self.keep = keep  # the work entries a later stage reads; the shard write reads none
 
     def __call__(self, batch: dict) -> dict:
         out = []
         for index, payload in _rows(batch):
             samples = self.pipeline.read(payload) if self.read else payload
-            out.append((index, Pipeline.process(samples, [self.stage])))
+            out.append((index, keep_work(Pipeline.process(samples, [self.stage]), self.keep)))
         return _batch(out)
 
 
@@ -219,6 +222,14 @@ def stage_groups(stages: list[Stage]) -> list[tuple[str, list[int]]]:
 STALL_TIMEOUT_ENV = "LAYERLOOP_RAY_STALL_TIMEOUT_S"
 _WRITE_CPUS = 0.5  # the shard write task after a last actor pool
 DEFAULT_STALL_TIMEOUT_S = 600.0
+
+
+def handed_on(stages: list[Stage], groups: list[tuple[str, list[int]]], position: int) -> frozenset[str] | None:
+    """The ``work`` keys the op at ``position`` hands on: those the stages of the later ops read (None, every
+    key, when one of them does not declare its reads; none before the shard write). A row is pickled and
+    unpickled twice per op, and after matting ``work`` is three quarters of it: at 256 px, a 16-sample row
+    of 38 MB becomes 13 MB (issue #16 goal 4, benchmarks/model_pool.py)."""
+    return work_read_by([stages[i] for _, later in groups[position + 1:] for i in later])
 
 
 class BuildStalledError(RuntimeError):
@@ -443,17 +454,18 @@ class RayExecutor:
         for position, (kind, indices) in enumerate(groups):
             read = position == 0
             cpus = quantum or max((stages[i].resources.cpus for i in indices), default=1.0)
+            keep = handed_on(stages, groups, position)
             if kind == "tasks":
                 write = write_in_last and position == len(groups) - 1
                 dataset = dataset.map_batches(
                     _read_and_process, fn_kwargs={"pipeline": pipeline, "stage_indices": indices, "read": read,
-                                                  "write": write, "cpus": cpus},
+                                                  "write": write, "cpus": cpus, "keep": keep},
                     num_cpus=cpus, **task_args)
             else:
                 stage = stages[indices[0]]
                 dataset = dataset.map_batches(
                     _StageActor, fn_constructor_kwargs={"pipeline": pipeline, "stage_index": indices[0],
-                                                        "read": read, "cpus": cpus},
+                                                        "read": read, "cpus": cpus, "keep": keep},
                     num_cpus=cpus, num_gpus=stage.resources.gpus or None,
                     memory=stage.resources.memory,
                     compute=_actor_pool(stage.params.concurrency or 1), **actor_args)

@@ -88,6 +88,7 @@ def alpha_scores(alpha: np.ndarray, box: np.ndarray, params: AlphaSanityParams) 
 @register_stage
 class AlphaSanity(Stage):
     name = "alpha-sanity"
+    reads_work = frozenset()
     Params = AlphaSanityParams
     batch_size = 32
 

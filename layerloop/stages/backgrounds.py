@@ -134,6 +134,7 @@ class BackgroundStage(Stage):
     """Clean background from the ground truth or by removing the object (inpainting)."""
 
     name = "background"
+    reads_work = frozenset({"gt_background", "image"})
     Params = BackgroundParams
     batch_size = 8
 

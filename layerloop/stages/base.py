@@ -60,6 +60,10 @@ class Stage:
     Params: ClassVar[type[StageParams]] = StageParams
     resources: Resources = Resources()
     batch_size: int = 8
+    # The ``work`` keys this stage reads, optional ones (``work.get``) included; None: not declared, so every
+    # key is kept for it. Under Ray Data an op hands on only the keys a later stage reads (``work_read_by``):
+    # ``work`` holds three quarters of a sample's bytes after matting (float alpha and colours).
+    reads_work: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, params: StageParams | None = None, seed: int = 0, **kwargs: Any):
         self.params = params if params is not None else self.Params(**kwargs)
@@ -133,6 +137,25 @@ class Stage:
             if torch.cuda.is_available():
                 return "cuda"
         return "cpu"
+
+
+def work_read_by(stages: list[Stage]) -> frozenset[str] | None:
+    """The ``work`` keys any of ``stages`` reads; None when one of them does not declare its reads."""
+    keys: set[str] = set()
+    for stage in stages:
+        if stage.reads_work is None:
+            return None
+        keys |= stage.reads_work
+    return frozenset(keys)
+
+
+def keep_work(samples: list[LayeredSample], keys: frozenset[str] | None) -> list[LayeredSample]:
+    """Drop each sample's ``work`` entries outside ``keys`` (None: keep all); ``work`` never reaches a shard."""
+    if keys is not None:
+        for sample in samples:
+            for key in [key for key in sample.work if key not in keys]:
+                del sample.work[key]
+    return samples
 
 
 def sample_rng(seed: int, key: str, stage: str) -> np.random.Generator:

@@ -21,6 +21,7 @@ from layerloop.stages.registry import register_stage
 @register_stage
 class BoxMask(Stage):
     name = "box-mask"
+    reads_work = frozenset({"shadow_alpha"})
 
     class Params(StageParams):
         # Grow the box by the shadow region (work["shadow_alpha"] > effect_threshold) when present.

@@ -188,6 +188,7 @@ class Blip2Captions(CaptionBackend):
 @register_stage
 class CaptionStage(Stage):
     name = "caption"
+    reads_work = frozenset()
     Params = CaptionParams
 
     def __init__(self, params: StageParams | None = None, seed: int = 0, **kwargs: Any):

@@ -129,6 +129,7 @@ def reference_urls(reference: tuple[str, ...]) -> list[str]:
 @register_stage
 class Dedupe(Stage):
     name = "dedupe"
+    reads_work = frozenset()
     Params = DedupeParams
     batch_size = 32
 

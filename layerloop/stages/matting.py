@@ -325,6 +325,7 @@ class MattingStage(Stage):
     """Trimap -> alpha with a classical (pymatting) or model backend, plus halo-free foreground colours."""
 
     name = "matting"
+    reads_work = frozenset({"image", "trimap"})
     Params = MattingParams
     batch_size = 4
 

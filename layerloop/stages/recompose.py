@@ -19,6 +19,7 @@ from layerloop.stages.registry import register_stage
 @register_stage
 class Recompose(Stage):
     name = "recompose"
+    reads_work = frozenset({"fg_rgb", "alpha"})
 
     class Params(StageParams):
         pass  # nothing to choose: the compositing rule is fixed project-wide

@@ -102,6 +102,7 @@ def recomposition_error(sample: LayeredSample) -> tuple[float, int]:
 @register_stage
 class ScoreStage(Stage):
     name = "score"
+    reads_work = frozenset()
     Params = ScoreParams
     batch_size = 16
 

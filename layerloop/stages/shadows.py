@@ -76,6 +76,7 @@ class ShadowDraw:
 @register_stage
 class ShadowAugmentation(Stage):
     name = "shadow"
+    reads_work = frozenset({"alpha", "fg_rgb"})
 
     class Params(StageParams):
         # Chance that a sample gets a shadow; the rest pass through (recorded as applied: false), so a

@@ -92,6 +92,7 @@ class TrimapStage(Stage):
     band, whose width is a fraction of the image (``band``, at least ``min_band_px``)."""
 
     name = "trimap"
+    reads_work = frozenset()
     Params = TrimapParams
     batch_size = 16
 
