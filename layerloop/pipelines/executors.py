@@ -385,7 +385,15 @@ class RayExecutor:
         logger.info("starting Ray%s", f" (connecting to {address})" if address else " (a local instance)")
         # The local Ray's processes take this environment when ray.init starts them; the driver's is restored.
         with _environment(worker_preload.PRELOAD_ENV, ",".join(preload) if preload and not address else None):
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except ValueError as error:
+                # Without an address ray.init joins a Ray that ``ray start`` left running on this machine, and
+                # refuses a system config for it: join it as before, its workers as they are.
+                if "_system_config" not in kwargs or "_system_config" not in str(error):
+                    raise
+                del kwargs["_system_config"]
+                ray.init(**kwargs)
         logs.note_ray_session()
 
     def run(self, pipeline: Pipeline, tasks: list[ShardTask]) -> Iterator[ShardSummary]:

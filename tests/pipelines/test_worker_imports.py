@@ -175,3 +175,34 @@ def test_a_stateless_pipeline_names_what_its_workers_import_and_a_pipeline_with_
     assert not any(name == "torch" or name.startswith("torch.") for name in names)
     with_actor = load_config("demo", ["stages.matting.backend=vitmatte"])
     assert Pipeline.from_config(with_actor, tmp_path / "run").worker_imports() == []
+
+
+def test_init_ray_joins_a_running_local_ray_without_the_preload(monkeypatch):
+    """Without an address ``ray.init`` joins a Ray that ``ray start`` left running on the machine, and refuses a
+    system config for it (Ray 2.60's message below): the build then joins it as it did before the preload."""
+    import ray
+
+    from layerloop.config import RayConfig
+    from layerloop.pipelines.executors import RayExecutor
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if kwargs.get("_system_config"):
+            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    RayExecutor(RayConfig()).init_ray(preload=["json"])
+    assert [sorted(call) for call in calls] == [
+        ["_system_config", "ignore_reinit_error", "include_dashboard", "log_to_driver"],
+        ["ignore_reinit_error", "include_dashboard", "log_to_driver"]]
+
+    def refuses(**kwargs):
+        raise ValueError("When connecting to an existing cluster, num_cpus and num_gpus must not be provided.")
+
+    monkeypatch.setattr(ray, "init", refuses)  # any other refusal is the user's to see
+    with pytest.raises(ValueError, match="num_cpus"):
+        RayExecutor(RayConfig(num_cpus=2)).init_ray(preload=["json"])
