@@ -25,18 +25,14 @@ PRELOAD_ENV = "LAYERLOOP_RAY_PRELOAD"
 logger = logging.getLogger(__name__)
 
 
-def preload(names: list[str]) -> list[str]:
-    """Import each module; returns those that imported."""
-    imported = []
+def preload(names: list[str]) -> None:
+    """Import each module; log, never raise, when one fails."""
     for name in names:
         try:
             importlib.import_module(name)
         except (Exception, SystemExit) as error:  # a module that exits at import must not end the worker either
             logger.warning("layerloop could not preload %s in this Ray worker: %s: %s", name,
                            type(error).__name__, error)
-        else:
-            imported.append(name)
-    return imported
 
 
 def listed(value: str | None) -> list[str]:
