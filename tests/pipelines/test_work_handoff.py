@@ -25,9 +25,14 @@ SMALL = ["source.n=6", "source.size=64", "stages.load.short_side=64", "shards.sa
 
 
 def test_every_declared_stage_reads_only_what_it_declares(tmp_path):
-    pipeline = Pipeline.from_config(load_config("demo", SMALL), tmp_path / "plain")
+    """The demo's stages, then the scoring stages of a self-improvement round that need no model."""
+    config = load_config("demo", SMALL)
+    config = config.model_copy(update={"stages": [*config.stages, {"stage": "score", "metrics": ["recomposition"]},
+                                                  {"stage": "alpha-sanity"}]})
+    pipeline = Pipeline.from_config(config, tmp_path / "plain")
     stages = pipeline.build_stages()
-    assert all(stage.reads_work is not None for stage in stages[1:]), "the demo's stages after load declare"
+    assert [stage.name for stage in stages[-3:]] == ["caption", "score", "alpha-sanity"]
+    assert all(stage.reads_work is not None for stage in stages[1:]), "the stages after load declare"
     task = pipeline.plan().tasks[0]
 
     plain = pipeline.process(pipeline.read(task.items), stages)
