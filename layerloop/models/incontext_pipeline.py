@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -29,7 +30,7 @@ from layerloop.models.incontext_base import (
 )
 from layerloop.models.sampling import euler_sample, sigma_schedule
 
-__all__ = ["Decomposition", "InContextPipeline", "build_model", "load_model"]
+__all__ = ["Decomposition", "FootprintRemoval", "InContextPipeline", "build_model", "load_model"]
 
 TINY_BASE_PREFIX = "tiny-"  # how lora.json names a tiny base: "tiny-SEED", "tiny-s2d-SEED"
 
@@ -37,9 +38,52 @@ TINY_BASE_PREFIX = "tiny-"  # how lora.json names a tiny base: "tiny-SEED", "tin
 @dataclass
 class Decomposition:
     layer: np.ndarray  # H x W x 4 uint8
-    background: np.ndarray  # H x W x 3 uint8
+    background: np.ndarray  # H x W x 3 uint8: the clean object (the object panel's, or the footprint removal's)
     canvas: np.ndarray  # the decoded canvas, given panels pasted back
-    recomposition_error: float
+    recomposition_error: float  # of layer and background as returned
+    panel_background: np.ndarray | None = None  # the object panel's own prediction, when background is not it
+
+
+INPAINT_METHODS = {"ns": cv2.INPAINT_NS, "telea": cv2.INPAINT_TELEA}
+
+
+@dataclass(frozen=True)
+class FootprintRemoval:
+    """The clean object as the composite with the decomposed layer's footprint removed: the pixels whose
+    predicted alpha exceeds ``alpha`` (0-1) are inpainted from their surroundings with OpenCV (``method``
+    Navier-Stokes or Telea, ``radius`` px); every other pixel is the composite, bit for bit (all of them
+    when the footprint is empty or covers the whole image, which leaves nothing to inpaint from). The LoRA says
+    where the layer is, the inpainter what lies under it: a decomposition followed by object removal, as the
+    matting + removal baseline of the evaluation chains them (docs/fidelity.md says why the CPU experiment
+    uses it)."""
+
+    alpha: float = 0.03
+    radius: int = 5
+    method: str = "ns"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"footprint alpha must be in (0, 1), got {self.alpha}")
+        if self.radius < 1:
+            raise ValueError(f"footprint radius must be at least 1 px, got {self.radius}")
+        if self.method not in INPAINT_METHODS:
+            raise ValueError(f"footprint method must be one of {sorted(INPAINT_METHODS)}, got {self.method!r}")
+
+    def footprint(self, layer: np.ndarray) -> np.ndarray:
+        """H x W uint8 0/255: where the layer's alpha exceeds the threshold."""
+        check_image(layer, 4, "layer")
+        return np.where(layer[..., 3].astype(np.float64) > self.alpha * 255.0, 255, 0).astype(np.uint8)
+
+    def __call__(self, composite: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        check_image(composite, 3, "composite")
+        hole = self.footprint(layer)
+        if hole.shape != composite.shape[:2]:
+            raise ValueError(f"layer is {hole.shape}, composite {composite.shape[:2]}")
+        image = np.ascontiguousarray(composite, dtype=np.uint8)
+        if not hole.any() or hole.all():  # nothing to remove, or nothing left to inpaint from
+            return image.copy()
+        # cv2.inpaint treats the three channels alike (RGB needs no conversion) and keeps unmasked pixels
+        return cv2.inpaint(image, hole, self.radius, INPAINT_METHODS[self.method])
 
 
 def build_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | str,
@@ -132,15 +176,17 @@ class InContextPipeline:
         return 2 * self.model.vae_scale
 
     def __call__(self, composite: np.ndarray, region: np.ndarray, caption: str = "", steps: int = 8,
-                 seed: int = 0) -> Decomposition:
-        return self.decompose(composite, region, caption, steps=steps, seed=seed)
+                 seed: int = 0, removal: FootprintRemoval | None = None) -> Decomposition:
+        return self.decompose(composite, region, caption, steps=steps, seed=seed, removal=removal)
 
     def decompose(self, composite: np.ndarray, region: np.ndarray, caption: str = "", steps: int = 8,
-                  seed: int = 0) -> Decomposition:
+                  seed: int = 0, removal: FootprintRemoval | None = None) -> Decomposition:
         """Layer + clean object for one H x W x 3 uint8 composite and its H x W region mask; the given
         composite panel is pasted back before unpacking. With ``region_margin`` set, the model paints only
         the (dilated) region of the layer and object panels: outside it the object is the composite and
-        the layer is empty, pasted back bit for bit."""
+        the layer is empty, pasted back bit for bit. With ``removal`` the clean object is the composite
+        with the predicted layer's footprint inpainted (``FootprintRemoval``), and the object panel's own
+        prediction is kept in ``panel_background``."""
         check_image(composite, 3, "composite")
         height, width = composite.shape[:2]
         self.model.check_panel_size(height, width)
@@ -153,7 +199,10 @@ class InContextPipeline:
                                region)
         out[:, :width] = composite
         _, layer, background = unpack_canvas(out, matte)
-        return Decomposition(layer, background, out, recomposition_error(composite, layer, background))
+        panel = None
+        if removal is not None:
+            panel, background = background, removal(composite, layer)
+        return Decomposition(layer, background, out, recomposition_error(composite, layer, background), panel)
 
     def compose(self, layer: np.ndarray, background: np.ndarray, region: np.ndarray, caption: str = "",
                 steps: int = 8, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,7 @@ mask (``sample.mask``, e.g. a logo shard's region or ``box-mask``'s box, else ``
 ``load``); runs the in-context LoRA's decomposition (``InContextPipeline.decompose``, a short Euler sampler
 over the canvas); writes ``foreground`` (the predicted layer, RGBA), ``background`` (the predicted clean
 object), ``composite`` (the input), ``mask`` (the region, 0/255), ``kind = "candidate"`` and
-``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, recomposition_error}; with
+``meta["generator"]`` = {family, checkpoint, checkpoint_hash, steps, seed, object, recomposition_error}; with
 ``cycle: true`` also ``cycle_error`` (``compose(decompose(C))`` against C, the cycle score of the
 self-improvement loop), copied to ``meta["scores"]``. A typical
 pipeline::
@@ -16,6 +16,13 @@ pipeline::
 training run; ``setup`` loads it once per actor (``models/incontext_pipeline.InContextPipeline``), on CUDA when the
 stage declares GPUs and CUDA exists, else on CPU. Panels are decomposed at their own size, which must be
 a multiple of 2 x the VAE scale (4 for the tiny model, 16 for FLUX): set ``load``'s ``multiple_of``.
+
+Where the clean object comes from (``object``): ``panel`` (default) is the LoRA's object panel, as in the
+paper; ``footprint`` is the composite with the predicted layer's footprint (alpha above
+``footprint_alpha``) inpainted by OpenCV, every other pixel the composite bit for bit: the LoRA locates
+the layer, a classical inpainter fills what was under it. ``selfimprove_logos_cpu`` uses ``footprint``
+because its tiny LoRA's layer alpha finds the logo while its object panel never learnt to remove it
+(docs/fidelity.md, README). The cycle score composes the object as returned.
 
 Each sample's noise comes from its own seed (``self.rng(sample)``: run seed, key, stage name), so its
 output does not depend on its batch mates.
@@ -37,8 +44,10 @@ compose direction applied to its decomposition, against C.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from layerloop import storage
 from layerloop.samples import LayeredSample
@@ -48,6 +57,13 @@ from layerloop.stages.registry import register_stage
 
 class DecomposeParams(SamplerParams):
     checkpoint: str  # final/ of an incontext training run
+    # Where the clean object comes from: "panel", the LoRA's object panel; "footprint", the composite with
+    # the predicted layer's footprint (alpha > footprint_alpha, 0-1) inpainted by OpenCV (footprint_method,
+    # footprint_radius px; models/incontext_pipeline.FootprintRemoval). Recorded in meta["generator"].
+    object: Literal["panel", "footprint"] = "panel"
+    footprint_alpha: float = Field(0.03, gt=0.0, lt=1.0)
+    footprint_radius: int = Field(5, ge=1)
+    footprint_method: Literal["ns", "telea"] = "ns"
     # Also compose the predicted layer back onto the predicted object with the LoRA's compose direction and
     # score the cycle: meta["scores"]["cycle_error"] = mean |compose(decompose(C)) - C| in 1/255 steps
     # (a second sampling pass per sample).
@@ -84,6 +100,12 @@ class DecomposeInContext(Stage):
         self._pipe = InContextPipeline.from_checkpoint(storage.local_folder(self.params.checkpoint), device=self.device,
                                                        dtype=inference_dtype(self.params.dtype, self.device))
         self._step = self._pipe.size_multiple
+        self._removal = None
+        if self.params.object == "footprint":
+            from layerloop.models.incontext_pipeline import FootprintRemoval
+
+            self._removal = FootprintRemoval(self.params.footprint_alpha, self.params.footprint_radius,
+                                             self.params.footprint_method)
 
     @classmethod
     def score_columns(cls, params: dict) -> tuple[str, ...]:
@@ -110,7 +132,8 @@ class DecomposeInContext(Stage):
         if not region.any():
             return sample.fail(self.name, "the region mask is empty: nothing to decompose", "EmptyMask")
         seed = int(self.rng(sample).integers(2**63 - 1))
-        result = self._pipe.decompose(image, region, caption=sample.caption, steps=self.params.steps, seed=seed)
+        result = self._pipe.decompose(image, region, caption=sample.caption, steps=self.params.steps, seed=seed,
+                                      removal=self._removal)
         sample.composite = np.ascontiguousarray(image)
         sample.foreground, sample.background = result.layer, result.background
         sample.mask = region
@@ -118,7 +141,7 @@ class DecomposeInContext(Stage):
         sample.meta["generator"] = {
             "family": "incontext", "checkpoint": storage.reference(self.params.checkpoint),
             "checkpoint_hash": self._pipe.checkpoint_hash, "steps": self.params.steps, "seed": seed,
-            "recomposition_error": round(float(result.recomposition_error), 4),
+            "object": self.params.object, "recomposition_error": round(float(result.recomposition_error), 4),
         }
         if self.params.cycle:
             recomposed = self._pipe.compose(result.layer, result.background, region, caption=sample.caption,

@@ -164,3 +164,31 @@ def test_a_non_linear_input_is_kept_and_scored_for_consistency_only(logos, check
     assert out.meta["generator"]["recomposition_error"] == pytest.approx(error, abs=1e-4)
     assert json.loads(out.to_wds()["json"])["kind"] == "candidate"
 
+
+
+def test_footprint_object_is_the_composite_with_the_layers_footprint_inpainted(logos, checkpoint):
+    """``object: footprint``: the same layer as the panel decomposition, and the clean object is the
+    composite with that layer's footprint (alpha > footprint_alpha) inpainted, every other pixel kept."""
+    from layerloop.models.incontext_pipeline import FootprintRemoval
+
+    final, _ = checkpoint
+    panel = {s.key: s for s in _decompose(_held(logos), final)}
+    # the random LoRA paints whole panels, its alpha 90-140/255 over most of them: 0.5 splits them
+    out = _decompose(_held(logos), final, object="footprint", footprint_alpha=0.5, cycle=True)
+    removal = FootprintRemoval(alpha=0.5)
+    inpainted = 0
+    for sample in out:
+        assert sample.ok and sample.meta["generator"]["object"] == "footprint"
+        np.testing.assert_array_equal(sample.foreground, panel[sample.key].foreground)
+        np.testing.assert_array_equal(sample.background, removal(sample.composite, sample.foreground))
+        hole = removal.footprint(sample.foreground) > 0
+        assert 0 < hole.mean() < 1
+        np.testing.assert_array_equal(sample.background[~hole], sample.composite[~hole])
+        inpainted += int((sample.background != sample.composite).any(axis=-1).sum())
+        error = ic.recomposition_error(sample.composite, sample.foreground, sample.background)
+        assert sample.meta["generator"]["recomposition_error"] == pytest.approx(error, abs=1e-4)
+        assert sample.meta["scores"]["cycle_error"] > 0
+    assert inpainted > 0  # the random LoRA's layers have a footprint: something was inpainted
+    assert all(s.meta["generator"]["object"] == "panel" for s in panel.values())
+    with pytest.raises(ValueError, match="footprint_alpha"):
+        build_stage({"stage": "decompose-incontext", "checkpoint": str(final), "footprint_alpha": 1.5})
