@@ -35,7 +35,9 @@ PACKAGED_FINGERPRINTS = {
     "rorem_pairs": "63c6de1626f6f2de",
     "selfimprove_bfs_demo": "e9b64e32f105f809",
     "selfimprove_incontext_demo": "6f75d0d858f013fb",  # #14: top-k by cycle_error: was 9f3fc33d46dffbfc
-    "selfimprove_logos_cpu": "55c674048544e7b1",  # #14: LoRA rank 32, t near 1 (was 5f97c3c4ef07184c; 98f530b05c50934b before: 600 pretraining steps, canvas positions)
+    # #14: 2,400 pretraining steps, the object from the layer's footprint (was 55c674048544e7b1; 5f97c3c4ef07184c
+    # before rank 32 and t near 1; 98f530b05c50934b before that: 600 pretraining steps, canvas positions)
+    "selfimprove_logos_cpu": "8d4721a803aaa907",
     "train_bfs": "2e5b8596fe12bb42",  # #15: shared noise, uniform t recorded: was c6f744fd9eb45728
     "train_bfs_demo": "eb458e6216312cb5",  # #15: shared noise, uniform t recorded: was 5107b9340a57bf13
     "train_bfs_recipe": "4a393db8c48661df",  # #15: the recipe (rgba-vae -> phi -> stage1 -> stage2), new

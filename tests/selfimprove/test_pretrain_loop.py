@@ -53,6 +53,11 @@ def test_the_base_is_pretrained_once_and_every_round_adapts_it(pretrained_loop):
     assert pretrain.family == "incontext-base" and [d.name for d in pretrain.data] == ["logos"]
     assert marker.model == str(final) and marker.base_hash == info["base_hash"] and marker.steps == 2
     assert result["rounds"][0]["candidates"] == 4
+    # the candidates' clean objects are the composite with the decomposed layer's footprint inpainted
+    from layerloop.datasets.shards import read_samples
+
+    candidates = list(read_samples(sorted(str(p) for p in (out / "rounds" / "round-000" / "candidates").glob("*.tar"))))
+    assert len(candidates) == 4 and {c.meta["generator"]["object"] for c in candidates} == {"footprint"}
 
 
 def test_each_round_is_evaluated_against_the_trivial_baseline(pretrained_loop):
