@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
@@ -28,6 +27,7 @@ from layerloop.models.incontext_canvas import (
 from layerloop.models.incontext_base import (
     base_hash as incontext_base_hash, is_base_folder, parse_tiny_base_name, parse_tiny_model, tiny_model_id,
 )
+from layerloop.models.removal import INPAINT_METHODS, inpaint
 from layerloop.models.sampling import euler_sample, sigma_schedule
 
 __all__ = ["Decomposition", "FootprintRemoval", "InContextPipeline", "build_model", "load_model"]
@@ -42,9 +42,6 @@ class Decomposition:
     canvas: np.ndarray  # the decoded canvas, given panels pasted back
     recomposition_error: float  # of layer and background as returned
     panel_background: np.ndarray | None = None  # the object panel's own prediction, when background is not it
-
-
-INPAINT_METHODS = {"ns": cv2.INPAINT_NS, "telea": cv2.INPAINT_TELEA}
 
 
 @dataclass(frozen=True)
@@ -79,11 +76,9 @@ class FootprintRemoval:
         hole = self.footprint(layer)
         if hole.shape != composite.shape[:2]:
             raise ValueError(f"layer is {hole.shape}, composite {composite.shape[:2]}")
-        image = np.ascontiguousarray(composite, dtype=np.uint8)
         if not hole.any() or hole.all():  # nothing to remove, or nothing left to inpaint from
-            return image.copy()
-        # cv2.inpaint treats the three channels alike (RGB needs no conversion) and keeps unmasked pixels
-        return cv2.inpaint(image, hole, self.radius, INPAINT_METHODS[self.method])
+            return composite.copy()
+        return inpaint(composite, hole, self.radius, self.method)
 
 
 def build_model(model: str, revision: str | None, dtype: torch.dtype, device: torch.device | str,

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
+from layerloop.models.removal import inpaint
 from layerloop.samples import LayeredSample
 from layerloop.stages.base import Stage, StageParams
 from layerloop.stages.registry import register_stage
@@ -46,9 +47,6 @@ MISSING_GT = "no ground-truth background for this sample; use backend: opencv"
 
 FillFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 BatchFillFn = Callable[[list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
-
-INPAINT_METHODS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
-
 
 MODEL_DEFAULTS = {"objectclear": "jixin0101/ObjectClear", "diffusers-inpaint": "LetsThink/RORem"}
 
@@ -79,8 +77,7 @@ class BackgroundBackend:
 
 def _opencv(params: BackgroundParams) -> FillFn:
     def fill(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
-        # cv2.inpaint treats the three channels alike, so RGB order needs no conversion.
-        return cv2.inpaint(np.ascontiguousarray(image), hole, params.radius, INPAINT_METHODS[params.method])
+        return inpaint(image, hole, params.radius, params.method)
 
     return fill
 
